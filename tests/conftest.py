@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random models and a word-level tokenizer the tests build and save themselves.
+
+Nothing is downloaded: every model is made from a config, saved with save_pretrained to a temp dir,
+and loaded back by path, through the same code path hub checkpoints take.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "good great wonderful happy love nice fine bad awful terrible sad hate poor ugly "
+    "the a it was is and but then at first in end movie food day trip hotel service . , !"
+).split()
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def make_tokenizer():
+    """A WordLevel tokenizer: words joined by spaces on decode; the turn markers are single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.add_tokens([AddedToken(HUMAN, normalized=False, special=False), AddedToken(ASSISTANT, normalized=False, special=False)])
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def make_llama(tokenizer, seed: int, layers: int = 2, hidden: int = 32):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    # Random init is nearly uniform; sharpen it so greedy paths are decisive and varied.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sft_model(tokenizer):
+    return make_llama(tokenizer, seed=1).double()
+
+
+@pytest.fixture(scope="session")
+def baseline_model(tokenizer):
+    return make_llama(tokenizer, seed=2).double()
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory, tokenizer):
+    """SFT and baseline tiny Llamas saved to disk (with the tokenizer), for loading by path."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, seed in (("sft", 1), ("dpo", 2)):
+        model = make_llama(tokenizer, seed=seed)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def positive_words_reward(prompts, responses):
+    """Counts positive minus negative words: a cheap deterministic reward for tests."""
+    positive = {"good", "great", "wonderful", "happy", "love", "nice", "fine"}
+    negative = {"bad", "awful", "terrible", "sad", "hate", "poor", "ugly"}
+    return [float(sum((w in positive) - (w in negative) for w in r.split())) for r in responses]
+
+
+@pytest.fixture
+def hydra_clean():
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()

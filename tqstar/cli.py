@@ -1,0 +1,207 @@
+"""`tqstar`: the command line. Parses and prints; config composes, the engine decodes.
+
+Heavy libraries (torch, transformers) are imported inside commands, so `tqstar --help` is instant.
+Bad input of any kind ends with one line on stderr and exit code 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+app = typer.Typer(
+    help="Transfer Q* and friends: decoding-time alignment experiments (arXiv 2405.20495).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+prepare_app = typer.Typer(help="Build what offline runs need (the synthetic task).", no_args_is_help=True)
+app.add_typer(prepare_app, name="prepare")
+
+_state = {"debug": False}
+OVERRIDES_HELP = "Hydra overrides, e.g. decoder=tqstar decoder.alpha=2 dataset.limit=8"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+    _state["debug"] = debug
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr, then exit (2 for bad input)."""
+    _console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def _guarded(fn, *args, **kwargs):
+    """Run a command body: ConfigError -> exit 2, anything else -> one line and exit 1 (traceback with --debug)."""
+    from .config import ConfigError
+
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except ConfigError as exc:
+        if _state["debug"]:
+            raise
+        fail(str(exc), 2)
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume", 130)
+    except Exception as exc:  # noqa: BLE001
+        if _state["debug"]:
+            raise
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback)", 1)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def decode(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the composed config and exit."),
+) -> None:
+    """Decode a prompt set with one method and write a versioned run folder."""
+    _guarded(_decode, list(overrides or []), show_config)
+
+
+def _decode(overrides: list[str], show_config: bool) -> None:
+    from .config import compose, to_yaml, validate
+
+    cfg = validate(compose(overrides))
+    if show_config:
+        typer.echo(to_yaml(cfg), nl=False)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .decode import run_decode
+
+    console = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        result = run_decode(cfg, progress=progress)
+    _print_decode_summary(console, cfg, result)
+    if cfg.get("evaluate"):
+        from .evaluate import evaluate_runs
+
+        evaluate_runs([result.run.path], console=console)
+
+
+def _print_decode_summary(console, cfg, result) -> None:
+    from rich.table import Table
+
+    from .decoding.engine import mean_and_stderr
+
+    rewards = [r["reward"] for r in result.rows]
+    mean, stderr = mean_and_stderr(rewards)
+    seconds = [r["seconds"] for r in result.rows]
+    lengths = [r["num_tokens"] for r in result.rows]
+    table = Table(title=f"{cfg.decoder.method} on {cfg.experiment_name}")
+    for column in ("prompts", "new", "mean reward", "tokens / response", "s / response"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(len(result.rows)), str(result.new_rows), f"{mean:.3f} ± {stderr:.3f}",
+        f"{sum(lengths) / max(len(lengths), 1):.1f}", f"{sum(seconds) / max(len(seconds), 1):.3f}",
+    )
+    console.print(table)
+    if result.skipped:
+        console.print(f"skipped prompts: {result.skipped}")
+    console.print(f"run folder: {result.run.path}")
+
+
+@prepare_app.command("synthetic")
+def prepare_synthetic(
+    overrides: Optional[List[str]] = typer.Argument(None, help="e.g. synthetic.seed=1"),
+) -> None:
+    """Build the offline synthetic task (corpus, tokenizer, SFT model, DPO baselines); cached."""
+    _guarded(_prepare_synthetic, list(overrides or []))
+
+
+def _prepare_synthetic(overrides: list[str]) -> None:
+    import json
+
+    from .config import compose
+    from .synthetic.build import ensure_built
+
+    cfg = compose(overrides)
+    folder = ensure_built(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    console = _console()
+    console.print(f"synthetic task: {folder}")
+    for key in ("evaluation", "eval", "rewards"):
+        if key in manifest:
+            console.print_json(data=manifest[key])
+            break
+
+
+@app.command()
+def runs(paths: Optional[List[str]] = typer.Argument(None, help="Run folders or folders holding them (default: outputs)")) -> None:
+    """List run folders: status, method, prompts written, mean reward."""
+    _guarded(_runs, list(paths or ["outputs"]))
+
+
+def _runs(paths: list[str]) -> None:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from .runs import find_runs, summarize
+
+    existing = [p for p in paths if Path(p).exists()]
+    if not existing:
+        _console().print("no runs yet (run `tqstar decode`)")
+        return
+    table = Table()
+    for column in ("run", "status", "method", "prompts", "mean reward", "updated"):
+        table.add_column(column)
+    for run in find_runs(existing):
+        info = summarize(run)
+        prompts = f"{info['prompts']}" + (f"/{info['of']}" if info["of"] else "")
+        reward = "" if info["mean_reward"] is None else f"{info['mean_reward']:.3f}"
+        table.add_row(info["run"], info["status"], info["method"], prompts, reward, str(info["updated"] or ""))
+    _console().print(table)
+
+
+@app.command()
+def evaluate(
+    runs: List[str] = typer.Argument(..., help="Run folders (or folders holding them)"),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Config overrides for evaluate, e.g. -s reward=vader"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Run to compute win-tie rates against"),
+) -> None:
+    """Reward, diversity, coherence, KL and win-tie for run folders; one comparison table."""
+    def body():
+        from .evaluate import evaluate_runs
+
+        evaluate_runs(runs, overrides=list(overrides or []), reference=reference, console=_console())
+
+    _guarded(body)
+
+
+@app.command()
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Grid in Hydra syntax, e.g. decoder=tqstar,cd decoder.alpha=0.5,1,2"),
+) -> None:
+    """Run a grid of decodes (methods x alpha x k ...), resumable, aggregated and plotted."""
+    def body():
+        from .sweep import run_sweep
+
+        run_sweep(list(overrides or []), console=_console())
+
+    _guarded(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Compose Hydra configs (compose API, absolute config dir) and validate them before any model loads.
+
+Typer owns the command line; Hydra only composes. Every problem with a config is a `ConfigError`
+whose one-line message names the key, the bad value and what is allowed; the CLI turns it into
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config or bad input: the CLI prints the message on one line and exits 2."""
+
+
+METHODS = ("sft", "baseline", "best_of_n", "args", "cd", "tqstar")
+SELECTIONS = ("greedy", "sample")
+TRANSFERS = ("direct", "indirect")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROMPT_FORMATS = ("raw", "chat")
+REWARD_TYPES = ("vader", "hf", "callable")
+DATASETS = ("synthetic", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "local")
+# Keys that place or post-process a run but do not change what it generates: left out of the hash,
+# so the same experiment resumes in the same folder whatever the output location.
+_HASH_EXCLUDED = ("output_dir", "experiment_name", "evaluate")
+
+
+def conf_dir() -> Path:
+    """The config folder: `tqstar/conf` in an installed wheel, `<repo>/conf` in a source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "decode.yaml").is_file():
+            return candidate
+    raise ConfigError(f"tqstar's config files are missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the configs in a group folder (`decoder` -> ['args', 'baseline', ...]), hidden `_*` left out."""
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def did_you_mean(value: str, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}allowed: {', '.join(allowed)}"
+
+
+def _check_overrides(overrides: list[str], allow_sweep: bool) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        raise ConfigError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
+    for override in parsed:
+        if override.is_sweep_override() and not allow_sweep:
+            raise ConfigError(
+                f"'{override.input_line}' lists several values: use `tqstar sweep {override.input_line}` for a grid"
+            )
+
+
+def _group_of(key: str) -> str | None:
+    """`model@sft` -> 'model', `decoder` -> 'decoder', `decoder.alpha` -> None."""
+    key = key.lstrip("+~")
+    if "." in key.split("@")[0]:
+        return None
+    group = key.split("@")[0]
+    return group if (conf_dir() / group).is_dir() else None
+
+
+def compose(overrides: Iterable[str] = (), config_name: str = "decode", allow_sweep: bool = False) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with command-line overrides; raise ConfigError on any problem.
+
+    The result is resolved (no interpolations left) and still in struct mode, so later code cannot
+    invent keys.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    overrides = list(overrides)
+    _check_overrides(overrides, allow_sweep)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="tqstar"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except MissingConfigException as exc:
+        raise ConfigError(_explain_missing(exc, overrides)) from None
+    except ConfigCompositionException as exc:
+        raise ConfigError(_explain_composition(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.resolve(cfg)
+    _apply_defaults(cfg)
+    return cfg
+
+
+def _explain_missing(exc: Exception, overrides: list[str]) -> str:
+    for override in overrides:
+        if "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        group = _group_of(key)
+        if group and value not in group_options(group) and value != "null":
+            return f"{key}={value}: no such {group} config; {did_you_mean(value, group_options(group))}"
+    return str(exc).splitlines()[0]
+
+
+def _explain_composition(exc: Exception) -> str:
+    message = str(exc)
+    cause = exc.__cause__
+    detail = str(cause).splitlines()[0] if cause else ""
+    if "Could not override" in message or "Could not append" in message or "not in struct" in detail:
+        key = message.split("'")[1] if "'" in message else "?"
+        parent, _, leaf = key.rpartition(".")
+        known = _known_keys(parent)
+        return f"unknown config key '{key}'; {did_you_mean(leaf, known)}" if known else f"unknown config key '{key}'"
+    if detail:
+        return f"{message.splitlines()[0]} ({detail})"
+    return message.splitlines()[0]
+
+
+def _known_keys(parent: str) -> list[str]:
+    """Keys under `parent` in the default decode config (for did-you-mean on typos)."""
+    try:
+        default = compose([], "decode")
+    except ConfigError:
+        return []
+    node = OmegaConf.select(default, parent) if parent else default
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _apply_defaults(cfg: DictConfig) -> None:
+    """Fill the values that default from others, so the written config says what actually ran."""
+    if "experiment_name" in cfg and cfg.experiment_name is None and "dataset" in cfg:
+        cfg.experiment_name = cfg.dataset.name
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _choice(cfg: DictConfig, key: str, allowed: Iterable[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; {did_you_mean(value, allowed)}")
+
+
+def _number(cfg: DictConfig, key: str, *, minimum: float, integer: bool = False, strict: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    bound = f"> {minimum}" if strict else f">= {minimum}"
+    _require(ok, key, value, f"must be {kind} {bound}")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check every value a decode uses; raise ConfigError naming the key, the value and what is allowed."""
+    decoder = "decoder"
+    _choice(cfg, f"{decoder}.method", METHODS)
+    _number(cfg, f"{decoder}.alpha", minimum=0)
+    _number(cfg, f"{decoder}.top_k", minimum=1, integer=True)
+    _number(cfg, f"{decoder}.max_new_tokens", minimum=1, integer=True)
+    _choice(cfg, f"{decoder}.selection", SELECTIONS)
+    _number(cfg, f"{decoder}.temperature", minimum=0, strict=True)
+    _number(cfg, f"{decoder}.batch_size", minimum=1, integer=True)
+    _number(cfg, f"{decoder}.max_batch_rows", minimum=1, integer=True)
+    _choice(cfg, f"{decoder}.transfer", TRANSFERS)
+    _number(cfg, f"{decoder}.beta_bl", minimum=0, strict=True)
+    _number(cfg, f"{decoder}.n", minimum=1, integer=True)
+    _number(cfg, f"{decoder}.rollout.max_new_tokens", minimum=1, integer=True)
+    _number(cfg, f"{decoder}.rollout.num", minimum=1, integer=True)
+    _choice(cfg, f"{decoder}.rollout.selection", SELECTIONS)
+    _number(cfg, f"{decoder}.rollout.temperature", minimum=0, strict=True)
+    stops = cfg.decoder.stop_strings
+    _require(
+        isinstance(stops, ListConfig) and all(isinstance(s, str) and s for s in stops),
+        "decoder.stop_strings", stops, "must be a list of non-empty strings",
+    )
+    for mount in ("sft", "baseline"):
+        _choice(cfg, f"{mount}.dtype", DTYPES)
+        _choice(cfg, f"{mount}.prompt_format", PROMPT_FORMATS)
+        path = OmegaConf.select(cfg, f"{mount}.name_or_path")
+        _require(isinstance(path, str) and bool(path), f"{mount}.name_or_path", path, "a hub id, a local folder, synthetic:<name> or packaged:smollm2")
+    for mount in ("reward", "baseline_reward"):
+        if OmegaConf.select(cfg, mount) is not None:
+            _choice(cfg, f"{mount}.type", REWARD_TYPES)
+    _choice(cfg, "dataset.name", DATASETS)
+    limit = cfg.dataset.limit
+    _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1), "dataset.limit", limit, "null or an integer >= 1")
+    _number(cfg, "dataset.offset", minimum=0, integer=True)
+    if cfg.dataset.name == "local":
+        path = OmegaConf.select(cfg, "dataset.path")
+        _require(bool(path) and Path(str(path)).expanduser().is_file(), "dataset.path", path, "an existing .jsonl, .json, .csv or .parquet file")
+    shard = cfg.dataset.get("shard")
+    if shard is not None:
+        parse_shard(str(shard))
+    device = str(cfg.device)
+    _require(device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:"), "device", device, "auto, cpu, cuda, cuda:N or mps")
+    return cfg
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n")
+    return index, count
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """8 hex digits identifying what a run generates (placement keys excluded)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _HASH_EXCLUDED:
+        data.pop(key, None)
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]

@@ -1,0 +1,229 @@
+"""Versioned run folders: `<output_dir>/<experiment>/<YYYYmmdd-HHMMSS>-<method>-<confighash8>/`.
+
+- `config.yaml`: the resolved config; `run.json`: status, provenance, timings, counters (always
+  valid JSON: written to a temp file and renamed); `generations.jsonl`: one row per prompt, appended,
+  flushed and fsynced as each prompt finishes.
+- Same config -> same folder: a rerun resumes, skipping prompts already written. A torn last line
+  (a kill mid-write) is cut off and that prompt redone, so nothing is lost or duplicated.
+- One writer at a time: an advisory lock (`flock`) on `.lock`, released by the OS when its process
+  dies, so a killed run never blocks the next.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .config import ConfigError, config_hash
+
+GENERATIONS = "generations.jsonl"
+RUN_JSON = "run.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "datasets", "tokenizers", "hydra-core"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+class RunFolder:
+    """One run: its folder, its lock, its rows."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_handle = None
+
+    # -- finding / creating -------------------------------------------------------------------
+    @classmethod
+    def for_config(cls, cfg: DictConfig, method: str | None = None) -> "RunFolder":
+        """The folder of an earlier run of this exact config, or a new one."""
+        method = method or str(cfg.decoder.method)
+        digest = config_hash(cfg)
+        parent = Path(str(cfg.output_dir)).expanduser() / str(cfg.experiment_name)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output_dir={str(cfg.output_dir)!r} is not writable ({exc.strerror})") from None
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"output_dir={str(cfg.output_dir)!r} is not writable")
+        existing = sorted(parent.glob(f"*-{method}-{digest}"))
+        if existing:
+            return cls(existing[-1])
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = parent / f"{stamp}-{method}-{digest}"
+        path.mkdir()
+        (path / CONFIG).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+        return cls(path)
+
+    # -- locking --------------------------------------------------------------------------------
+    def lock(self) -> None:
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"run folder {self.path} is in use by {holder}; wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}")
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def __enter__(self) -> "RunFolder":
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    # -- rows -----------------------------------------------------------------------------------
+    @property
+    def generations_path(self) -> Path:
+        return self.path / GENERATIONS
+
+    def read_rows(self, repair: bool = False) -> list[dict]:
+        """Complete rows of generations.jsonl; with repair=True a torn tail is cut off the file."""
+        path = self.generations_path
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        rows, good_end, offset = [], 0, 0
+        for line in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
+            end = offset + len(line) + 1
+            if end > len(data):  # last line without its newline: torn
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_end, offset = end, end
+        if good_end < len(data) and repair:
+            with open(path, "r+b") as handle:
+                handle.truncate(good_end)
+        return rows
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with open(self.generations_path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    # -- status ---------------------------------------------------------------------------------
+    @property
+    def run_json_path(self) -> Path:
+        return self.path / RUN_JSON
+
+    def status(self) -> dict:
+        try:
+            return read_json(self.run_json_path)
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def update_status(self, **fields: Any) -> dict:
+        data = self.status()
+        data.update(fields)
+        data["updated"] = datetime.now().isoformat(timespec="seconds")
+        write_json_atomic(self.run_json_path, data)
+        return data
+
+    def config(self) -> DictConfig:
+        return OmegaConf.load(self.path / CONFIG)
+
+
+def provenance(device: str, seed: int) -> dict:
+    return {
+        "tqstar_version": __version__,
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "host": platform.node(),
+        "device": device,
+        "seed": seed,
+    }
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunFolder]:
+    """Run folders at or below the given paths (a run folder, an experiment folder, or outputs/)."""
+    found: list[RunFolder] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise ConfigError(f"run folder {str(raw)!r} does not exist")
+        if (path / CONFIG).is_file():
+            found.append(RunFolder(path))
+            continue
+        found.extend(RunFolder(p.parent) for p in sorted(path.rglob(CONFIG)) if (p.parent / RUN_JSON).exists() or (p.parent / GENERATIONS).exists())
+    return found
+
+
+def summarize(run: RunFolder) -> dict:
+    """One line of `tqstar runs`: status, method, prompts written, mean reward."""
+    status = run.status()
+    rows = run.read_rows()
+    rewards = [r["reward"] for r in rows if isinstance(r.get("reward"), (int, float))]
+    try:
+        method = str(run.config().decoder.method)
+    except Exception:  # noqa: BLE001 - a damaged config still lists
+        method = "?"
+    return {
+        "run": str(run.path),
+        "status": status.get("status", "unknown"),
+        "method": method,
+        "prompts": len(rows),
+        "of": status.get("num_prompts"),
+        "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+        "updated": status.get("updated"),
+    }
+
+
+def now() -> float:
+    return time.perf_counter()
