@@ -397,9 +397,10 @@ class Decoder:
                 "scores": [round(float(v), 6) for v in scores[b]],
                 "chosen": int(pick[b]),
             }
-            if details and "weights" in details:
+            if details:  # per candidate, per rollout: the evidence behind each Q
                 entry["rollout_rewards"] = details["rewards"][b].tolist()
-                entry["rollout_baseline_rewards"] = details["baseline_rewards"][b].tolist()
+                if "weights" in details:
+                    entry["rollout_baseline_rewards"] = details["baseline_rewards"][b].tolist()
             rows.append(entry)
         return rows
 

@@ -1,0 +1,206 @@
+"""Properties of the decoding engine: one property per test, tiny models, seconds each."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ASSISTANT, HUMAN, make_llama, positive_words_reward
+from toy import ToyLM
+from tqstar.decoding.engine import Decoder
+from tqstar.decoding.reference import reference_decode
+from tqstar.decoding.settings import DecoderSettings
+
+PROMPTS = [
+    f"{HUMAN} the movie was bad{ASSISTANT}",
+    f"{HUMAN} hotel{ASSISTANT}",
+    f"{HUMAN} at first the food was awful but then it was great , the service was fine{ASSISTANT}",
+]
+
+
+def length_reward(prompts, responses):
+    return [0.1 * len(r.split()) for r in responses]
+
+
+def make_decoder(sft_model, tokenizer, baseline_model=None, **settings):
+    defaults = dict(top_k=4, max_new_tokens=10, rollout_max_new_tokens=4, batch_size=3)
+    return Decoder(sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model,
+                   baseline_reward=length_reward, settings=DecoderSettings(**{**defaults, **settings}))
+
+
+def sft_greedy(sft_model, tokenizer, prompts=PROMPTS, max_new_tokens=10):
+    return [g.token_ids for g in make_decoder(sft_model, tokenizer, method="sft", max_new_tokens=max_new_tokens).decode(prompts)]
+
+
+@pytest.mark.parametrize("method", ["args", "cd", "tqstar"])
+def test_alpha_zero_is_sft_greedy(method, sft_model, baseline_model, tokenizer):
+    decoder = make_decoder(sft_model, tokenizer, baseline_model, method=method, alpha=0.0)
+    assert [g.token_ids for g in decoder.decode(PROMPTS)] == sft_greedy(sft_model, tokenizer)
+
+
+@pytest.mark.parametrize("method", ["args", "cd", "tqstar"])
+def test_top_k_one_is_sft_greedy(method, sft_model, baseline_model, tokenizer):
+    decoder = make_decoder(sft_model, tokenizer, baseline_model, method=method, top_k=1, alpha=5.0)
+    assert [g.token_ids for g in decoder.decode(PROMPTS)] == sft_greedy(sft_model, tokenizer)
+
+
+CASES = [
+    dict(method="sft"),
+    dict(method="baseline"),
+    dict(method="args", alpha=2.0),
+    dict(method="cd", alpha=2.0),
+    dict(method="tqstar", alpha=2.0),
+    dict(method="tqstar", alpha=2.0, rollout_num=2, max_batch_rows=5),  # chunks split a prompt's candidates
+    dict(method="tqstar", alpha=2.0, transfer="indirect"),
+    dict(method="tqstar", alpha=2.0, transfer="indirect", self_normalize=True, rollout_max_new_tokens=2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_engine_equals_reference_oracle(case, sft_model, baseline_model, tokenizer):
+    """Greedy: the KV-cached, batched engine picks exactly the oracle's tokens, prompts of different lengths together."""
+    decoder = make_decoder(sft_model, tokenizer, baseline_model, **case)
+    fast = decoder.decode(PROMPTS)
+    for prompt, generation in zip(PROMPTS, fast):
+        text, ids = reference_decode(prompt, sft_model, tokenizer, decoder.reward, decoder.settings, baseline_model, decoder.baseline_reward)
+        assert generation.token_ids == ids
+        assert generation.response == text
+
+
+def test_batch_size_does_not_change_greedy_tokens(sft_model, baseline_model, tokenizer):
+    together = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", batch_size=3).decode(PROMPTS)
+    alone = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", batch_size=1).decode(PROMPTS)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+
+
+@pytest.mark.parametrize("method", ["sft", "tqstar", "best_of_n"])
+def test_sampling_with_a_fixed_seed_is_reproducible(method, sft_model, baseline_model, tokenizer):
+    settings = dict(method=method, selection="sample", rollout_selection="sample", seed=7, n=3)
+    first = make_decoder(sft_model, tokenizer, baseline_model, **settings).decode(PROMPTS)
+    second = make_decoder(sft_model, tokenizer, baseline_model, **settings, batch_size=1).decode(PROMPTS)
+    other = make_decoder(sft_model, tokenizer, baseline_model, **{**settings, "seed": 8}).decode(PROMPTS)
+    assert [g.token_ids for g in first] == [g.token_ids for g in second]
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
+    for generation in first:
+        assert generation.policy_logprobs is not None and len(generation.policy_logprobs) == generation.num_tokens
+
+
+def test_token_limit_and_logprob_records(sft_model, tokenizer):
+    for generation in make_decoder(sft_model, tokenizer, method="cd", max_new_tokens=3).decode(PROMPTS):
+        assert 1 <= generation.num_tokens <= 3
+        assert len(generation.sft_logprobs) == generation.num_tokens
+        assert all(v <= 0 for v in generation.sft_logprobs)
+        assert generation.policy_logprobs is None  # greedy: the decoding policy is a point mass
+
+
+def test_best_of_n_keeps_the_highest_reward_sample(sft_model, tokenizer):
+    decoder = make_decoder(sft_model, tokenizer, method="best_of_n", n=4, selection="sample")
+    for generation in decoder.decode(PROMPTS):
+        rewards = generation.extra["best_of_n_rewards"]
+        assert len(rewards) == 4
+        assert positive_words_reward([""], [generation.response])[0] == max(rewards)
+
+
+# ----------------------------------------------------------------------------- toy, hand-computed
+
+def toy_setup(tokenizer):
+    """From the prompt's last token, 'fine' (p=.6) or 'awful' (p=.3). 'fine' ends at once (+1);
+    'awful' leads deterministically to 'but then wonderful great love' (-1 +1 +1 +1 = +2)."""
+    ids = tokenizer.convert_tokens_to_ids
+    assistant, eos = ids(ASSISTANT), tokenizer.eos_token_id
+    chain = ["awful", "but", "then", "wonderful", "great", "love"]
+    transitions = {assistant: {ids("fine"): 0.6, ids("awful"): 0.3}, ids("fine"): {eos: 0.99}, ids("love"): {eos: 0.99}}
+    for a, b in zip(chain, chain[1:]):
+        transitions[ids(a)] = {ids(b): 0.99}
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    return ToyLM(vocab_size, transitions, default={eos: 0.99}), f"{HUMAN} hotel{ASSISTANT}"
+
+
+@pytest.mark.parametrize("method,expected_first", [("tqstar", "awful"), ("cd", "awful"), ("args", "fine")])
+def test_lookahead_finds_the_reward_behind_an_unlikely_first_token(method, expected_first, tokenizer):
+    toy, prompt = toy_setup(tokenizer)
+    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy,
+                      settings=DecoderSettings(method=method, top_k=2, alpha=1.0, max_new_tokens=8, rollout_max_new_tokens=6))
+    generation = decoder.decode([prompt])[0]
+    assert generation.response.split()[0] == expected_first
+    if expected_first == "awful":
+        assert generation.response == "awful but then wonderful great love"
+
+
+def rbl(prompts, responses):
+    return [0.5 * len(r.split()) for r in responses]
+
+
+@pytest.mark.parametrize("transfer,self_normalize", [("direct", False), ("indirect", False), ("indirect", True)])
+def test_q_matches_hand_computation(transfer, self_normalize, tokenizer):
+    """Two-step toy: candidate z then one deterministic rollout token; Q by hand from r and r_bl."""
+    toy, prompt = toy_setup(tokenizer)
+    settings = DecoderSettings(method="tqstar", top_k=2, alpha=1.0, max_new_tokens=1, rollout_max_new_tokens=1,
+                               rollout_num=2, transfer=transfer, self_normalize=self_normalize, beta_bl=2.0, trace=True)
+    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy, baseline_reward=rbl, settings=settings)
+    step = decoder.decode([prompt])[0].trace[0]
+    expected = {}
+    # 'fine' + EOS: r = 1, r_bl = 0.5 ; 'awful' + 'but': r = -1, r_bl = 1.0
+    for word, r, r_bl in (("fine", 1.0, 0.5), ("awful", -1.0, 1.0)):
+        w = math.exp((r - r_bl) / 2.0)
+        if transfer == "direct":
+            expected[word] = r
+        elif self_normalize:
+            expected[word] = (w * r + w * r) / (w + w)
+        else:
+            expected[word] = (w * r + w * r) / 2
+    got = dict(zip([t.strip() for t in step["tokens"]], step["q"]))
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert step["scores"] == pytest.approx([lp + q for lp, q in zip(step["logprobs"], step["q"])], abs=1e-5)
+
+
+def test_stop_string_ends_and_is_cut(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids
+    assistant = ids(ASSISTANT)
+    transitions = {assistant: {ids("good"): 0.9}, ids("good"): {ids(HUMAN): 0.9}, ids(HUMAN): {ids("bad"): 0.9}}
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    toy = ToyLM(vocab_size, transitions, default={ids("bad"): 0.9})
+    generation = Decoder(toy, tokenizer, settings=DecoderSettings(method="sft", max_new_tokens=10)).decode([f"{HUMAN} hi{ASSISTANT}"])[0]
+    assert generation.stop_reason == "stop_string"
+    assert generation.response.strip() == "good"
+    assert generation.num_tokens == 2
+
+
+def test_needs_a_reward_and_a_baseline(sft_model, tokenizer):
+    with pytest.raises(ValueError, match="needs a reward"):
+        Decoder(sft_model, tokenizer, settings=DecoderSettings(method="cd"))
+    with pytest.raises(ValueError, match="needs a baseline"):
+        Decoder(sft_model, tokenizer, reward=positive_words_reward, settings=DecoderSettings(method="tqstar"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_other_architectures_match_the_oracle(family, tokenizer):
+    """GPT-2 (learned positions) and GPT-NeoX (rotary, pythia) through the same cache code."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(3)
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, max_position_embeddings=128,
+                                                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    model = model.double().eval()
+    decoder = make_decoder(model, tokenizer, model, method="tqstar", alpha=2.0)
+    for prompt, generation in zip(PROMPTS, decoder.decode(PROMPTS)):
+        assert generation.token_ids == reference_decode(prompt, model, tokenizer, decoder.reward, decoder.settings, model)[1]
+
+
+def test_counters_add_up(sft_model, baseline_model, tokenizer):
+    decoder = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", rollout_max_new_tokens=3)
+    generations = decoder.decode(PROMPTS)
+    steps = sum(g.num_tokens for g in generations)
+    assert decoder.counters["reward_calls"] == steps * 4  # one per candidate per step
+    assert 0 < decoder.counters["rollout_tokens"] <= steps * 4 * 3
+    assert decoder.counters["sft_forward_tokens"] > 0 and decoder.counters["baseline_forward_tokens"] >= decoder.counters["rollout_tokens"]
