@@ -204,3 +204,21 @@ def test_counters_add_up(sft_model, baseline_model, tokenizer):
     assert decoder.counters["reward_calls"] == steps * 4  # one per candidate per step
     assert 0 < decoder.counters["rollout_tokens"] <= steps * 4 * 3
     assert decoder.counters["sft_forward_tokens"] > 0 and decoder.counters["baseline_forward_tokens"] >= decoder.counters["rollout_tokens"]
+
+
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_tokens(sft_model, baseline_model, tokenizer, monkeypatch):
+    """A candidate batch that does not fit is split in halves and retried; the result is unchanged."""
+    from tqstar.decoding import kv
+
+    expected = [g.token_ids for g in make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", alpha=2.0).decode(PROMPTS)]
+    original = kv.KVStream.fork
+
+    def fork_with_small_memory(self, rows):
+        if rows.shape[0] > 3:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return original(self, rows)
+
+    monkeypatch.setattr(kv.KVStream, "fork", fork_with_small_memory)
+    decoder = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", alpha=2.0, max_batch_rows=12)
+    assert [g.token_ids for g in decoder.decode(PROMPTS)] == expected
+    assert decoder.chunk_rows == 3 and decoder.oom_retries == 2

@@ -15,6 +15,7 @@ Speed (DESIGN.md "Cost"): the SFT and rollout-model caches of the accepted prefi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ..rewards.base import FunctionReward, Reward, cut_at_stop
 from .kv import KVStream
 from .settings import DecoderSettings
 
+logger = logging.getLogger("tqstar")
 
 @dataclass
 class Generation:
@@ -131,6 +133,8 @@ class Decoder:
             tokenizer.pad_token = tokenizer.eos_token
         self.stops = StopChecker(tokenizer, s.stop_strings)
         self.device = next(sft_model.parameters()).device
+        self.chunk_rows = s.max_batch_rows  # halved on out-of-memory, then kept
+        self.oom_retries = 0
         self.counters = {"sft_forward_tokens": 0, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 0}
 
     # ------------------------------------------------------------------ public
@@ -336,41 +340,63 @@ class Decoder:
             noise = torch.cat([torch.rand((k * n, L), generator=torch.Generator().manual_seed(
                 (s.seed * 1_000_003 + indices[b]) * 10_007 + t)) for b in range(B)])
         continuations: list[list[int]] = [[] for _ in range(total)]
-        model = parent.model
-        for start in range(0, total, s.max_batch_rows):
-            rows = range(start, min(start + s.max_batch_rows, total))
-            tails = {r: prefixes[r // (k * n)][-self.stops.tail_tokens:] + [candidates[r // (k * n)][(r // n) % k]] for r in rows}
-            # A candidate that ends the response (EOS, or completes a stop string) has nothing to roll out.
-            alive = [r for r in rows if not (self.stops.is_eos(tails[r][-1]) or self.stops.hits_stop(tails[r]))]
-            if not alive:
+        start = 0
+        while start < total:
+            rows = range(start, min(start + self.chunk_rows, total))
+            try:
+                self._rollout_chunk(parent, rows, prefixes, candidates, noise, continuations)
+            except torch.OutOfMemoryError:
+                if self.chunk_rows == 1:
+                    raise
+                # Too many rows for the accelerator: halve the chunk, retry this one, keep the smaller size.
+                for row in rows:
+                    continuations[row] = []
+                self.chunk_rows = max(1, self.chunk_rows // 2)
+                self.oom_retries += 1
+                logger.warning("out of memory with %d rollout rows; retrying with %d", len(rows), self.chunk_rows)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 continue
-            stream = parent.fork(torch.tensor([r // (k * n) for r in alive], device=parent.mask.device))
-            current = torch.tensor([tails[r][-1] for r in alive], device=parent.mask.device)
-            for step in range(L):
-                logits = stream.step(current)
-                self.counters["rollout_tokens"] += len(alive)
-                self._count_forward(model, len(alive))
-                if noise is None:
-                    nxt = logits.argmax(-1)
-                else:
-                    probs = torch.softmax(logits / s.rollout_temperature, dim=-1)
-                    nxt = _sample_index(probs, noise[torch.tensor(alive), step].to(probs.device))
-                keep = []
-                for position, row in enumerate(alive):
-                    token = int(nxt[position])
-                    continuations[row].append(token)
-                    tails[row].append(token)
-                    if not (self.stops.is_eos(token) or self.stops.hits_stop(tails[row])):
-                        keep.append(position)
-                if step == L - 1 or not keep:
-                    break
-                if len(keep) < len(alive):
-                    keep_index = torch.tensor(keep, device=parent.mask.device)
-                    stream.keep(keep_index)
-                    nxt = nxt[keep_index]
-                    alive = [alive[p] for p in keep]
-                current = nxt
+            start = rows.stop
         return continuations
+
+    def _rollout_chunk(self, parent: KVStream, rows: range, prefixes, candidates, noise, continuations) -> None:
+        """Roll out global rows `rows` (prompt b, candidate i, rollout j) from a fork of the prefix cache."""
+        s = self.settings
+        k, n, L = len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
+        tails = {r: prefixes[r // (k * n)][-self.stops.tail_tokens:] + [candidates[r // (k * n)][(r // n) % k]] for r in rows}
+        # A candidate that ends the response (EOS, or completes a stop string) has nothing to roll out.
+        alive = [r for r in rows if not (self.stops.is_eos(tails[r][-1]) or self.stops.hits_stop(tails[r]))]
+        if not alive:
+            return
+        device = parent.mask.device
+        stream = parent.fork(torch.tensor([r // (k * n) for r in alive], device=device))
+        current = torch.tensor([tails[r][-1] for r in alive], device=device)
+        fed = 0
+        for step in range(L):
+            logits = stream.step(current)
+            fed += len(alive)
+            if noise is None:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / s.rollout_temperature, dim=-1)
+                nxt = _sample_index(probs, noise[torch.tensor(alive), step].to(probs.device))
+            keep = []
+            for position, (row, token) in enumerate(zip(alive, nxt.tolist())):
+                continuations[row].append(token)
+                tails[row].append(token)
+                if not (self.stops.is_eos(token) or self.stops.hits_stop(tails[row])):
+                    keep.append(position)
+            if step == L - 1 or not keep:
+                break
+            if len(keep) < len(alive):
+                keep_index = torch.tensor(keep, device=device)
+                stream.keep(keep_index)
+                nxt = nxt[keep_index]
+                alive = [alive[p] for p in keep]
+            current = nxt
+        self.counters["rollout_tokens"] += fed
+        self._count_forward(parent.model, fed)
 
     def _response_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -21,7 +21,14 @@ def _cache_argument(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+@lru_cache(maxsize=None)
+def _keeps_last_logits(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _forward(model, cache, **inputs):
+    if _keeps_last_logits(type(model)):
+        inputs["logits_to_keep"] = 1  # only the last position's logits are used: skip the LM head elsewhere
     out = model(**inputs, **{_cache_argument(type(model)): cache}, use_cache=True)
     new_cache = getattr(out, "cache", None)
     return out, (new_cache if new_cache is not None else out.past_key_values)
