@@ -175,13 +175,20 @@ def _runs(paths: list[str]) -> None:
 def evaluate(
     runs: List[str] = typer.Argument(..., help="Run folders (or folders holding them)"),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Config overrides for evaluate, e.g. -s reward=vader"),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Run to compute win-tie rates against"),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Run to compute win-tie rates against (added to the table)"),
+    comparison_dir: Optional[str] = typer.Option(None, "--comparison-dir", "-o",
+                                                 help="Where the table and plots go (default: <common parent of the runs>/comparison)"),
 ) -> None:
-    """Reward, diversity, coherence, KL and win-tie for run folders; one comparison table."""
+    """Reward, diversity, coherence, KL and win-tie for run folders; one comparison table.
+
+    Writes metrics.json and metrics_per_prompt.jsonl into each run folder, and comparison.csv,
+    comparison.md, reward.png and frontier.png into the comparison folder.
+    """
     def body():
         from .evaluate import evaluate_runs
 
-        evaluate_runs(runs, overrides=list(overrides or []), reference=reference, console=_console())
+        evaluate_runs(runs, overrides=list(overrides or []), reference=reference, console=_console(),
+                      comparison_dir=comparison_dir)
 
     _guarded(body)
 
@@ -189,12 +196,31 @@ def evaluate(
 @app.command()
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, help="Grid in Hydra syntax, e.g. decoder=tqstar,cd decoder.alpha=0.5,1,2"),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="A named sweep from conf/sweep/ (its grid, then these overrides)"),
+    executor: Optional[str] = typer.Option(None, "--executor", "-e", help="inline (one process) | local (submitit processes) | slurm"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="local: processes at once; slurm: array parallelism"),
+    partition: Optional[str] = typer.Option(None, help="slurm partition"),
+    gpus: Optional[int] = typer.Option(None, help="slurm GPUs per node"),
+    time_min: Optional[int] = typer.Option(None, "--time-min", help="time limit per job in minutes"),
 ) -> None:
     """Run a grid of decodes (methods x alpha x k ...), resumable, aggregated and plotted."""
     def body():
         from .sweep import run_sweep
 
-        run_sweep(list(overrides or []), console=_console())
+        slurm = {"partition": partition, "gpus_per_node": gpus, "timeout_min": time_min}
+        run_sweep(list(overrides or []), name=name, executor=executor, jobs=jobs, slurm=slurm, console=_console())
+
+    _guarded(body)
+
+
+@app.command()
+def merge(shards: List[str] = typer.Argument(..., help="Run folders of one decode split with dataset.shard=i/n")) -> None:
+    """Merge the shards of a split decode into the run folder an unsplit decode would have written."""
+    def body():
+        from .runs import merge_shards
+
+        run = merge_shards(shards)
+        _console().print(f"merged {len(shards)} shard(s) into {run.path}")
 
     _guarded(body)
 

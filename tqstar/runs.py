@@ -227,3 +227,60 @@ def summarize(run: RunFolder) -> dict:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def merge_shards(paths: Iterable[str | Path]) -> RunFolder:
+    """Combine the run folders of a decode split with `dataset.shard=i/n` into the unsplit run's folder.
+
+    The shards must agree on everything but the shard, cover 0..n-1 once each, and be completed.
+    Rows are ordered by their index in the unsplit prompt list; counters are summed.
+    """
+    shards = [RunFolder(Path(p)) for p in paths]
+    for shard in shards:
+        if not (shard.path / CONFIG).is_file():
+            raise ConfigError(f"{shard.path} is not a run folder (no {CONFIG})")
+    configs = [shard.config() for shard in shards]
+    keys = []
+    for shard, cfg in zip(shards, configs):
+        if cfg.dataset.get("shard") is None:
+            raise ConfigError(f"{shard.path} was not decoded with dataset.shard=i/n: not a shard")
+        keys.append(str(cfg.dataset.shard))
+    counts = {int(k.split("/")[1]) for k in keys}
+    if len(counts) != 1:
+        raise ConfigError(f"shards of different splits: {', '.join(keys)}")
+    count = counts.pop()
+    if sorted(int(k.split("/")[0]) for k in keys) != list(range(count)):
+        raise ConfigError(f"shards {', '.join(sorted(keys))} do not cover 0..{count - 1} exactly once")
+    unsplit = OmegaConf.to_container(configs[0], resolve=True)
+    unsplit["dataset"]["shard"] = None
+    for cfg in configs[1:]:
+        other = OmegaConf.to_container(cfg, resolve=True)
+        other["dataset"]["shard"] = None
+        if other != unsplit:
+            raise ConfigError("shards differ in more than dataset.shard; they are not one decode")
+    for shard in shards:
+        if shard.status().get("status") != "completed":
+            raise ConfigError(f"shard {shard.path} is not completed (status {shard.status().get('status', 'unknown')}); rerun it first")
+    cfg = OmegaConf.create(unsplit)
+    target = RunFolder.for_config(cfg)
+    with target:
+        rows = sorted((row for shard in shards for row in shard.read_rows()), key=lambda r: r["index"])
+        ids = [row["prompt_id"] for row in rows]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("shards overlap: some prompts appear twice")
+        tmp = target.generations_path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target.generations_path)
+        counters: dict[str, int] = {}
+        for shard in shards:
+            for key, value in (shard.status().get("counters") or {}).items():
+                counters[key] = counters.get(key, 0) + value
+        first = shards[0].status()
+        target.update_status(**{k: first.get(k) for k in ("tqstar_version", "git_commit", "versions", "device", "seed", "method")},
+                             status="completed", rows=len(rows), num_prompts=len(rows), counters=counters,
+                             merged_from=[str(s.path) for s in shards])
+    return target

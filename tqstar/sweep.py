@@ -1,0 +1,295 @@
+"""`tqstar sweep`: a grid of decodes, resumable, aggregated, plotted; inline, local processes or Slurm.
+
+The grid uses Hydra's override grammar (`decoder=tqstar,cd decoder.alpha=0.5,1,2`,
+`decoder.top_k=range(5,11,5)`, `choice(...)`), or a named sweep in `conf/sweep/<name>.yaml`.
+Every point is an ordinary decode whose run folder lives in the sweep folder; a point's folder is
+found again from its config hash, so rerunning a sweep skips finished points and resumes partial
+ones. Inline, each model is loaded once per process and reused across points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError, compose, conf_dir, did_you_mean, group_options, validate
+
+EXECUTORS = ("inline", "local", "slurm")
+
+
+@dataclass
+class SweepSpec:
+    grid: list[str]  # overrides, some with several values
+    name: str | None = None
+    executor: str = "inline"
+    jobs: int = 2  # local: processes at once
+    slurm: dict = field(default_factory=dict)  # partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...
+
+
+def expand_grid(overrides: Sequence[str]) -> list[list[str]]:
+    """All points of the grid: the product of every override's values, in the order given."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise ConfigError(f"cannot parse sweep override: {str(exc).splitlines()[0]}") from None
+    axes: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise ConfigError(f"'{override.input_line}': only lists, range() and choice() can be swept (no intervals)")
+            axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            axes[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(point) for point in itertools.product(*axes.values())]
+
+
+def load_named_sweep(name: str) -> dict:
+    path = conf_dir() / "sweep" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no named sweep '{name}'; {did_you_mean(name, group_options('sweep'))}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    unknown = set(data) - {"grid", "executor", "jobs", "slurm", "description"}
+    if unknown:
+        raise ConfigError(f"conf/sweep/{name}.yaml: unknown key(s) {sorted(unknown)}; allowed: grid, executor, jobs, slurm, description")
+    return data
+
+
+def sweep_id(grid: Sequence[str]) -> str:
+    return "sweep-" + hashlib.sha256("\n".join(grid).encode()).hexdigest()[:8]
+
+
+def sweep_folder(grid: Sequence[str], name: str | None) -> tuple[Path, list[list[str]]]:
+    """The sweep's folder (placed by the grid's own output_dir, if it sets one) and its points."""
+    points = expand_grid(grid)
+    if not points:
+        raise ConfigError("the sweep grid is empty")
+    first = compose(points[0])
+    folder = Path(str(first.output_dir)).expanduser() / "sweeps" / (name or sweep_id(grid))
+    return folder, points
+
+
+def point_config(point: Sequence[str], folder: Path):
+    """A point's validated config, its run folder placed inside the sweep folder."""
+    cfg = validate(compose(list(point) + [f"output_dir={folder.parent}", f"experiment_name={folder.name}"]))
+    return cfg
+
+
+def run_point(point: list[str], folder: str) -> dict:
+    """Decode one grid point (also the function submitit runs in a worker process)."""
+    from .decode import run_decode
+
+    cfg = point_config(point, Path(folder))
+    result = run_decode(cfg)
+    return {"point": point, "run": str(result.run.path), "rows": len(result.rows), "new_rows": result.new_rows, "seconds": result.seconds}
+
+
+def _executor(spec: SweepSpec, folder: Path):
+    import submitit
+
+    logs = folder / "submitit"
+    if spec.executor == "local":
+        executor = submitit.LocalExecutor(folder=str(logs))
+        executor.update_parameters(timeout_min=int(spec.slurm.get("timeout_min", 24 * 60)))
+        return executor
+    executor = submitit.AutoExecutor(folder=str(logs), cluster="slurm")
+    params = {"timeout_min": int(spec.slurm.get("timeout_min", 240))}
+    for key in ("slurm_partition", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_account", "slurm_qos"):
+        short = key.removeprefix("slurm_")
+        if spec.slurm.get(short) is not None:
+            params[key] = spec.slurm[short]
+    params["slurm_array_parallelism"] = int(spec.jobs)
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_points(points: list[list[str]], folder: Path, spec: SweepSpec, console=None) -> list[dict]:
+    """Run every point with the chosen executor; a failing point is reported, the others go on."""
+    results: list[dict] = []
+    if spec.executor == "inline":
+        for number, point in enumerate(points, 1):
+            if console:
+                console.print(f"[{number}/{len(points)}] {' '.join(point)}")
+            try:
+                results.append(run_point(point, str(folder)))
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad point must not lose the others
+                results.append({"point": point, "error": f"{type(exc).__name__}: {exc}"})
+        return results
+    executor = _executor(spec, folder)
+    pending = list(points)
+    while pending:  # the local executor has no parallelism cap of its own: submit `jobs` at a time
+        wave, pending = (pending[: spec.jobs], pending[spec.jobs:]) if spec.executor == "local" else (pending, [])
+        jobs = [executor.submit(run_point, point, str(folder)) for point in wave]
+        if console:
+            console.print(f"submitted {len(jobs)} job(s) to the {spec.executor} executor; logs in {folder / 'submitit'}")
+        for point, job in zip(wave, jobs):
+            try:
+                results.append(job.result())
+            except Exception as exc:  # noqa: BLE001
+                results.append({"point": point, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"})
+    return results
+
+
+def _point_columns(cfg) -> dict[str, Any]:
+    d = cfg.decoder
+    return {
+        "method": str(d.method), "transfer": str(d.transfer) if d.method == "tqstar" else "", "alpha": float(d.alpha),
+        "top_k": int(d.top_k), "selection": str(d.selection), "rollout_len": int(d.rollout.max_new_tokens),
+        "rollout_num": int(d.rollout.num), "max_new_tokens": int(d.max_new_tokens),
+    }
+
+
+def aggregate(folder: Path, points: list[list[str]], console=None):
+    """results.csv / results.parquet: one row per point, config columns then metrics; table and plots."""
+    import pandas as pd
+
+    from .evaluate import evaluate_runs
+    from .runs import RunFolder
+
+    run_paths, config_rows = [], []
+    for point in points:
+        cfg = point_config(point, folder)
+        run = RunFolder.for_config(cfg)
+        if run.status().get("status") != "completed":
+            continue
+        run_paths.append(str(run.path))
+        config_rows.append({"point": " ".join(point), "run": str(run.path), **_point_columns(cfg)})
+    if not run_paths:
+        raise ConfigError(f"no completed points in {folder} to aggregate")
+    metrics = evaluate_runs(run_paths, console=None, out_dir=folder / "evaluation")
+    configs = pd.DataFrame(config_rows)
+    metrics = metrics.copy()
+    metrics["run"] = metrics["run"].astype(str)
+    table = configs.merge(metrics.drop(columns=[c for c in ("method", "alpha", "top_k") if c in metrics.columns]), on="run", how="left")
+    table.to_csv(folder / "results.csv", index=False)
+    table.to_parquet(folder / "results.parquet", index=False)
+    plot_sweep(table, folder)
+    if console:
+        print_table(table, console)
+    return table
+
+
+def _col(table, *names):
+    for name in names:
+        if name in table.columns:
+            return name
+    return None
+
+
+def print_table(table, console) -> None:
+    from rich.table import Table
+
+    view = Table(title="sweep results")
+    reward = _col(table, "reward_mean", "reward")
+    stderr = _col(table, "reward_stderr", "reward_se")
+    extra = [c for c in ("diversity", "coherence", "sft_logprob_per_token", "kl", "mean_tokens", "s_per_response") if c in table.columns]
+    for name in ["method", "alpha", "top_k", reward, *extra]:
+        if name:
+            view.add_column(name, justify="right")
+    for _, row in table.sort_values(["method", "alpha", "top_k"]).iterrows():
+        cells = [str(row["method"]), f"{row['alpha']:g}", str(row["top_k"])]
+        if reward:
+            cells.append(f"{row[reward]:.3f}" + (f" ± {row[stderr]:.3f}" if stderr else ""))
+        cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in extra]
+        view.add_row(*cells)
+    console.print(view)
+
+
+def plot_sweep(table, folder: Path) -> list[Path]:
+    """reward vs alpha per method; reward vs distance from SFT (the frontier); diversity and coherence vs alpha."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reward = _col(table, "reward_mean", "reward")
+    stderr = _col(table, "reward_stderr", "reward_se")
+    distance = _col(table, "kl", "neg_sft_logprob_per_token", "sft_logprob_per_token")
+    written = []
+    panels = [(reward, "mean target reward")] + [(c, c) for c in ("diversity", "coherence") if c in table.columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (column, label) in zip(axes[0], panels):
+        for (method, top_k), group in table.groupby(["method", "top_k"]):
+            group = group.sort_values("alpha")
+            yerr = group[stderr] if (column == reward and stderr) else None
+            axis.errorbar(group["alpha"], group[column], yerr=yerr, marker="o", capsize=3, label=f"{method} (k={top_k})")
+        axis.set_xlabel("alpha")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("sweep: metrics against alpha")
+    fig.tight_layout()
+    path = folder / "reward_vs_alpha.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    if distance:
+        fig, axis = plt.subplots(figsize=(6, 4.5))
+        for method, group in table.groupby("method"):
+            axis.scatter(group[distance], group[reward], label=method, s=40)
+            for _, row in group.iterrows():
+                axis.annotate(f"a={row['alpha']:g}", (row[distance], row[reward]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel({"kl": "KL(decoder || SFT) estimate per response", "sft_logprob_per_token": "log p_SFT per token (higher = closer to SFT)"}.get(distance, distance))
+        axis.set_ylabel("mean target reward")
+        axis.set_title("reward against distance from the SFT model")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / "frontier.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_sweep(overrides: Sequence[str], name: str | None = None, executor: str | None = None, jobs: int | None = None,
+              slurm: dict | None = None, console=None):
+    """Expand, run (skipping finished points), aggregate. Returns the results table."""
+    spec = SweepSpec(grid=list(overrides))
+    if name:
+        named = load_named_sweep(name)
+        spec = SweepSpec(grid=list(named.get("grid", [])) + list(overrides), name=name, executor=named.get("executor", "inline"),
+                         jobs=int(named.get("jobs", 2)), slurm=dict(named.get("slurm") or {}))
+    if executor:
+        spec.executor = executor
+    if jobs:
+        spec.jobs = jobs
+    if slurm:
+        spec.slurm.update({k: v for k, v in slurm.items() if v is not None})
+    if spec.executor not in EXECUTORS:
+        raise ConfigError(f"executor={spec.executor!r} is not allowed; {did_you_mean(spec.executor, EXECUTORS)}")
+    if spec.jobs < 1:
+        raise ConfigError(f"jobs={spec.jobs} is not allowed: must be >= 1")
+    folder, points = sweep_folder(spec.grid, spec.name)
+    for point in points:  # every point is checked before anything runs
+        point_config(point, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    (folder / "sweep.json").write_text(json.dumps({"grid": spec.grid, "points": points, "executor": spec.executor}, indent=2) + "\n")
+    if console:
+        console.print(f"sweep {folder} : {len(points)} point(s), executor {spec.executor}")
+    results = run_points(points, folder, spec, console)
+    failed = [r for r in results if "error" in r]
+    summary = {"grid": spec.grid, "points": points, "executor": spec.executor, "results": results,
+               "seconds": round(time.perf_counter() - started, 2), "failed": len(failed)}
+    (folder / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = aggregate(folder, points, console)
+    if console:
+        console.print(f"results: {folder / 'results.csv'} ({summary['seconds']:.0f} s)")
+        for failure in failed:
+            console.print(f"[red]failed[/]: {' '.join(failure['point'])}: {failure['error']}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(points)} sweep points failed (rerun the same sweep to retry them)")
+    return table
