@@ -181,8 +181,7 @@ def evaluate(
 ) -> None:
     """Reward, diversity, coherence, KL and win-tie for run folders; one comparison table.
 
-    Writes metrics.json and metrics_per_prompt.jsonl into each run folder, and comparison.csv,
-    comparison.md, reward.png and frontier.png into the comparison folder.
+    Writes metrics.json and metrics_per_prompt.jsonl into each run folder, and comparison.csv, comparison.md, reward.png and frontier.png into the comparison folder.
     """
     def body():
         from .evaluate import evaluate_runs

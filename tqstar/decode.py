@@ -90,8 +90,9 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                 chunk = todo[start:start + batch]
                 texts = [_format(p.text, sft) for _, p in chunk]
                 before = dict(decoder.counters)
-                generations = decoder.decode(texts, [index for index, _ in chunk])
-                rewards = decoder.reward(texts, [g.response for g in generations])
+                raw = [p.text for _, p in chunk]  # the reward sees the prompt as written, the models the formatted one
+                generations = decoder.decode(texts, [index for index, _ in chunk], reward_prompts=raw)
+                rewards = decoder.reward(raw, [g.response for g in generations])
                 for (index, prompt), generation, reward in zip(chunk, generations, rewards):
                     row = {
                         "index": index, "prompt_id": prompt.id, "prompt": prompt.text, "response": generation.response,

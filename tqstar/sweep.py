@@ -168,7 +168,7 @@ def aggregate(folder: Path, points: list[list[str]], console=None):
         config_rows.append({"point": " ".join(point), "run": str(run.path), **_point_columns(cfg)})
     if not run_paths:
         raise ConfigError(f"no completed points in {folder} to aggregate")
-    metrics = evaluate_runs(run_paths, console=None, out_dir=folder / "evaluation")
+    metrics = evaluate_runs(run_paths, console=None, comparison_dir=folder / "evaluation")
     configs = pd.DataFrame(config_rows)
     metrics = metrics.copy()
     metrics["run"] = metrics["run"].astype(str)
@@ -216,7 +216,8 @@ def plot_sweep(table, folder: Path) -> list[Path]:
 
     reward = _col(table, "reward_mean", "reward")
     stderr = _col(table, "reward_stderr", "reward_se")
-    distance = _col(table, "kl", "neg_sft_logprob_per_token", "sft_logprob_per_token")
+    # KL needs sampled decoding; greedy sweeps use the SFT log-likelihood of the responses instead.
+    distance = "kl" if "kl" in table.columns and table["kl"].notna().all() else _col(table, "sft_logprob_per_token")
     written = []
     panels = [(reward, "mean target reward")] + [(c, c) for c in ("diversity", "coherence") if c in table.columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -236,21 +237,13 @@ def plot_sweep(table, folder: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     if distance:
-        fig, axis = plt.subplots(figsize=(6, 4.5))
-        for method, group in table.groupby("method"):
-            axis.scatter(group[distance], group[reward], label=method, s=40)
-            for _, row in group.iterrows():
-                axis.annotate(f"a={row['alpha']:g}", (row[distance], row[reward]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.set_xlabel({"kl": "KL(decoder || SFT) estimate per response", "sft_logprob_per_token": "log p_SFT per token (higher = closer to SFT)"}.get(distance, distance))
-        axis.set_ylabel("mean target reward")
-        axis.set_title("reward against distance from the SFT model")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-        fig.tight_layout()
-        path = folder / "frontier.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        from .plots import plot_frontier
+
+        xlabel = {"kl": "KL(decoder || SFT) estimate per response",
+                  "sft_logprob_per_token": "log p_SFT per token (higher = closer to SFT)"}[distance]
+        written.append(plot_frontier(table, x=distance, y=reward, label_cols=["alpha"], path=folder / "frontier.png",
+                                     yerr=stderr, group="method", title="reward against distance from the SFT model",
+                                     xlabel=xlabel, ylabel="mean target reward"))
     return written
 
 

@@ -138,30 +138,32 @@ class Decoder:
         self.counters = {"sft_forward_tokens": 0, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 0}
 
     # ------------------------------------------------------------------ public
-    def decode(self, prompts: Sequence[str], indices: Sequence[int] | None = None) -> list[Generation]:
-        """Decode prompts in batches of `batch_size`. `indices` (default 0..n-1) seed each prompt's
-        sampling, so a prompt's result does not depend on which batch it lands in."""
+    def decode(self, prompts: Sequence[str], indices: Sequence[int] | None = None,
+               reward_prompts: Sequence[str] | None = None) -> list[Generation]:
+        """Decode prompts in batches of `batch_size`.
+
+        `indices` (default 0..n-1) seed each prompt's sampling, so a prompt's result does not depend
+        on which batch it lands in. `reward_prompts` (default: the prompts) is the prompt text the
+        reward sees, when the models see a formatted one (e.g. a chat template).
+        """
         indices = list(range(len(prompts))) if indices is None else list(indices)
+        reward_prompts = list(prompts) if reward_prompts is None else list(reward_prompts)
+        size = self.settings.batch_size
         results: list[Generation] = []
-        for generation in self.iter_decode(prompts, indices):
-            results.append(generation)
+        for start in range(0, len(prompts), size):
+            window = slice(start, start + size)
+            results += self._decode_batch(list(prompts[window]), indices[window], reward_prompts[window])
         return results
 
-    def iter_decode(self, prompts: Sequence[str], indices: Sequence[int]):
-        """Yield generations batch by batch (in input order), for callers that write as they go."""
-        size = self.settings.batch_size
-        for start in range(0, len(prompts), size):
-            yield from self._decode_batch(list(prompts[start:start + size]), list(indices[start:start + size]))
-
     # ------------------------------------------------------------------ loop
-    def _decode_batch(self, prompts: list[str], indices: list[int]) -> list[Generation]:
+    def _decode_batch(self, prompts: list[str], indices: list[int], reward_prompts: list[str]) -> list[Generation]:
         s = self.settings
         started = time.perf_counter()
         if s.method == "best_of_n":
-            results = self._best_of_n(prompts, indices)
+            results = self._best_of_n(prompts, indices, reward_prompts)
         else:
             proposer = self.baseline if s.method == "baseline" else self.sft
-            results = self._token_loop(prompts, indices, proposer)
+            results = self._token_loop(prompts, indices, proposer, reward_prompts)
         per_prompt = (time.perf_counter() - started) / max(len(prompts), 1)
         for generation in results:
             generation.seconds = per_prompt
@@ -173,7 +175,7 @@ class Decoder:
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     @torch.no_grad()
-    def _token_loop(self, prompts: list[str], indices: list[int], proposer, selection: str | None = None,
+    def _token_loop(self, prompts: list[str], indices: list[int], proposer, reward_prompts: list[str], selection: str | None = None,
                     temperature: float | None = None) -> list[Generation]:
         s = self.settings
         selection = selection or s.selection
@@ -208,11 +210,11 @@ class Decoder:
                 chosen, chosen_sft, chosen_policy = self._select_plain(logprobs, stream.logits, [generators[i] for i in active], selection, temperature)
                 step_traces = None
                 if sft_stream is not None:
-                    chosen_policy = chosen_sft
+                    chosen_policy = chosen_sft if chosen_policy is None else chosen_policy
                     chosen_sft = torch.log_softmax(sft_stream.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
             else:
                 top_logprobs, top_ids = logprobs.topk(min(s.top_k, logprobs.shape[-1]), dim=-1)  # (B, k)
-                values, details = self._values([prompts[i] for i in active], [generated[i] for i in active],
+                values, details = self._values([reward_prompts[i] for i in active], [generated[i] for i in active],
                                                top_ids, rollout_stream, [indices[i] for i in active], t)
                 scores = top_logprobs + s.alpha * values  # (B, k)
                 pick, chosen_policy = self._select_scores(scores, [generators[i] for i in active], selection, temperature)
@@ -431,16 +433,18 @@ class Decoder:
         return rows
 
     # ------------------------------------------------------------------ best-of-n
-    def _best_of_n(self, prompts: list[str], indices: list[int]) -> list[Generation]:
+    def _best_of_n(self, prompts: list[str], indices: list[int], reward_prompts: list[str]) -> list[Generation]:
         """n samples of pi_sft per prompt; keep the one the target reward scores highest."""
         s = self.settings
         repeated = [p for p in prompts for _ in range(s.n)]
+        repeated_reward_prompts = [p for p in reward_prompts for _ in range(s.n)]
         sample_indices = [index * s.n + j for index in indices for j in range(s.n)]
         samples = []
         for start in range(0, len(repeated), s.max_batch_rows):
             samples += self._token_loop(repeated[start:start + s.max_batch_rows], sample_indices[start:start + s.max_batch_rows],
-                                        self.sft, selection="sample", temperature=s.temperature)
-        rewards = self._score(self.reward, repeated, [g.response for g in samples])
+                                        self.sft, repeated_reward_prompts[start:start + s.max_batch_rows],
+                                        selection="sample", temperature=s.temperature)
+        rewards = self._score(self.reward, repeated_reward_prompts, [g.response for g in samples])
         results = []
         for b in range(len(prompts)):
             group = list(range(b * s.n, (b + 1) * s.n))

