@@ -89,7 +89,8 @@ def compose(overrides: Iterable[str] = (), config_name: str = "decode", allow_sw
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
-    overrides = list(overrides)
+    # `group=null` drops a defaults entry (Hydra spells that `~group`), e.g. reward@baseline_reward=null.
+    overrides = [f"~{o.split('=', 1)[0]}" if o.endswith("=null") and _group_of(o.split("=", 1)[0]) else o for o in overrides]
     _check_overrides(overrides, allow_sweep)
     GlobalHydra.instance().clear()
     try:
@@ -98,7 +99,7 @@ def compose(overrides: Iterable[str] = (), config_name: str = "decode", allow_sw
     except MissingConfigException as exc:
         raise ConfigError(_explain_missing(exc, overrides)) from None
     except ConfigCompositionException as exc:
-        raise ConfigError(_explain_composition(exc)) from None
+        raise ConfigError(_explain_composition(exc, config_name)) from None
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.resolve(cfg)
@@ -117,24 +118,24 @@ def _explain_missing(exc: Exception, overrides: list[str]) -> str:
     return str(exc).splitlines()[0]
 
 
-def _explain_composition(exc: Exception) -> str:
+def _explain_composition(exc: Exception, config_name: str = "decode") -> str:
     message = str(exc)
     cause = exc.__cause__
     detail = str(cause).splitlines()[0] if cause else ""
     if "Could not override" in message or "Could not append" in message or "not in struct" in detail:
         key = message.split("'")[1] if "'" in message else "?"
         parent, _, leaf = key.rpartition(".")
-        known = _known_keys(parent)
+        known = _known_keys(parent, config_name)
         return f"unknown config key '{key}'; {did_you_mean(leaf, known)}" if known else f"unknown config key '{key}'"
     if detail:
         return f"{message.splitlines()[0]} ({detail})"
     return message.splitlines()[0]
 
 
-def _known_keys(parent: str) -> list[str]:
-    """Keys under `parent` in the default decode config (for did-you-mean on typos)."""
+def _known_keys(parent: str, config_name: str = "decode") -> list[str]:
+    """Keys under `parent` in the default config of that command (for did-you-mean on typos)."""
     try:
-        default = compose([], "decode")
+        default = compose([], config_name)
     except ConfigError:
         return []
     node = OmegaConf.select(default, parent) if parent else default
@@ -205,9 +206,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     limit = cfg.dataset.limit
     _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1), "dataset.limit", limit, "null or an integer >= 1")
     _number(cfg, "dataset.offset", minimum=0, integer=True)
-    if cfg.dataset.name == "local":
-        path = OmegaConf.select(cfg, "dataset.path")
-        _require(bool(path) and Path(str(path)).expanduser().is_file(), "dataset.path", path, "an existing .jsonl, .json, .csv or .parquet file")
+    if cfg.dataset.name != "synthetic":
+        from .data.sources import check_dataset_config
+
+        check_dataset_config(cfg.dataset)
     shard = cfg.dataset.get("shard")
     if shard is not None:
         parse_shard(str(shard))

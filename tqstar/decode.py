@@ -65,6 +65,7 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
     import torch
 
     from .data import load_prompts
+    from .models import tokenizer_for
 
     validate(cfg)
     torch.manual_seed(int(cfg.seed))
@@ -77,10 +78,12 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
         run.update_status(status="running", method=str(cfg.decoder.method), error=None,
                           **provenance(str(cfg.device), int(cfg.decoder.seed)))
         try:
+            # Prompts first: a dataset problem should not wait for minutes of model loading.
+            tokenizer = tokenizer_for(cfg.sft, cfg.get("synthetic")) if cfg.dataset.get("max_prompt_tokens") else None
+            prompt_set = load_prompts(cfg.dataset, tokenizer, cfg.get("synthetic"))
             decoder, sft = build_decoder(cfg)
             run.update_status(device=str(sft.device))
-            prompt_set = load_prompts(cfg.dataset, sft.tokenizer, cfg.get("synthetic"))
-            todo = [(index, prompt) for index, prompt in enumerate(prompt_set.prompts) if prompt.id not in done]
+            todo = [(prompt.index, prompt) for prompt in prompt_set.prompts if prompt.id not in done]
             counters = dict(previous.get("counters") or {})
             run.update_status(num_prompts=len(prompt_set), skipped=prompt_set.skipped, dataset=prompt_set.source)
             task = progress.add_task("decoding", total=len(prompt_set), completed=len(prompt_set) - len(todo)) if progress else None

@@ -17,6 +17,7 @@ from ..config import ConfigError, parse_shard
 class Prompt:
     id: str
     text: str
+    index: int = 0  # position in the selection before sharding: seeds sampling; shards merge back in this order
 
 
 @dataclass
@@ -63,6 +64,7 @@ def select(rows: list[dict], dataset_cfg) -> list[dict]:
     offset = int(dataset_cfg.get("offset") or 0)
     limit = dataset_cfg.get("limit")
     rows = rows[offset:] if limit is None else rows[offset:offset + int(limit)]
+    rows = [{**row, "position": position} for position, row in enumerate(rows)]
     shard = dataset_cfg.get("shard")
     if shard:
         index, count = parse_shard(str(shard))
@@ -70,7 +72,16 @@ def select(rows: list[dict], dataset_cfg) -> list[dict]:
     return rows
 
 
+def _token_counts(tokenizer, texts: list[str], chunk: int = 512) -> list[int]:
+    counts: list[int] = []
+    for start in range(0, len(texts), chunk):
+        counts.extend(len(ids) for ids in tokenizer(texts[start:start + chunk])["input_ids"])
+    return counts
+
+
 def load_prompts(dataset_cfg, tokenizer=None, synthetic_cfg=None) -> PromptSet:
+    """The selected prompts of a dataset config; prompts that cannot be used are skipped and counted
+    (`empty`, `not_text`, `no_assistant_turn`, and `too_long`: over `max_prompt_tokens` of `tokenizer`)."""
     name = str(dataset_cfg.name)
     if name == "synthetic":
         rows, source = _synthetic_rows(dataset_cfg, synthetic_cfg)
@@ -78,19 +89,26 @@ def load_prompts(dataset_cfg, tokenizer=None, synthetic_cfg=None) -> PromptSet:
         from .sources import load_rows
 
         rows, source = load_rows(dataset_cfg)
+    total = len(rows)
     rows = select(rows, dataset_cfg)
     skipped: dict[str, int] = {}
-    prompts = []
-    max_tokens = dataset_cfg.get("max_prompt_tokens")
+    usable = []
     for row in rows:
-        text = row["prompt"]
-        if not isinstance(text, str) or not text.strip():
-            skipped["empty"] = skipped.get("empty", 0) + 1
-            continue
-        if max_tokens and tokenizer is not None and len(tokenizer(text)["input_ids"]) > int(max_tokens):
-            skipped["too_long"] = skipped.get("too_long", 0) + 1
-            continue
-        prompts.append(Prompt(str(row["id"]), text))
+        text = row.get("prompt")
+        reason = row.get("skip") or (None if isinstance(text, str) and text.strip() else "empty")
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            usable.append(row)
+    max_tokens = dataset_cfg.get("max_prompt_tokens")
+    if max_tokens and tokenizer is not None and usable:
+        counts = _token_counts(tokenizer, [row["prompt"] for row in usable])
+        kept = [row for row, count in zip(usable, counts) if count <= int(max_tokens)]
+        if len(kept) < len(usable):
+            skipped["too_long"] = len(usable) - len(kept)
+        usable = kept
+    prompts = [Prompt(str(row["id"]), row["prompt"], row["position"]) for row in usable]
     if not prompts:
-        raise ConfigError(f"dataset {source} has no prompts to decode after selection (skipped: {skipped or 'none'})")
+        raise ConfigError(f"dataset {source} has no prompts to decode after selection "
+                          f"({total} rows, {len(rows)} selected, skipped: {skipped or 'none'})")
     return PromptSet(prompts, source, skipped)

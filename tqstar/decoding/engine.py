@@ -182,20 +182,21 @@ class Decoder:
         temperature = temperature or s.temperature
         plain = not s.uses_values  # sft / baseline / best_of_n samples: Q = 0, full distribution
         input_ids, mask = self._encode(prompts)
-        stream = KVStream.prefill(proposer, input_ids, mask)
-        self._count_forward(proposer, stream.tokens_fed)
+        stream = KVStream.prefill(proposer, input_ids, mask, role="baseline" if s.method == "baseline" else "sft")
+        self._count_forward(stream, stream.tokens_fed)
         # Rows record log pi_sft of every chosen token; when another model proposes (decoder=baseline),
         # the SFT model follows along one token per step to score them.
         sft_stream = None
         if proposer is not self.sft:
-            sft_stream = KVStream.prefill(self.sft, input_ids, mask)
-            self._count_forward(self.sft, sft_stream.tokens_fed)
+            sft_stream = KVStream.prefill(self.sft, input_ids, mask, role="sft")
+            self._count_forward(sft_stream, sft_stream.tokens_fed)
         rollout_model = self._rollout_model()
         rollout_stream = None
         if rollout_model is not None:
-            rollout_stream = stream if rollout_model is proposer else KVStream.prefill(rollout_model, input_ids, mask)
+            # One model object as SFT and baseline (e.g. a preset that shares a checkpoint) shares one cache.
+            rollout_stream = stream if rollout_model is proposer else KVStream.prefill(rollout_model, input_ids, mask, role="baseline")
             if rollout_stream is not stream:
-                self._count_forward(rollout_model, rollout_stream.tokens_fed)
+                self._count_forward(rollout_stream, rollout_stream.tokens_fed)
         generators = [torch.Generator().manual_seed(s.seed * 1_000_003 + index) for index in indices]
         generated: list[list[int]] = [[] for _ in prompts]
         sft_logprobs: list[list[float]] = [[] for _ in prompts]
@@ -211,7 +212,7 @@ class Decoder:
                 step_traces = None
                 if sft_stream is not None:
                     chosen_policy = chosen_sft if chosen_policy is None else chosen_policy
-                    chosen_sft = torch.log_softmax(sft_stream.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+                    chosen_sft = torch.log_softmax(sft_stream.logits, dim=-1).gather(1, chosen[:, None].to(sft_stream.logits.device)).squeeze(1).to(chosen.device)
             else:
                 top_logprobs, top_ids = logprobs.topk(min(s.top_k, logprobs.shape[-1]), dim=-1)  # (B, k)
                 values, details = self._values([reward_prompts[i] for i in active], [generated[i] for i in active],
@@ -252,11 +253,11 @@ class Decoder:
                 active = [active[r] for r in keep]
             # Append the chosen tokens to the accepted prefix: one token per row per model.
             stream.step(chosen)
-            self._count_forward(proposer, len(active))
+            self._count_forward(stream, len(active))
             for other in (rollout_stream, sft_stream):
                 if other is not None and other is not stream:
                     other.step(chosen)
-                    self._count_forward(other.model, len(active))
+                    self._count_forward(other, len(active))
 
         results = []
         for i, prompt in enumerate(prompts):
@@ -398,7 +399,7 @@ class Decoder:
                 alive = [alive[p] for p in keep]
             current = nxt
         self.counters["rollout_tokens"] += fed
-        self._count_forward(parent.model, fed)
+        self.counters["sft_forward_tokens" if s.method == "cd" else "baseline_forward_tokens"] += fed
 
     def _response_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -408,9 +409,8 @@ class Decoder:
         self.counters["reward_calls"] += len(values)
         return values
 
-    def _count_forward(self, model, tokens: int) -> None:
-        key = "sft_forward_tokens" if model is self.sft else "baseline_forward_tokens"
-        self.counters[key] += int(tokens)
+    def _count_forward(self, stream: KVStream, tokens: int) -> None:
+        self.counters[f"{stream.role}_forward_tokens"] += int(tokens)
 
     def _trace(self, t, top_ids, top_logprobs, values, scores, pick, details):
         rows = []

@@ -3,57 +3,77 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from ..config import ConfigError
 from .base import FunctionReward, Reward, RewardValueError, cut_at_stop
 from .vader import VaderReward
 
 __all__ = ["Reward", "FunctionReward", "RewardValueError", "VaderReward", "build_reward", "load_callable", "cut_at_stop"]
+REWARD_TYPES = ("vader", "hf", "callable")
 
 
-def load_callable(spec: str):
+def load_callable(spec: str, key: str = "reward.function"):
     """'package.module:function' -> the function."""
     module_name, _, attr = str(spec).partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"reward.function={spec!r} is not allowed: must be 'module:function'")
+        raise ConfigError(f"{key}={spec!r} is not allowed: must be 'module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"reward.function={spec!r}: cannot import {module_name!r} ({exc})") from None
-    if not hasattr(module, attr):
-        raise ConfigError(f"reward.function={spec!r}: {module_name!r} has no {attr!r}")
-    return getattr(module, attr)
+        raise ConfigError(f"{key}={spec!r}: cannot import {module_name!r} ({exc})") from None
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ConfigError(f"{key}={spec!r}: {module_name!r} has no {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ConfigError(f"{key}={spec!r}: {attr!r} is not callable")
+    return fn
 
 
 def build_reward(cfg, default_device: str = "auto") -> Reward:
     """A Reward from a `reward` config (type vader | hf | callable)."""
+    from ..models import config_key
+
     stops = list(cfg.get("stop_strings") or [])
     kind = cfg.type
     if kind == "vader":
         return VaderReward(stop_strings=stops)
     if kind == "callable":
-        fn = load_callable(cfg.function)
+        fn = load_callable(cfg.function, config_key(cfg, "function"))
         return FunctionReward(fn, name=str(cfg.function), stop_strings=stops)
     if kind == "hf":
-        from transformers import AutoModelForSequenceClassification
+        return _build_hf(cfg, default_device, stops)
+    raise ConfigError(f"{config_key(cfg, 'type')}={kind!r} is not allowed; allowed: {', '.join(REWARD_TYPES)}")
 
-        from ..models import _load_error, load_tokenizer, resolve_device, resolve_dtype
 
-        device = resolve_device(cfg.get("device"), default_device)
-        dtype = resolve_dtype(str(cfg.get("dtype", "auto")), device)
-        source = str(cfg.name_or_path)
-        tokenizer = load_tokenizer(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
-        tokenizer.padding_side = "right"
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
-        except Exception as exc:  # noqa: BLE001
-            raise _load_error(source, exc) from exc
-        model.to(device).eval()
-        from .hf import HFClassifierReward
+def _build_hf(cfg, default_device: str, stops: list[str]) -> Reward:
+    from transformers import AutoModelForSequenceClassification
 
-        return HFClassifierReward(
-            model, tokenizer, label=cfg.get("label"), template=str(cfg.get("template", "{prompt}{response}")),
-            batch_size=int(cfg.get("batch_size", 16)), max_length=cfg.get("max_length"),
-            overflow=str(cfg.get("overflow", "truncate_left")), stop_strings=stops, name=source,
-        )
-    raise ConfigError(f"reward.type={kind!r} is not allowed; allowed: vader, hf, callable")
+    from ..models import config_key, load_error, load_tokenizer, resolve_device, resolve_dtype
+    from .hf import HFClassifierReward
+
+    key = config_key(cfg, "name_or_path")
+    device = resolve_device(cfg.get("device"), default_device, config_key(cfg, "device"))
+    dtype = resolve_dtype(str(cfg.get("dtype") or "auto"), device)
+    source = str(cfg.name_or_path)
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+    trust = bool(cfg.get("trust_remote_code", False))
+    revision = cfg.get("revision")
+    tokenizer = load_tokenizer(str(cfg.get("tokenizer") or source), revision=revision, trust_remote_code=trust, key=key)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
+        raise load_error(source, exc, key, "reward model") from exc
+    model.to(device).eval()
+    return HFClassifierReward(
+        model, tokenizer, label=cfg.get("label"), template=str(cfg.get("template") or "{prompt}{response}"),
+        batch_size=int(cfg.get("batch_size") or 16), max_length=cfg.get("max_length"),
+        overflow=str(cfg.get("overflow") or "truncate_left"), skip_value=cfg.get("skip_value"),
+        stop_strings=stops, name=source,
+    )

@@ -1,0 +1,88 @@
+"""Experiment presets and the model / reward / dataset config groups: each composes, validates and says
+what it should, and the command line still wins over a preset."""
+
+from __future__ import annotations
+
+import pytest
+
+from tqstar.config import compose, group_options, validate
+
+
+@pytest.fixture(autouse=True)
+def _clean(hydra_clean):
+    yield
+
+
+@pytest.mark.parametrize("name", group_options("experiment"))
+def test_every_experiment_composes_and_validates(name):
+    cfg = validate(compose([f"experiment={name}"]))
+    assert cfg.experiment_name == name
+
+
+def test_hh_pythia_is_the_authors_setup():
+    cfg = validate(compose(["experiment=hh_pythia"]))
+    assert cfg.sft.name_or_path == "lomahony/eleuther-pythia6.9b-hh-sft"
+    assert cfg.baseline.name_or_path == "lomahony/eleuther-pythia6.9b-hh-dpo"
+    assert (cfg.reward.type, cfg.reward.name_or_path, cfg.reward.label) == ("hf", "usvsnsp/pythia-6.9b-rm-full-hh-rlhf", None)
+    assert (cfg.dataset.name, cfg.dataset.path, cfg.dataset.split, cfg.dataset.prompt_column) == ("full_hh_rlhf", "Dahoas/full-hh-rlhf", "test", "prompt")
+    assert cfg.dataset.max_prompt_tokens == 1333  # prompts of 1334+ tokens are skipped
+    assert {cfg.sft.dtype, cfg.baseline.dtype, cfg.reward.dtype} == {"float16"}
+    assert (cfg.sft.device, cfg.baseline.device, cfg.reward.device) == ("cuda:0", "cuda:0", "cuda:1")
+    d = cfg.decoder
+    assert (d.method, d.transfer, d.top_k, d.alpha, d.max_new_tokens, d.rollout.max_new_tokens) == ("tqstar", "direct", 10, 1.0, 128, 20)
+    assert not cfg.sft.trust_remote_code and not cfg.reward.trust_remote_code
+
+
+def test_smollm2_offline_needs_nothing_from_the_network():
+    cfg = validate(compose(["experiment=smollm2_offline"]))
+    assert cfg.sft.name_or_path == cfg.baseline.name_or_path == "packaged:smollm2"
+    assert cfg.reward.type == "vader" and cfg.dataset.path == "packaged:hh_prompts.jsonl"
+    assert cfg.decoder.method == "tqstar" and cfg.decoder.max_new_tokens <= 32
+    assert 5 <= cfg.decoder.top_k <= 10 and 10 <= cfg.decoder.rollout.max_new_tokens <= 20
+
+
+def test_synthetic_indirect_is_the_authors_indirect_setting():
+    cfg = validate(compose(["experiment=synthetic_indirect"]))
+    assert cfg.baseline.name_or_path == "synthetic:dpo_bl"
+    assert (cfg.decoder.method, cfg.decoder.transfer, cfg.decoder.rollout.max_new_tokens) == ("tqstar", "indirect", 5)
+    assert cfg.dataset.name == "synthetic"
+
+
+def test_the_command_line_wins_over_a_preset():
+    cfg = validate(compose(["experiment=hh_pythia", "decoder=cd", "decoder.top_k=4", "reward.device=cuda:0", "dataset.limit=5"]))
+    assert (cfg.decoder.method, cfg.decoder.top_k, cfg.reward.device, cfg.dataset.limit) == ("cd", 4, "cuda:0", 5)
+
+
+@pytest.mark.parametrize("name", group_options("model"))
+def test_every_model_config_composes_as_sft_and_baseline(name):
+    extra = ["sft.name_or_path=some/model", "baseline.name_or_path=some/model"] if name == "hf" else []
+    cfg = validate(compose([f"model@sft={name}", f"model@baseline={name}", *extra]))
+    assert cfg.sft.trust_remote_code is False and cfg.sft.dtype in ("auto", "float32", "bfloat16", "float16")
+
+
+@pytest.mark.parametrize("name", group_options("reward"))
+def test_every_reward_config_composes_as_reward_and_baseline_reward(name):
+    extra = ["reward.name_or_path=some/rm", "baseline_reward.name_or_path=some/rm"] if name == "hf" else []
+    cfg = validate(compose([f"reward={name}", f"reward@baseline_reward={name}", *extra]))
+    assert cfg.reward.type in ("vader", "hf", "callable")
+
+
+@pytest.mark.parametrize("name", group_options("dataset"))
+def test_every_dataset_config_composes(name, tmp_path):
+    extra = []
+    if name == "local":
+        (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+        extra = [f"dataset.path={tmp_path / 'p.jsonl'}"]
+    cfg = validate(compose([f"dataset={name}", *extra]))
+    assert cfg.dataset.limit is None or cfg.dataset.limit >= 1
+
+
+def test_show_config_prints_the_authors_setup():
+    from typer.testing import CliRunner
+
+    from tqstar.cli import app
+
+    result = CliRunner().invoke(app, ["decode", "experiment=hh_pythia", "--show-config"])
+    assert result.exit_code == 0, result.output
+    for text in ("lomahony/eleuther-pythia6.9b-hh-dpo", "usvsnsp/pythia-6.9b-rm-full-hh-rlhf", "Dahoas/full-hh-rlhf", "device: cuda:1"):
+        assert text in result.output

@@ -1,0 +1,195 @@
+"""What happens when runs are killed, run twice at once, or fed bad input (issue: reliability)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ASSISTANT, HUMAN, WORDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            words = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 5))
+            handle.write(json.dumps({"id": f"p{i}", "prompt": f"{HUMAN} {words}{ASSISTANT}"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, saved_models):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 24)
+    overrides = [
+        f"sft.name_or_path={saved_models['sft']}", f"baseline.name_or_path={saved_models['dpo']}",
+        "dataset=local", f"dataset.path={prompts}", f"output_dir={tmp_path / 'out'}", "experiment_name=t",
+        "decoder=tqstar", "decoder.top_k=3", "decoder.max_new_tokens=8", "decoder.rollout.max_new_tokens=3",
+        "decoder.batch_size=2", "device=cpu",
+    ]
+    return tmp_path, overrides
+
+
+def cli(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tqstar.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_cli(args, timeout=240):
+    process = cli(args)
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def rows_of(out_dir: Path) -> list[dict]:
+    files = list(out_dir.rglob("generations.jsonl"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+def comparable(rows):
+    return [(r["prompt_id"], r["response"], r["token_ids"]) for r in rows]
+
+
+def test_kill_9_then_rerun_resumes_without_loss_or_duplicates(setup):
+    tmp_path, overrides = setup
+    code, _, err = run_cli(["decode", *overrides, f"output_dir={tmp_path / 'clean'}"])
+    assert code == 0, err
+    expected = comparable(rows_of(tmp_path / "clean"))
+    out = tmp_path / "out"
+    kills = 0
+    for wait_rows in (1, 9):  # kill at different points of the run
+        process = cli(["decode", *overrides])
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            files = list(out.rglob("generations.jsonl"))
+            if files and len(files[0].read_text().splitlines()) >= wait_rows:
+                break
+            time.sleep(0.02)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.communicate()
+        status = json.loads(next(out.rglob("run.json")).read_text())  # always valid JSON
+        assert status["status"] in ("running", "completed")
+    # A kill mid-write leaves a torn last line: simulate one, it must be cut and that prompt redone.
+    generations = next(out.rglob("generations.jsonl"))
+    with open(generations, "a") as handle:
+        handle.write('{"index": 99, "prompt_id": "p1')
+    code, _, err = run_cli(["decode", *overrides])
+    assert code == 0, err
+    assert kills >= 1
+    rows = rows_of(out)
+    assert comparable(rows) == expected
+    assert len({r["prompt_id"] for r in rows}) == len(rows) == 24
+    assert json.loads(next(out.rglob("run.json")).read_text())["status"] == "completed"
+
+
+def test_second_process_on_the_same_run_folder_is_refused(setup):
+    tmp_path, overrides = setup
+    from tqstar.config import compose
+
+    from tqstar.runs import RunFolder
+
+    folder = RunFolder.for_config(compose(overrides)).path
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from tqstar.runs import RunFolder; r = RunFolder(sys.argv[1]); r.lock(); "
+        "print('locked', flush=True); time.sleep(60)"), str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli(["decode", *overrides])
+        assert code == 2
+        assert "in use by pid" in err and len(err.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert not (folder / "generations.jsonl").exists()
+
+
+def nan_reward(prompts, responses):
+    return [float("nan") if "great" in r or "good" in r else 0.0 for r in responses]
+
+
+def test_nan_reward_stops_with_the_prompt_and_value(setup, hydra_clean):
+    from tqstar.config import compose
+    from tqstar.decode import run_decode
+    from tqstar.rewards import RewardValueError
+
+    tmp_path, overrides = setup
+    cfg = compose(overrides + ["reward.type=callable", "+reward.function=test_reliability:nan_reward", "decoder=args"])
+    sys.path.insert(0, str(Path(__file__).parent))
+    with pytest.raises(RewardValueError, match="returned nan for response"):
+        run_decode(cfg)
+
+
+@pytest.mark.parametrize("case", ["empty_dataset", "broken_line", "non_utf8", "missing_column", "typo", "no_model", "unwritable", "range"])
+def test_bad_input_exits_2_with_one_line(case, setup):
+    tmp_path, overrides = setup
+    data = tmp_path / "bad.jsonl"
+    extra = []
+    needle = ""
+    if case == "empty_dataset":
+        data.write_text("")
+        extra, needle = [f"dataset.path={data}"], "no prompts"
+    elif case == "broken_line":
+        data.write_text('{"prompt": "a"}\n{"prompt": \n')
+        extra, needle = [f"dataset.path={data}"], "line 2"
+    elif case == "non_utf8":
+        data.write_bytes(b'{"prompt": "caf\xe9"}\n')
+        extra, needle = [f"dataset.path={data}"], "UTF-8"
+    elif case == "missing_column":
+        data.write_text('{"question": "a"}\n')
+        extra, needle = [f"dataset.path={data}"], "question"
+    elif case == "typo":
+        extra, needle = ["decoder.top_kk=3"], "did you mean 'top_k'"
+    elif case == "no_model":
+        extra, needle = [f"sft.name_or_path={tmp_path / 'nowhere'}"], "does not exist"
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        extra, needle = [f"output_dir={tmp_path / 'file' / 'sub'}"], "not writable"
+    elif case == "range":
+        extra, needle = ["decoder.alpha=-2"], "decoder.alpha"
+    code, out, err = run_cli(["decode", *overrides, *extra])
+    assert code == 2, (out, err)
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_same_seed_same_generations_for_sampled_decoders(setup, hydra_clean):
+    from tqstar.config import compose
+    from tqstar.decode import run_decode
+
+    tmp_path, overrides = setup
+    sampled = overrides + ["decoder.selection=sample", "decoder.rollout.selection=sample", "dataset.limit=4", "decoder.seed=3"]
+    first = run_decode(compose(sampled + [f"output_dir={tmp_path / 'a'}"])).rows
+    second = run_decode(compose(sampled + [f"output_dir={tmp_path / 'b'}"])).rows
+    assert comparable(first) == comparable(second)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(min_size=0, max_size=300))
+def test_fuzz_prompts_round_trip_through_decode_and_write(text, tokenizer, sft_model, tmp_path_factory):
+    """Any string (unicode, whitespace, control characters, long): no crash, and the row reads back equal."""
+    from tqstar.decoding.engine import Decoder
+    from tqstar.decoding.settings import DecoderSettings
+    from tqstar.runs import RunFolder
+
+    from conftest import positive_words_reward
+
+    prompt = f"{HUMAN} {text}{ASSISTANT}"
+    decoder = Decoder(sft_model, tokenizer, reward=positive_words_reward, settings=DecoderSettings(method="args", top_k=2, max_new_tokens=3))
+    generation = decoder.decode([prompt])[0]
+    run = RunFolder(tmp_path_factory.mktemp("fuzz"))
+    row = {"prompt_id": "x", "prompt": prompt, "response": generation.response, "token_ids": generation.token_ids}
+    run.append(row)
+    assert run.read_rows() == [row]
