@@ -224,12 +224,15 @@ class Decoder:
                 step_traces = self._trace(t, top_ids, top_logprobs, values, scores, pick, details) if s.trace else None
 
             finished_rows = []
+            # One device-to-host copy per step, not one per row.
+            tokens, token_sft = chosen.tolist(), chosen_sft.tolist()
+            token_policy = chosen_policy.tolist() if chosen_policy is not None else None
             for row, prompt_index in enumerate(active):
-                token = int(chosen[row])
+                token = tokens[row]
                 generated[prompt_index].append(token)
-                sft_logprobs[prompt_index].append(float(chosen_sft[row]))
-                if chosen_policy is not None:
-                    policy_logprobs[prompt_index].append(float(chosen_policy[row]))
+                sft_logprobs[prompt_index].append(token_sft[row])
+                if token_policy is not None:
+                    policy_logprobs[prompt_index].append(token_policy[row])
                 if step_traces is not None:
                     traces[prompt_index].append(step_traces[row])
                 if self.stops.is_eos(token):

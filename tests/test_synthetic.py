@@ -1,0 +1,249 @@
+"""The synthetic task: corpus, tokenizer, rewards, cache logic (fast); the full build (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from tqstar.synthetic import build as B
+from tqstar.synthetic.corpus import (
+    ASSISTANT,
+    HUMAN,
+    TOPICS,
+    generate_corpus,
+    generate_prompts,
+    tokenizer_texts,
+)
+from tqstar.synthetic.rewards import baseline_reward, on_topic, target_reward
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def test_corpus_same_seed_same_dialogues():
+    a, b = generate_corpus(0, 200), generate_corpus(0, 200)
+    assert [(d.id, d.prompt, d.response) for d in a] == [(d.id, d.prompt, d.response) for d in b]
+
+
+def test_corpus_different_seed_different_dialogues():
+    a, b = generate_corpus(0, 200), generate_corpus(1, 200)
+    assert [d.text for d in a] != [d.text for d in b]
+
+
+def test_corpus_is_hh_format_and_varied():
+    corpus = generate_corpus(3, 500)
+    for d in corpus:
+        assert d.prompt.startswith(HUMAN + " ")
+        assert d.prompt.endswith(ASSISTANT)
+        assert d.text == d.prompt + " " + d.response
+        assert d.response and d.response == d.response.strip()
+        assert HUMAN not in d.response and ASSISTANT not in d.response
+        assert 3 <= len(d.response.split()) <= 45
+    structures = {d.meta["structure"] for d in corpus}
+    endings = {d.meta["ending"] for d in corpus}
+    assert structures == {"plain", "turn", "info"}
+    assert endings == {"pos", "neg", "neu"}
+    assert len({d.meta["topic"] for d in corpus}) == len(TOPICS)
+    assert any(d.prompt.count(HUMAN) == 2 for d in corpus)  # some multi-turn prompts
+
+
+def test_turns_flip_sentiment():
+    """Long-range structure: a bad start can end well (and the reverse)."""
+    corpus = [d for d in generate_corpus(0, 400) if d.meta["structure"] == "turn"]
+    assert corpus
+    good = [d for d in corpus if d.meta["ending"] == "pos"]
+    bad = [d for d in corpus if d.meta["ending"] == "neg"]
+    assert good and bad
+    first = [d.response.split(", but ", 1) for d in good if ", but " in d.response]
+    # the part before "but" is negative and the whole response still scores positive on average
+    assert sum(target_reward([""] * len(first), [f[0] for f in first])) < 0
+    assert sum(target_reward([""] * len(good), [d.response for d in good])) > 0
+    assert sum(target_reward([""] * len(bad), [d.response for d in bad])) < 0
+
+
+def test_prompts_distinct_and_held_out():
+    corpus = generate_corpus(0, 300)
+    seen = {d.prompt for d in corpus}
+    test = generate_prompts(0, 64, "test", exclude=seen)
+    assert len(test) == 64
+    assert len({p["prompt"] for p in test}) == 64
+    assert not seen & {p["prompt"] for p in test}
+    assert all(p["prompt"].endswith(ASSISTANT) for p in test)
+    assert test == generate_prompts(0, 64, "test", exclude=seen)
+    assert [p["id"] for p in test][:2] == ["test-0000", "test-0001"]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer():
+    corpus = generate_corpus(0, 300)
+    return corpus, B.train_tokenizer(tokenizer_texts(corpus))
+
+
+def test_tokenizer_deterministic(corpus_and_tokenizer):
+    corpus, tok = corpus_and_tokenizer
+    again = B.train_tokenizer(tokenizer_texts(generate_corpus(0, 300)))
+    assert tok.get_vocab() == again.get_vocab()
+    assert tok.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
+
+
+def test_tokenizer_round_trip(corpus_and_tokenizer):
+    corpus, tok = corpus_and_tokenizer
+    for d in corpus[:100]:
+        ids = tok(d.text)["input_ids"]
+        assert ids[0] == tok.bos_token_id
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == d.text
+        assert tok.decode(ids) == B.BOS + d.text
+        # a response decoded alone reads as the response (words separated by spaces)
+        prompt_len = len(tok(d.prompt)["input_ids"])
+        assert ids[:prompt_len] == tok(d.prompt)["input_ids"]  # prompt tokens are a prefix
+        assert tok.decode(ids[prompt_len:] + [tok.eos_token_id], skip_special_tokens=True) == d.response
+
+
+def test_tokenizer_special_ids(corpus_and_tokenizer):
+    _, tok = corpus_and_tokenizer
+    assert [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id] == [0, 1, 2, 3]
+    assert tok.convert_tokens_to_ids(HUMAN) == 4 and tok.convert_tokens_to_ids(ASSISTANT) == 5
+    assert tok.decode([4, 5]) == HUMAN + ASSISTANT
+    assert B.vocab_size_of(tok) == max(tok.get_vocab().values()) + 1
+
+
+def test_tokenizer_saves_and_loads(corpus_and_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus, tok = corpus_and_tokenizer
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = corpus[0].text
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
+    assert (loaded.eos_token, loaded.pad_token, loaded.bos_token) == (B.EOS, B.PAD, B.BOS)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def test_target_reward_prefers_positive_text():
+    pos, neg = "The food was wonderful. I would recommend it.", "The food was awful. It was a waste of time."
+    r = target_reward(["p", "p"], [pos, neg])
+    assert r[0] > 0.5 and r[1] < -0.5
+    assert target_reward(["p"], [""]) == [0.0]
+    turn = target_reward(["p"], ["At first the movie seemed awful, but in the end it was wonderful."])[0]
+    assert turn > 0
+
+
+def test_baseline_reward_correlated_but_different():
+    prompt = f"{HUMAN} How was the hotel?{ASSISTANT}"
+    on, off = "The staff was wonderful.", "It was wonderful."
+    rb = baseline_reward([prompt, prompt], [on, off])
+    rt = target_reward([prompt, prompt], [on, off])
+    assert on_topic(prompt, on) == 1.0 and on_topic(prompt, off) == 0.0
+    assert rb[0] > rb[1]  # topic bonus
+    assert rt[0] == pytest.approx(rt[1])  # target reward ignores the topic
+    assert rb[0] == pytest.approx(0.75 * rt[0] + 0.25)
+    bad = baseline_reward([prompt], ["The staff was terrible."])[0]
+    assert bad < rb[1]  # sentiment still dominates
+
+
+def test_rewards_check_lengths():
+    with pytest.raises(ValueError):
+        target_reward(["a"], ["b", "c"])
+    with pytest.raises(ValueError):
+        baseline_reward(["a", "b"], ["c"])
+
+
+# ----------------------------------------------------------------------------- build helpers
+
+def test_make_pairs_best_vs_worst():
+    prompts = ["p0", "p1", "p2"]
+    samples = [
+        {"prompt_index": 0, "response": "a", "finished": True, "r": 0.9},
+        {"prompt_index": 0, "response": "b", "finished": True, "r": -0.5},
+        {"prompt_index": 0, "response": "c", "finished": False, "r": -0.9},  # unfinished: ignored
+        {"prompt_index": 1, "response": "d", "finished": True, "r": 0.3},
+        {"prompt_index": 1, "response": "e", "finished": True, "r": 0.32},  # gap too small
+        {"prompt_index": 2, "response": "f", "finished": True, "r": 0.0},
+    ]
+    pairs = B.make_pairs(prompts, samples, "r", min_gap=0.1)
+    assert pairs == [{"prompt": "p0", "chosen": " a", "rejected": " b"}]
+
+
+def test_cache_key_and_location(tmp_path, monkeypatch):
+    p = B.BuildParams()
+    assert B.task_dir(0, tmp_path) == B.task_dir(0, tmp_path)
+    assert B.task_dir(0, tmp_path) != B.task_dir(1, tmp_path)
+    assert B.task_dir(0, tmp_path, p) != B.task_dir(0, tmp_path, B.BuildParams(dpo_beta=0.2))
+    name = B.task_dir(0, tmp_path).name
+    assert name.startswith(f"v{B.VERSION}-") and len(name.split("-")[1]) == 8
+    assert B.task_dir(0, tmp_path).parent == tmp_path / "synthetic"
+    monkeypatch.setenv("TQSTAR_CACHE", str(tmp_path / "env"))
+    assert B.task_dir(0).parent == tmp_path / "env" / "synthetic"
+
+
+def test_ensure_built_returns_cached_folder_at_once(tmp_path):
+    folder = B.task_dir(5, tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"seed": 5}))
+    t0 = time.perf_counter()
+    assert B.ensure_built(seed=5, cache_dir=tmp_path, progress=False) == folder
+    assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- full build (slow)
+
+def _clearly_higher(a: dict, b: dict, n_se: float = 3.0) -> bool:
+    return a["mean"] - b["mean"] > n_se * math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+
+
+@pytest.mark.slow
+def test_tiny_build_end_to_end(tmp_path):
+    """The whole pipeline on a toy recipe (no quality check): layout, manifest, loadable models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    params = B.BuildParams(n_corpus=200, n_train_prompts=32, n_test_prompts=8, hidden_size=32, intermediate_size=64,
+                           num_layers=1, num_heads=2, sft_epochs=1, n_pair_prompts=16, samples_per_prompt=2,
+                           sample_max_new_tokens=12, dpo_epochs=1, dpo_batch_size=8, eval_max_new_tokens=8)
+    folder = B.ensure_built(seed=1, cache_dir=tmp_path, progress=False, params=params)
+    manifest = B.load_manifest(folder)
+    assert manifest["params"] == params.to_dict() and manifest["seed"] == 1
+    for name in B.MODEL_NAMES:
+        tok = AutoTokenizer.from_pretrained(folder / name)
+        model = AutoModelForCausalLM.from_pretrained(folder / name)
+        assert model.get_input_embeddings().num_embeddings >= B.vocab_size_of(tok)
+    assert not list(tmp_path.glob("synthetic/.*building*"))
+
+
+@pytest.mark.slow
+def test_full_build(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = B.ensure_built(seed=0, cache_dir=tmp_path, progress=False)
+    assert folder == B.task_dir(0, tmp_path)
+    for name in B.MODEL_NAMES:
+        assert (folder / name / "config.json").is_file()
+        assert (folder / name / "tokenizer.json").is_file()
+    test = [json.loads(line) for line in (folder / "prompts" / "test.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (folder / "prompts" / "train.jsonl").read_text().splitlines()]
+    assert len(test) >= 64 and all(set(p) == {"id", "prompt"} and p["prompt"].endswith(ASSISTANT) for p in test)
+    assert not {p["prompt"] for p in test} & {p["prompt"] for p in train}
+
+    m = B.load_manifest(folder)
+    assert m["seed"] == 0 and m["params"] == B.BuildParams().to_dict()
+    assert set(m["seconds"]) >= {"corpus", "tokenizer", "sft", "sample_pairs", "dpo", "dpo_bl", "evaluate", "total"}
+    ev = m["eval"]
+    assert _clearly_higher(ev["dpo"]["target_reward"], ev["sft"]["target_reward"])
+    assert _clearly_higher(ev["dpo_bl"]["baseline_reward"], ev["sft"]["baseline_reward"])
+    assert ev["sft"]["finished_frac"] > 0.9
+
+    # all three share one vocabulary; the models load through the plain HF path
+    toks = [AutoTokenizer.from_pretrained(folder / n) for n in B.MODEL_NAMES]
+    assert toks[0].get_vocab() == toks[1].get_vocab() == toks[2].get_vocab()
+    model = AutoModelForCausalLM.from_pretrained(folder / "sft")
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
+
+    t0 = time.perf_counter()  # cached: returns at once
+    assert B.ensure_built(seed=0, cache_dir=tmp_path, progress=False) == folder
+    assert time.perf_counter() - t0 < 1.0

@@ -1,0 +1,80 @@
+"""Rewards of the synthetic task.
+
+- ``target_reward`` (r, the gold reward): VADER compound sentiment of the response, in [-1, 1].
+- ``baseline_reward`` (r_bl, for indirect transfer): a different but correlated reward,
+
+      r_bl(x, y) = 0.75 * compound(y) + 0.25 * on_topic(x, y)
+
+  where ``on_topic`` is 1.0 when the response names the topic asked about in the last human turn
+  of the prompt (the topic noun, e.g. "hotel", or one of its aspects, e.g. "staff") and 0.0
+  otherwise (also 0.0 when the prompt names no synthetic topic). Range [-0.75, 1].
+
+Both take ``(prompts, responses)`` lists of equal length and return one float per pair. The
+caller cuts stop strings (e.g. "\\n\\nHuman:") first; the text is scored as given.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from .corpus import HUMAN, TOPICS
+
+SENTIMENT_WEIGHT = 0.75
+TOPIC_WEIGHT = 0.25
+
+_LOCK = threading.Lock()
+_ANALYZER = None
+_WORD = re.compile(r"[a-z]+")
+
+
+def _analyzer():
+    global _ANALYZER
+    if _ANALYZER is None:
+        with _LOCK:
+            if _ANALYZER is None:
+                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+                _ANALYZER = SentimentIntensityAnalyzer()
+    return _ANALYZER
+
+
+def vader_compound(text: str) -> float:
+    """VADER compound score of ``text`` (0.0 for empty text)."""
+    if not text or not text.strip():
+        return 0.0
+    return float(_analyzer().polarity_scores(text)["compound"])
+
+
+def _check(prompts, responses) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses; they must pair up")
+
+
+def target_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Gold reward r: VADER compound sentiment of each response (the prompt is not scored)."""
+    _check(prompts, responses)
+    return [vader_compound(r) for r in responses]
+
+
+def _last_human_turn(prompt: str) -> str:
+    turn = prompt.rsplit(HUMAN, 1)[-1]
+    return turn.split("\n\nAssistant:", 1)[0]
+
+
+def on_topic(prompt: str, response: str) -> float:
+    """1.0 when the response names the prompt's topic (or one of its aspects), else 0.0."""
+    asked = set(_WORD.findall(_last_human_turn(prompt).lower()))
+    said = set(_WORD.findall(response.lower()))
+    for topic, aspects in TOPICS.items():
+        if topic in asked:
+            words = {topic} | {w for a in aspects for w in a.split()}
+            if words & said:
+                return 1.0
+    return 0.0
+
+
+def baseline_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Baseline reward r_bl = 0.75 * compound(response) + 0.25 * on_topic(prompt, response)."""
+    _check(prompts, responses)
+    return [SENTIMENT_WEIGHT * vader_compound(r) + TOPIC_WEIGHT * on_topic(p, r) for p, r in zip(prompts, responses)]
