@@ -185,6 +185,8 @@ def main() -> None:
             engine_times.append(time.perf_counter() - start)
             counters = dict(decoder.counters)
         engine_peak = peak_memory_mb(device)
+        print(f"prompt {i}: engine runs {[round(x, 2) for x in engine_times]} s, {generation.num_tokens} tokens, "
+              f"{counters['rollout_tokens']} rollout tokens", flush=True)
         reset_peak(device)
         reference_times = []
         for _ in range(args.reference_repeats):
@@ -194,6 +196,7 @@ def main() -> None:
             sync(device)
             reference_times.append(time.perf_counter() - start)
         reference_peak = peak_memory_mb(device)
+        print(f"prompt {i}: reference runs {[round(x, 2) for x in reference_times]} s", flush=True)
         identical = ids == generation.token_ids
         reset_peak(device)
         floor_runs = [floor_seconds(baseline.model, tokenizer, prompt, generation.token_ids, settings.top_k, settings.rollout_max_new_tokens, device)
