@@ -171,6 +171,14 @@ def test_make_pairs_best_vs_worst():
     assert pairs == [{"prompt": "p0", "chosen": " a", "rejected": " b"}]
 
 
+def test_make_pairs_several_per_prompt():
+    samples = [{"prompt_index": 0, "response": t, "finished": True, "r": r}
+               for t, r in zip("abcdef", (0.1, 0.9, -0.8, 0.5, -0.1, 0.3))]
+    pairs = B.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=2)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(" b", " c"), (" d", " e")]
+    assert len(B.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=9)) == 3
+
+
 def test_cache_key_and_location(tmp_path, monkeypatch):
     p = B.BuildParams()
     assert B.task_dir(0, tmp_path) == B.task_dir(0, tmp_path)
@@ -225,6 +233,8 @@ def test_full_build(tmp_path):
     for name in B.MODEL_NAMES:
         assert (folder / name / "config.json").is_file()
         assert (folder / name / "tokenizer.json").is_file()
+    for name in ("corpus.jsonl", "dpo_data/samples.jsonl", "dpo_data/dpo.jsonl", "dpo_data/dpo_bl.jsonl"):
+        assert (folder / name).is_file()
     test = [json.loads(line) for line in (folder / "prompts" / "test.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (folder / "prompts" / "train.jsonl").read_text().splitlines()]
     assert len(test) >= 64 and all(set(p) == {"id", "prompt"} and p["prompt"].endswith(ASSISTANT) for p in test)

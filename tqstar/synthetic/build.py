@@ -6,14 +6,17 @@
     prompts/train.jsonl          {"id", "prompt"} per line (DPO pairs are sampled on these)
     prompts/test.jsonl           held-out prompts (none of them occurs in the SFT corpus)
     corpus.jsonl                 the SFT dialogues
-    pairs.jsonl                  the sampled responses with both rewards (DPO data)
+    dpo_data/samples.jsonl       the SFT samples on the train prompts, with both rewards
+    dpo_data/dpo.jsonl           the preference pairs of ``dpo`` (target reward) ...
+    dpo_data/dpo_bl.jsonl        ... and of ``dpo_bl`` (baseline reward)
     manifest.json                written last: seed, parameters, sizes, seconds, evaluation
 
-Recipe: seeded HH-format corpus (corpus.py) -> WordLevel tokenizer -> small Llama trained on
-prompt+response+eos -> ``samples_per_prompt`` sampled responses per train prompt -> best vs
-worst pairs under the target reward (``dpo``, direct transfer) and under the baseline reward
-(``dpo_bl``, indirect transfer), each trained with TRL's DPOTrainer against the SFT model ->
-greedy evaluation on the test prompts.
+Recipe: seeded HH-format corpus (corpus.py) -> WordLevel tokenizer -> small Llama (~0.9M
+parameters) trained on prompt+response+eos -> ``samples_per_prompt`` sampled responses per
+train prompt (sampled once) -> (best, worst) and (2nd best, 2nd worst) pairs under the target
+reward (``dpo``, direct transfer) and under the baseline reward (``dpo_bl``, indirect
+transfer), each trained with TRL's DPOTrainer against the SFT model -> greedy evaluation on
+the test prompts. About 3 minutes on 2 idle CPU cores (SFT is most of it).
 
 The folder is ``<cache>/synthetic/v<VERSION>-<hash8>``, the hash covering the seed, every
 build parameter and VERSION; ``<cache>`` is ``cache_dir``, ``$TQSTAR_CACHE`` or
@@ -41,7 +44,7 @@ from typing import Callable, Iterator
 
 from .corpus import ASSISTANT, HUMAN, Dialogue, generate_corpus, generate_prompts, tokenizer_texts
 
-VERSION = 2  # bump whenever the recipe changes (new cache folder)
+VERSION = 3  # bump whenever the recipe changes (new cache folder)
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
@@ -70,11 +73,12 @@ class BuildParams:
     sft_lr: float = 3e-3
     sft_warmup_frac: float = 0.05
     # preference pairs (sampled once, labelled by each reward)
-    n_pair_prompts: int = 384
-    samples_per_prompt: int = 4
+    n_pair_prompts: int = 512
+    samples_per_prompt: int = 6
     sample_temperature: float = 1.0
     sample_max_new_tokens: int = 48
     min_reward_gap: float = 0.1
+    pairs_per_prompt: int = 2
     # DPO (TRL)
     dpo_beta: float = 0.1
     dpo_lr: float = 1.25e-4
@@ -119,7 +123,8 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn)
 
             self._progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                       MofNCompleteColumn(), TimeElapsedColumn())
@@ -346,7 +351,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True)
-                kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
+                if do_sample:
+                    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+                else:
+                    kwargs = dict(do_sample=False)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                      eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **kwargs)
                 new = gen[:, enc["input_ids"].shape[1]:].tolist()
@@ -364,19 +372,23 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
     return out
 
 
-def make_pairs(prompts: list[str], samples: list[dict], reward_key: str, min_gap: float) -> list[dict]:
-    """Best vs worst finished sample of each prompt under ``sample[reward_key]`` (gap >= min_gap)."""
+def make_pairs(prompts: list[str], samples: list[dict], reward_key: str, min_gap: float,
+               pairs_per_prompt: int = 1) -> list[dict]:
+    """Preference pairs under ``sample[reward_key]``: per prompt, its finished samples sorted by
+    reward give (best, worst), then (second best, second worst), ... up to ``pairs_per_prompt``
+    pairs, each kept when chosen - rejected >= ``min_gap``."""
     by_prompt: dict[int, list[dict]] = {}
     for s in samples:
         if s["finished"] and s["response"]:
             by_prompt.setdefault(s["prompt_index"], []).append(s)
     pairs = []
     for i in sorted(by_prompt):
-        group = by_prompt[i]
-        best = max(group, key=lambda s: s[reward_key])
-        worst = min(group, key=lambda s: s[reward_key])
-        if best[reward_key] - worst[reward_key] >= min_gap:
-            pairs.append({"prompt": prompts[i], "chosen": " " + best["response"], "rejected": " " + worst["response"]})
+        group = sorted(by_prompt[i], key=lambda s: s[reward_key])  # stable: ties keep sample order
+        for k in range(min(pairs_per_prompt, len(group) // 2)):
+            worst, best = group[k], group[-1 - k]
+            if best[reward_key] - worst[reward_key] >= min_gap:
+                pairs.append({"prompt": prompts[i], "chosen": " " + best["response"],
+                              "rejected": " " + worst["response"]})
     return pairs
 
 
@@ -532,9 +544,12 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     sr = [s["response"] for s in samples]
     for s, r, rb in zip(samples, target_reward(sp, sr), baseline_reward(sp, sr)):
         s["target_reward"], s["baseline_reward"] = r, rb
-    _write_jsonl(out / "pairs.jsonl", ({"prompt": pair_prompts[s["prompt_index"]], **s} for s in samples))
-    pairs = {"dpo": make_pairs(pair_prompts, samples, "target_reward", params.min_reward_gap),
-             "dpo_bl": make_pairs(pair_prompts, samples, "baseline_reward", params.min_reward_gap)}
+    _write_jsonl(out / "dpo_data" / "samples.jsonl",
+                 ({"prompt": pair_prompts[s["prompt_index"]], **s} for s in samples))
+    pairs = {name: make_pairs(pair_prompts, samples, key, params.min_reward_gap, params.pairs_per_prompt)
+             for name, key in (("dpo", "target_reward"), ("dpo_bl", "baseline_reward"))}
+    for name, rows in pairs.items():
+        _write_jsonl(out / "dpo_data" / f"{name}.jsonl", rows)
     seconds["sample_pairs"] = time.perf_counter() - t0
     del model
 
