@@ -7,7 +7,11 @@ In one process, on the same models, prompts and settings:
                 everything each step, k candidates rolled out from scratch with generate(),
                 reward on decoded text); the oracle of the test suite
   3. floor      the same number of rollout tokens produced by model.generate() from an
-                already-filled cache (k rows x L tokens per response token)
+                already-filled cache (k x batch rows, L tokens per response token)
+With --batch-size B the engine decodes B prompts together (decoder.batch_size) and its seconds per
+response are the batch's wall time / B; the reference still decodes one prompt at a time (as the
+authors' code does), and the floor's rate is measured at the engine's row count (k x B rows, on the
+batch's first prompt).
 Asserts 1 and 2 give identical tokens (greedy); prints a table and writes JSON with seconds per
 response, rollout tokens per second, peak memory and the ratios reference/engine, engine/floor.
 
@@ -17,6 +21,7 @@ Settings:
              HH-style prompts of 150-300 tokens, k=10, rollouts of 20, 32 new tokens
 
   python scripts/bench_decode.py --setting smollm2 --prompts 2 --repeats 3 --json outputs/bench/smollm2.json
+  python scripts/bench_decode.py --setting smollm2 --prompts 4 --batch-size 4 --json outputs/bench/smollm2_b4.json
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ def load_setting(name: str, device: str, dtype: str, prompt_count: int):
 
 
 def floor_seconds(model, tokenizer, prompt: str, token_ids: list[int], k: int, length: int, device) -> tuple[float, int]:
-    """Seconds for generate() to make k x length tokens per response step from an already-filled cache."""
+    """Seconds for generate() to make k x length tokens per response step from an already-filled cache
+    (k rows: the candidate rows of one response step)."""
     import torch
     from transformers import DynamicCache
 
@@ -150,6 +156,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts (each decoded by every method)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of engine and floor per prompt (median reported)")
     parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of the (slow) reference per prompt")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts the engine decodes together (decoder.batch_size)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the setting's response length")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -168,77 +175,85 @@ def main() -> None:
     sft, baseline, prompts, reward, knobs = load_setting(args.setting, args.device, args.dtype, args.prompts)
     if args.max_new_tokens:
         knobs["max_new_tokens"] = args.max_new_tokens
-    settings = DecoderSettings(method="tqstar", alpha=1.0, batch_size=1, **knobs)
+    settings = DecoderSettings(method="tqstar", alpha=1.0, batch_size=args.batch_size, **knobs)
     device = sft.device
     tokenizer = sft.tokenizer
-    per_prompt = []
-    for i, prompt in enumerate(prompts):
-        n_prompt = len(tokenizer(prompt)["input_ids"])
+    per_batch = []
+    for b0 in range(0, len(prompts), args.batch_size):
+        batch = prompts[b0:b0 + args.batch_size]
+        n_prompt = [len(tokenizer(prompt)["input_ids"]) for prompt in batch]
         engine_times, counters = [], None
         reset_peak(device)
         for _ in range(args.repeats):
             decoder = Decoder(sft.model, tokenizer, reward=reward, baseline_model=baseline.model, settings=settings)
             sync(device)
             start = time.perf_counter()
-            generation = decoder.decode([prompt])[0]
+            generations = decoder.decode(batch)
             sync(device)
             engine_times.append(time.perf_counter() - start)
             counters = dict(decoder.counters)
         engine_peak = peak_memory_mb(device)
-        print(f"prompt {i}: engine runs {[round(x, 2) for x in engine_times]} s, {generation.num_tokens} tokens, "
+        label = f"prompts {b0}-{b0 + len(batch) - 1}" if len(batch) > 1 else f"prompt {b0}"
+        print(f"{label}: engine runs {[round(x, 2) for x in engine_times]} s, {[g.num_tokens for g in generations]} tokens, "
               f"{counters['rollout_tokens']} rollout tokens", flush=True)
         reset_peak(device)
-        reference_times = []
-        for _ in range(args.reference_repeats):
-            sync(device)
-            start = time.perf_counter()
-            text, ids = reference_decode(prompt, sft.model, tokenizer, reward, settings, baseline.model)
-            sync(device)
-            reference_times.append(time.perf_counter() - start)
+        reference_times, identical = [], []
+        for prompt, generation in zip(batch, generations):
+            runs = []
+            for _ in range(args.reference_repeats):
+                sync(device)
+                start = time.perf_counter()
+                text, ids = reference_decode(prompt, sft.model, tokenizer, reward, settings, baseline.model)
+                sync(device)
+                runs.append(time.perf_counter() - start)
+            reference_times.append(statistics.median(runs))
+            identical.append(ids == generation.token_ids)
+            if not identical[-1]:
+                print(f"  engine:    {generation.token_ids}\n  reference: {ids}", file=sys.stderr)
         reference_peak = peak_memory_mb(device)
-        print(f"prompt {i}: reference runs {[round(x, 2) for x in reference_times]} s", flush=True)
-        identical = ids == generation.token_ids
+        print(f"{label}: reference runs {[round(x, 2) for x in reference_times]} s", flush=True)
         reset_peak(device)
-        floor_runs = [floor_seconds(baseline.model, tokenizer, prompt, generation.token_ids, settings.top_k, settings.rollout_max_new_tokens, device)
+        rows = settings.top_k * len(batch)
+        floor_runs = [floor_seconds(baseline.model, tokenizer, batch[0], generations[0].token_ids, rows, settings.rollout_max_new_tokens, device)
                       for _ in range(args.repeats)]
         floor_peak = peak_memory_mb(device)
         floor_rate = statistics.median(tokens / seconds for seconds, tokens in floor_runs)
-        engine_s = statistics.median(engine_times)
-        floor_equivalent = counters["rollout_tokens"] / floor_rate  # floor time for the engine's own rollout-token count
+        engine_s = statistics.median(engine_times) / len(batch)  # per response
+        floor_equivalent = counters["rollout_tokens"] / floor_rate / len(batch)  # floor time for the engine's own rollout tokens
         row = {
-            "prompt": i, "prompt_tokens": n_prompt, "response_tokens": generation.num_tokens, "identical_tokens": identical,
-            "engine_s": engine_s, "engine_runs_s": engine_times, "reference_s": statistics.median(reference_times),
-            "reference_runs_s": reference_times, "floor_s": floor_equivalent, "floor_tokens_per_s": floor_rate,
-            "rollout_tokens": counters["rollout_tokens"], "engine_rollout_tokens_per_s": counters["rollout_tokens"] / engine_s,
+            "prompts": list(range(b0, b0 + len(batch))), "prompt_tokens": n_prompt, "response_tokens": [g.num_tokens for g in generations],
+            "identical_tokens": all(identical), "engine_s": engine_s, "engine_runs_s": engine_times,
+            "reference_s": statistics.mean(reference_times), "reference_runs_s": reference_times,
+            "floor_s": floor_equivalent, "floor_rows": rows, "floor_tokens_per_s": floor_rate,
+            "rollout_tokens": counters["rollout_tokens"], "engine_rollout_tokens_per_s": counters["rollout_tokens"] / statistics.median(engine_times),
             "reward_calls": counters["reward_calls"], "peak_mb": {"engine": engine_peak, "reference": reference_peak, "floor": floor_peak},
         }
         row["reference_over_engine"] = row["reference_s"] / engine_s
         row["engine_over_floor"] = engine_s / floor_equivalent
-        per_prompt.append(row)
-        print(f"prompt {i}: {n_prompt} prompt tokens, {generation.num_tokens} new; engine {engine_s:.2f}s, reference {row['reference_s']:.2f}s, "
-              f"floor {floor_equivalent:.2f}s; identical={identical}", flush=True)
-        if not identical:
-            print(f"  engine:    {generation.token_ids}\n  reference: {ids}", file=sys.stderr)
+        per_batch.append(row)
+        print(f"{label}: {n_prompt} prompt tokens, {row['response_tokens']} new; per response: engine {engine_s:.2f}s, "
+              f"reference {row['reference_s']:.2f}s, floor {floor_equivalent:.2f}s; identical={all(identical)}", flush=True)
 
     summary = {
         "setting": args.setting, "device": str(device), "dtype": str(sft.model.dtype), "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
         "settings": {"top_k": settings.top_k, "rollout_max_new_tokens": settings.rollout_max_new_tokens,
                      "max_new_tokens": settings.max_new_tokens, "rollout_num": settings.rollout_num},
-        "prompts": len(prompts), "repeats": args.repeats,
-        "engine_s_per_response": statistics.median(r["engine_s"] for r in per_prompt),
-        "reference_s_per_response": statistics.median(r["reference_s"] for r in per_prompt),
-        "floor_s_per_response": statistics.median(r["floor_s"] for r in per_prompt),
-        "engine_rollout_tokens_per_s": statistics.median(r["engine_rollout_tokens_per_s"] for r in per_prompt),
-        "floor_rollout_tokens_per_s": statistics.median(r["floor_tokens_per_s"] for r in per_prompt),
-        "reference_over_engine": statistics.median(r["reference_over_engine"] for r in per_prompt),
-        "engine_over_floor": statistics.median(r["engine_over_floor"] for r in per_prompt),
-        "all_identical": all(r["identical_tokens"] for r in per_prompt),
-        "per_prompt": per_prompt,
+        "prompts": len(prompts), "batch_size": args.batch_size, "repeats": args.repeats,
+        "reference_repeats": args.reference_repeats,
+        "engine_s_per_response": statistics.median(r["engine_s"] for r in per_batch),
+        "reference_s_per_response": statistics.median(r["reference_s"] for r in per_batch),
+        "floor_s_per_response": statistics.median(r["floor_s"] for r in per_batch),
+        "engine_rollout_tokens_per_s": statistics.median(r["engine_rollout_tokens_per_s"] for r in per_batch),
+        "floor_rollout_tokens_per_s": statistics.median(r["floor_tokens_per_s"] for r in per_batch),
+        "reference_over_engine": statistics.median(r["reference_over_engine"] for r in per_batch),
+        "engine_over_floor": statistics.median(r["engine_over_floor"] for r in per_batch),
+        "all_identical": all(r["identical_tokens"] for r in per_batch),
+        "per_batch": per_batch,
     }
     print()
     print(f"{'':28s}{'s/response':>12s}{'rollout tok/s':>15s}{'peak MB':>10s}")
-    peaks = {k: max(r["peak_mb"][k] for r in per_prompt) for k in ("engine", "reference", "floor")}
+    peaks = {k: max(r["peak_mb"][k] for r in per_batch) for k in ("engine", "reference", "floor")}
     print(f"{'1 engine':28s}{summary['engine_s_per_response']:12.2f}{summary['engine_rollout_tokens_per_s']:15.0f}{peaks['engine']:10.0f}")
     print(f"{'2 reference (authors)':28s}{summary['reference_s_per_response']:12.2f}{'':>15s}{peaks['reference']:10.0f}")
     print(f"{'3 floor (generate, cached)':28s}{summary['floor_s_per_response']:12.2f}{summary['floor_rollout_tokens_per_s']:15.0f}{peaks['floor']:10.0f}")
