@@ -211,9 +211,9 @@ def test_tiny_build_end_to_end(tmp_path):
     """The whole pipeline on a toy recipe (no quality check): layout, manifest, loadable models."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    params = B.BuildParams(n_corpus=200, n_train_prompts=32, n_test_prompts=8, hidden_size=32, intermediate_size=64,
-                           num_layers=1, num_heads=2, sft_epochs=1, n_pair_prompts=16, samples_per_prompt=2,
-                           sample_max_new_tokens=12, dpo_epochs=1, dpo_batch_size=8, eval_max_new_tokens=8)
+    params = B.BuildParams(n_corpus=300, n_train_prompts=32, n_test_prompts=8, hidden_size=32, intermediate_size=64,
+                           num_layers=1, num_heads=2, sft_epochs=3, n_pair_prompts=16, samples_per_prompt=4,
+                           sample_max_new_tokens=48, dpo_epochs=1, dpo_batch_size=8, eval_max_new_tokens=8)
     folder = B.ensure_built(seed=1, cache_dir=tmp_path, progress=False, params=params)
     manifest = B.load_manifest(folder)
     assert manifest["params"] == params.to_dict() and manifest["seed"] == 1

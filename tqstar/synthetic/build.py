@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..runs import write_json_atomic
 from .corpus import ASSISTANT, HUMAN, Dialogue, generate_corpus, generate_prompts, tokenizer_texts
 
 VERSION = 3  # bump whenever the recipe changes (new cache folder)
@@ -266,6 +267,8 @@ def _set_generation_config(model, tokenizer) -> None:
 
 def _save(model, tokenizer, folder: Path) -> None:
     _set_generation_config(model, tokenizer)
+    for key in ("is_local", "local_files_only"):  # load-time flags that from_pretrained leaves behind
+        tokenizer.init_kwargs.pop(key, None)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -476,16 +479,6 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _versions() -> dict:
     import tokenizers
     import torch
@@ -549,6 +542,13 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     pairs = {name: make_pairs(pair_prompts, samples, key, params.min_reward_gap, params.pairs_per_prompt)
              for name, key in (("dpo", "target_reward"), ("dpo_bl", "baseline_reward"))}
     for name, rows in pairs.items():
+        if not rows:
+            finished = sum(s["finished"] for s in samples)
+            raise RuntimeError(
+                f"synthetic build: no preference pairs for {name!r} ({finished} of {len(samples)} samples ended "
+                f"within sample_max_new_tokens={params.sample_max_new_tokens}); train the SFT model longer or "
+                "raise sample_max_new_tokens / samples_per_prompt"
+            )
         _write_jsonl(out / "dpo_data" / f"{name}.jsonl", rows)
     seconds["sample_pairs"] = time.perf_counter() - t0
     del model
@@ -648,7 +648,7 @@ def ensure_built(seed: int = 0, cache_dir: str | os.PathLike | None = None, prog
         try:
             with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
                 manifest = _build(tmp, seed, params, bar)
-            _write_json_atomic(tmp / "manifest.json", manifest)  # last file written
+            write_json_atomic(tmp / "manifest.json", manifest)  # last file written
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
