@@ -63,8 +63,9 @@ def hh_prompts(tokenizer, count: int, low: int = 150, high: int = 300) -> list[s
     for i in range(count):
         human, assistant = TURNS[i % len(TURNS)]
         other_h, other_a = TURNS[(i + 1) % len(TURNS)]
+        follow_up = FOLLOW_UPS[(i + i // len(TURNS)) % len(FOLLOW_UPS)]  # 16 distinct prompts before any repeats
         text = f"\n\nHuman: {human}\n\nAssistant: {assistant}\n\nHuman: {other_h}\n\nAssistant: {other_a}"
-        text += f"\n\nHuman: {FOLLOW_UPS[i % len(FOLLOW_UPS)]}\n\nAssistant:"
+        text += f"\n\nHuman: {follow_up}\n\nAssistant:"
         n = len(tokenizer(text)["input_ids"])
         if not low <= n <= high:
             raise SystemExit(f"bench prompt {i} has {n} tokens, outside {low}-{high}")
@@ -120,9 +121,9 @@ def load_setting(name: str, device: str, dtype: str, prompt_count: int):
     return sft, baseline, prompts, VaderReward(stop_strings=["\n\nHuman:"]), knobs
 
 
-def floor_seconds(model, tokenizer, prompt: str, token_ids: list[int], k: int, length: int, device) -> tuple[float, int]:
+def floor_seconds(model, tokenizer, prompt: str, token_ids: list[int], k: int, length: int, device, stride: int = 1) -> tuple[float, int]:
     """Seconds for generate() to make k x length tokens per response step from an already-filled cache
-    (k rows: the candidate rows of one response step)."""
+    (k rows: the candidate rows of one response step), on every `stride`-th response step."""
     import torch
     from transformers import DynamicCache
 
@@ -135,7 +136,7 @@ def floor_seconds(model, tokenizer, prompt: str, token_ids: list[int], k: int, l
     filled = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     layers = [(layer.keys, layer.values) for layer in filled.layers]
     elapsed, tokens = 0.0, 0
-    for t in range(len(token_ids)):
+    for t in range(0, len(token_ids), stride):
         prefix = prompt_ids.shape[1] + t
         # The filled cache's first `prefix` positions, one copy per candidate row (not timed: setup).
         cache = DynamicCache(ddp_cache_data=[(key[:, :, :prefix].repeat(k, 1, 1, 1), value[:, :, :prefix].repeat(k, 1, 1, 1)) for key, value in layers])
@@ -157,6 +158,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of engine and floor per prompt (median reported)")
     parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of the (slow) reference per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts the engine decodes together (decoder.batch_size)")
+    parser.add_argument("--reference-prompts", type=int, default=None,
+                        help="run the reference on the first N prompts of each batch only (default: all)")
+    parser.add_argument("--floor-stride", type=int, default=1,
+                        help="time the floor on every N-th response step (its rate varies little along the response)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the setting's response length")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -198,7 +203,7 @@ def main() -> None:
               f"{counters['rollout_tokens']} rollout tokens", flush=True)
         reset_peak(device)
         reference_times, identical = [], []
-        for prompt, generation in zip(batch, generations):
+        for prompt, generation in list(zip(batch, generations))[:args.reference_prompts]:
             runs = []
             for _ in range(args.reference_repeats):
                 sync(device)
@@ -214,7 +219,7 @@ def main() -> None:
         print(f"{label}: reference runs {[round(x, 2) for x in reference_times]} s", flush=True)
         reset_peak(device)
         rows = settings.top_k * len(batch)
-        floor_runs = [floor_seconds(baseline.model, tokenizer, batch[0], generations[0].token_ids, rows, settings.rollout_max_new_tokens, device)
+        floor_runs = [floor_seconds(baseline.model, tokenizer, batch[0], generations[0].token_ids, rows, settings.rollout_max_new_tokens, device, args.floor_stride)
                       for _ in range(args.repeats)]
         floor_peak = peak_memory_mb(device)
         floor_rate = statistics.median(tokens / seconds for seconds, tokens in floor_runs)
@@ -222,7 +227,7 @@ def main() -> None:
         floor_equivalent = counters["rollout_tokens"] / floor_rate / len(batch)  # floor time for the engine's own rollout tokens
         row = {
             "prompts": list(range(b0, b0 + len(batch))), "prompt_tokens": n_prompt, "response_tokens": [g.num_tokens for g in generations],
-            "identical_tokens": all(identical), "engine_s": engine_s, "engine_runs_s": engine_times,
+            "identical_tokens": all(identical), "reference_prompts": len(reference_times), "engine_s": engine_s, "engine_runs_s": engine_times,
             "reference_s": statistics.mean(reference_times), "reference_runs_s": reference_times,
             "floor_s": floor_equivalent, "floor_rows": rows, "floor_tokens_per_s": floor_rate,
             "rollout_tokens": counters["rollout_tokens"], "engine_rollout_tokens_per_s": counters["rollout_tokens"] / statistics.median(engine_times),
@@ -241,6 +246,7 @@ def main() -> None:
                      "max_new_tokens": settings.max_new_tokens, "rollout_num": settings.rollout_num},
         "prompts": len(prompts), "batch_size": args.batch_size, "repeats": args.repeats,
         "reference_repeats": args.reference_repeats,
+        "reference_prompts_per_batch": args.reference_prompts, "floor_stride": args.floor_stride,
         "engine_s_per_response": statistics.median(r["engine_s"] for r in per_batch),
         "reference_s_per_response": statistics.median(r["reference_s"] for r in per_batch),
         "floor_s_per_response": statistics.median(r["floor_s"] for r in per_batch),

@@ -222,3 +222,21 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_tokens(sft_model, bas
     decoder = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", alpha=2.0, max_batch_rows=12)
     assert [g.token_ids for g in decoder.decode(PROMPTS)] == expected
     assert decoder.chunk_rows == 3 and decoder.oom_retries == 2
+
+
+@pytest.mark.parametrize("rollout_selection", ["greedy", "sample"])
+def test_finished_rollout_rows_carried_in_the_batch_change_nothing(sft_model, baseline_model, tokenizer, rollout_selection):
+    """Rollouts that stop early (here at '.' or '!') stay in the batch until a quarter of the rows are done;
+    one rollout per forward pass (nothing carried) gives the same tokens, Q values and rollout-token count."""
+    settings = dict(method="tqstar", alpha=2.0, rollout_max_new_tokens=8, rollout_num=2, rollout_selection=rollout_selection,
+                    stop_strings=["\n\nHuman:", ".", "!"], trace=True)
+    batched = make_decoder(sft_model, tokenizer, baseline_model, **settings)
+    one_row = make_decoder(sft_model, tokenizer, baseline_model, max_batch_rows=1, **settings)
+    a, b = batched.decode(PROMPTS), one_row.decode(PROMPTS)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    for ga, gb in zip(a, b):
+        for sa, sb in zip(ga.trace, gb.trace):
+            assert sa["q"] == pytest.approx(sb["q"], abs=1e-5)
+    steps = sum(g.num_tokens for g in a)
+    assert batched.counters["rollout_tokens"] == one_row.counters["rollout_tokens"] < steps * 4 * 2 * 8  # some ended early
+    assert batched.counters["baseline_forward_tokens"] >= one_row.counters["baseline_forward_tokens"]

@@ -378,30 +378,37 @@ class Decoder:
         device = parent.mask.device
         stream = parent.fork(torch.tensor([r // (k * n) for r in alive], device=device))
         current = torch.tensor([tails[r][-1] for r in alive], device=device)
-        fed = 0
+        # Stream row p rolls out global row members[p]. A row that finishes stays in the batch (its
+        # outputs ignored) until a quarter of the rows have finished: dropping rows copies the whole
+        # cache, which costs more than carrying a few finished rows for the remaining steps.
+        members, done = alive, [False] * len(alive)
+        fed = generated = 0
         for step in range(L):
             logits = stream.step(current)
-            fed += len(alive)
+            fed += len(members)
             if noise is None:
                 nxt = logits.argmax(-1)
             else:
                 probs = torch.softmax(logits / s.rollout_temperature, dim=-1)
-                nxt = _sample_index(probs, noise[torch.tensor(alive), step].to(probs.device))
-            keep = []
-            for position, (row, token) in enumerate(zip(alive, nxt.tolist())):
+                nxt = _sample_index(probs, noise[torch.tensor(members), step].to(probs.device))
+            for position, (row, token) in enumerate(zip(members, nxt.tolist())):
+                if done[position]:
+                    continue
                 continuations[row].append(token)
                 tails[row].append(token)
-                if not (self.stops.is_eos(token) or self.stops.hits_stop(tails[row])):
-                    keep.append(position)
-            if step == L - 1 or not keep:
+                generated += 1
+                done[position] = self.stops.is_eos(token) or self.stops.hits_stop(tails[row])
+            finished = sum(done)
+            if step == L - 1 or finished == len(members):
                 break
-            if len(keep) < len(alive):
+            if 4 * finished >= len(members):
+                keep = [position for position, is_done in enumerate(done) if not is_done]
                 keep_index = torch.tensor(keep, device=device)
                 stream.keep(keep_index)
                 nxt = nxt[keep_index]
-                alive = [alive[p] for p in keep]
+                members, done = [members[p] for p in keep], [False] * len(keep)
             current = nxt
-        self.counters["rollout_tokens"] += fed
+        self.counters["rollout_tokens"] += generated
         self.counters["sft_forward_tokens" if s.method == "cd" else "baseline_forward_tokens"] += fed
 
     def _response_text(self, ids: list[int]) -> str:
