@@ -63,7 +63,7 @@ def hh_prompts(tokenizer, count: int, low: int = 150, high: int = 300) -> list[s
     for i in range(count):
         human, assistant = TURNS[i % len(TURNS)]
         other_h, other_a = TURNS[(i + 1) % len(TURNS)]
-        follow_up = FOLLOW_UPS[(i + i // len(TURNS)) % len(FOLLOW_UPS)]  # 16 distinct prompts before any repeats
+        follow_up = FOLLOW_UPS[(i + 2 * (i // len(TURNS))) % len(FOLLOW_UPS)]  # 8 distinct prompts, all 150-300 tokens
         text = f"\n\nHuman: {human}\n\nAssistant: {assistant}\n\nHuman: {other_h}\n\nAssistant: {other_a}"
         text += f"\n\nHuman: {follow_up}\n\nAssistant:"
         n = len(tokenizer(text)["input_ids"])
