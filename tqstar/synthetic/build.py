@@ -16,7 +16,7 @@ parameters) trained on prompt+response+eos -> ``samples_per_prompt`` sampled res
 train prompt (sampled once) -> (best, worst) and (2nd best, 2nd worst) pairs under the target
 reward (``dpo``, direct transfer) and under the baseline reward (``dpo_bl``, indirect
 transfer), each trained with TRL's DPOTrainer against the SFT model -> greedy evaluation on
-the test prompts. About 3 minutes on 2 idle CPU cores (SFT is most of it).
+the test prompts. 158 s measured on 2 idle CPU cores (SFT 99 s of it).
 
 The folder is ``<cache>/synthetic/v<VERSION>-<hash8>``, the hash covering the seed, every
 build parameter and VERSION; ``<cache>`` is ``cache_dir``, ``$TQSTAR_CACHE`` or
