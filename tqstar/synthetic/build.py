@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..metrics import mean_and_stderr
 from ..runs import write_json_atomic
 from .corpus import ASSISTANT, HUMAN, Dialogue, generate_corpus, generate_prompts, tokenizer_texts
 
@@ -442,10 +443,8 @@ def train_dpo(sft_dir: Path, pairs: list[dict], out_dir: Path, params: BuildPara
 
 
 def _mean_se(xs: list[float]) -> dict:
-    n = len(xs)
-    mean = sum(xs) / n if n else float("nan")
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else float("nan")
-    return {"mean": round(mean, 4), "se": round(math.sqrt(var / n), 4) if n > 1 else None, "n": n}
+    mean, se = mean_and_stderr(xs)
+    return {"mean": None if mean is None else round(mean, 4), "se": None if se is None else round(se, 4), "n": len(xs)}
 
 
 def evaluate_folder(folder: Path, prompts: list[str], max_new_tokens: int,

@@ -16,34 +16,14 @@ caller cuts stop strings (e.g. "\\n\\nHuman:") first; the text is scored as give
 from __future__ import annotations
 
 import re
-import threading
 
+from ..rewards.vader import vader_compound
 from .corpus import HUMAN, TOPICS
 
 SENTIMENT_WEIGHT = 0.75
 TOPIC_WEIGHT = 0.25
 
-_LOCK = threading.Lock()
-_ANALYZER = None
 _WORD = re.compile(r"[a-z]+")
-
-
-def _analyzer():
-    global _ANALYZER
-    if _ANALYZER is None:
-        with _LOCK:
-            if _ANALYZER is None:
-                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-                _ANALYZER = SentimentIntensityAnalyzer()
-    return _ANALYZER
-
-
-def vader_compound(text: str) -> float:
-    """VADER compound score of ``text`` (0.0 for empty text)."""
-    if not text or not text.strip():
-        return 0.0
-    return float(_analyzer().polarity_scores(text)["compound"])
 
 
 def _check(prompts, responses) -> None:
@@ -54,7 +34,7 @@ def _check(prompts, responses) -> None:
 def target_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """Gold reward r: VADER compound sentiment of each response (the prompt is not scored)."""
     _check(prompts, responses)
-    return [vader_compound(r) for r in responses]
+    return vader_compound(responses)
 
 
 def _last_human_turn(prompt: str) -> str:
@@ -77,4 +57,4 @@ def on_topic(prompt: str, response: str) -> float:
 def baseline_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """Baseline reward r_bl = 0.75 * compound(response) + 0.25 * on_topic(prompt, response)."""
     _check(prompts, responses)
-    return [SENTIMENT_WEIGHT * vader_compound(r) + TOPIC_WEIGHT * on_topic(p, r) for p, r in zip(prompts, responses)]
+    return [SENTIMENT_WEIGHT * c + TOPIC_WEIGHT * on_topic(p, r) for c, p, r in zip(vader_compound(responses), prompts, responses)]
