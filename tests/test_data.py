@@ -8,8 +8,9 @@ import pytest
 
 from tqstar.config import ConfigError, compose, validate
 from tqstar.data import load_prompts
+from tqstar.decode import check_sources
 from tqstar.data.sources import text_id
-from tqstar.models import hh_to_messages
+from tqstar.data.hh import to_messages as hh_to_messages
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -23,7 +24,10 @@ HH_PROMPTS = [f"{H} Is the food good?{A}", f"{H} Hi{A} Hello!{H} How was the mov
 
 
 def cfg_for(tmp_path, *overrides):
-    return validate(compose(["device=cpu", f"output_dir={tmp_path / 'out'}", *overrides])).dataset
+    """The dataset config after every check that runs before models load (values, then paths)."""
+    cfg = validate(compose(["device=cpu", f"output_dir={tmp_path / 'out'}", *overrides]))
+    check_sources(cfg)
+    return cfg.dataset
 
 
 def write_jsonl(path, rows):

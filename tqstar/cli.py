@@ -51,7 +51,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def _guarded(fn, *args, **kwargs):
     """Run a command body: ConfigError -> exit 2, anything else -> one line and exit 1 (traceback with --debug)."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     try:
         return fn(*args, **kwargs)
@@ -103,7 +103,7 @@ def _decode(overrides: list[str], show_config: bool) -> None:
 def _print_decode_summary(console, cfg, result) -> None:
     from rich.table import Table
 
-    from .decoding.engine import mean_and_stderr
+    from .stats import mean_and_stderr
 
     rewards = [r["reward"] for r in result.rows]
     mean, stderr = mean_and_stderr(rewards)
@@ -113,7 +113,8 @@ def _print_decode_summary(console, cfg, result) -> None:
     for column in ("prompts", "new", "mean reward", "tokens / response", "s / response"):
         table.add_column(column, justify="right")
     table.add_row(
-        str(len(result.rows)), str(result.new_rows), f"{mean:.3f} ± {stderr:.3f}",
+        str(len(result.rows)), str(result.new_rows),
+        "" if mean is None else f"{mean:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}"),
         f"{sum(lengths) / max(len(lengths), 1):.1f}", f"{sum(seconds) / max(len(seconds), 1):.3f}",
     )
     console.print(table)

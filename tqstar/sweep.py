@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, compose, conf_dir, did_you_mean, group_options, validate
+from .errors import ConfigError
+from .config import compose, conf_dir, did_you_mean, group_options, validate
 
 EXECUTORS = ("inline", "local", "slurm")
 

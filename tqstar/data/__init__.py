@@ -1,6 +1,6 @@
 """Prompt sets: the synthetic task's held-out prompts, hub datasets and local files, one path (`datasets`).
 
-`load_prompts(dataset_cfg, tokenizer, synthetic_cfg)` returns a `PromptSet`: the selected prompts
+`load_prompts(dataset_cfg, tokenizer, synthetic_dir)` returns a `PromptSet`: the selected prompts
 (each with a stable id) after offset / limit / shuffle / shard, and counts of what was skipped.
 """
 
@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, parse_shard
+from ..errors import ConfigError
+from ..config import parse_shard
 
 
 @dataclass
@@ -42,13 +43,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _synthetic_rows(dataset_cfg, synthetic_cfg) -> tuple[list[dict], str]:
-    from ..synthetic.build import ensure_built
-
-    seed = synthetic_cfg.seed if synthetic_cfg is not None else 0
-    cache_dir = synthetic_cfg.cache_dir if synthetic_cfg is not None else None
+def _synthetic_rows(dataset_cfg, synthetic_dir) -> tuple[list[dict], str]:
     split = str(dataset_cfg.get("split", "test"))
-    path = ensure_built(seed=seed, cache_dir=cache_dir) / "prompts" / f"{split}.jsonl"
+    if synthetic_dir is None:
+        raise ConfigError("dataset=synthetic needs the synthetic task's folder (tqstar decode resolves it; "
+                          "in Python pass synthetic_dir=tqstar.synthetic.ensure_built())")
+    path = Path(synthetic_dir) / "prompts" / f"{split}.jsonl"
     if not path.exists():
         raise ConfigError(f"dataset.split={split!r} is not allowed for the synthetic task; allowed: train, test")
     return [{"id": r["id"], "prompt": r["prompt"]} for r in _read_jsonl(path)], f"synthetic:{split}"
@@ -79,12 +79,12 @@ def _token_counts(tokenizer, texts: list[str], chunk: int = 512) -> list[int]:
     return counts
 
 
-def load_prompts(dataset_cfg, tokenizer=None, synthetic_cfg=None) -> PromptSet:
+def load_prompts(dataset_cfg, tokenizer=None, synthetic_dir=None) -> PromptSet:
     """The selected prompts of a dataset config; prompts that cannot be used are skipped and counted
     (`empty`, `not_text`, `no_assistant_turn`, and `too_long`: over `max_prompt_tokens` of `tokenizer`)."""
     name = str(dataset_cfg.name)
     if name == "synthetic":
-        rows, source = _synthetic_rows(dataset_cfg, synthetic_cfg)
+        rows, source = _synthetic_rows(dataset_cfg, synthetic_dir)
     else:
         from .sources import load_rows
 

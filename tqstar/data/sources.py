@@ -21,10 +21,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..hub import hub_offline
+from .hh import prompt_of_dialogue, wrap
 
 FORMATS = ("raw", "hh", "dialogue")
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 PACKAGED_DIR = Path(__file__).resolve().parent
 # How a local file is read (datasets builder per suffix).
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
@@ -183,11 +184,9 @@ def _load_table(dataset_cfg):
     except Exception as exc:  # noqa: BLE001
         if kind == "folder":
             raise ConfigError(f"dataset.path={location!r}: cannot load this folder ({type(exc).__name__}: {_first_line(exc)})") from exc
-        from ..models import _hub_offline
-
         hint = DOWNLOAD_HINT.format(id=location)
-        if _hub_offline() or "ConnectionError" in type(exc).__name__ or "couldn't reach" in str(exc).lower():
-            reason = "this machine is offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "the hub cannot be reached"
+        if hub_offline() or "ConnectionError" in type(exc).__name__ or "couldn't reach" in str(exc).lower():
+            reason = "this machine is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub cannot be reached"
             raise ConfigError(f"dataset.path={location!r} is not a local file or folder and {reason}, and it is not in the local cache; {hint}") from exc
         raise ConfigError(f"dataset.path={location!r}: cannot load it from the hub ({type(exc).__name__}: {_first_line(exc)}); {hint}") from exc
     suffix = f"/{data_dir}" if data_dir else ""
@@ -201,14 +200,10 @@ def to_prompt(value, fmt: str) -> tuple[str | None, str | None]:
     if not value.strip():
         return None, "empty"
     if fmt == "hh":
-        if value.lstrip("\n ").startswith("Human:") and value.rstrip().endswith("Assistant:"):
-            return value, None
-        return f"{HUMAN} {value.strip()}{ASSISTANT}", None
+        return wrap(value), None
     if fmt == "dialogue":
-        cut = value.rfind(ASSISTANT)
-        if cut == -1:
-            return None, "no_assistant_turn"
-        return value[:cut + len(ASSISTANT)], None
+        prompt = prompt_of_dialogue(value)
+        return (None, "no_assistant_turn") if prompt is None else (prompt, None)
     return value, None
 
 

@@ -1,22 +1,20 @@
-"""The token-level decoding engine: one loop, many methods (see DESIGN.md, "One engine, many methods").
+"""The token-level decoding engine: one loop, many methods (docs/architecture.md, "One engine").
 
-Per step, for every unfinished prompt:
-  1. propose  the top-k tokens z_i of pi_sft(.|s_t) with log-probs l_i
-  2. value    Q_i from the method's estimator (0, partial reward, or rollouts + reward)
+Per step, for every unfinished prompt (`Decoder._token_loop`, one line each):
+  1. propose  the top-k tokens z_i of pi_sft(.|s_t) with log-probs l_i (plain decoding: the whole vocabulary)
+  2. value    Q_i from the method's estimator (tqstar.methods names it; decoding/values.py computes it)
   3. score    l_i + alpha * Q_i
-  4. select   argmax (greedy) or a draw from softmax(score / temperature)
-  5. append   and stop at EOS, a stop string, or max_new_tokens
+  4. select   argmax (greedy) or a draw from softmax(score / temperature)  (decoding/sampling.py)
+  5. append   and stop at EOS, a stop string, or max_new_tokens             (decoding/stops.py)
 
-Speed (DESIGN.md "Cost"): the SFT and rollout-model caches of the accepted prefix live across steps
-(one token fed per step); rollouts fork the prefix cache into k x n rows in chunks of at most
-`max_batch_rows`, feed the candidate tokens in one batched step, and drop rows as they finish.
-`tqstar.decoding.reference` is the slow oracle this must match token for token under greedy decoding.
+Speed: the SFT and rollout-model caches of the accepted prefix live across steps (one token fed
+per step; decoding/kv.py); rollouts fork the prefix cache into k x n rows in chunks of at most
+`max_batch_rows` (decoding/rollouts.py). `tqstar.decoding.reference` is the slow oracle this must
+match token for token under greedy decoding.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -25,9 +23,12 @@ import torch
 
 from ..rewards.base import FunctionReward, Reward, cut_at_stop
 from .kv import KVStream
+from .rollouts import RolloutRunner
+from .sampling import select
 from .settings import DecoderSettings
+from .stops import StopChecker
+from .values import ESTIMATORS, ValueContext
 
-logger = logging.getLogger("tqstar")
 
 @dataclass
 class Generation:
@@ -48,56 +49,27 @@ class Generation:
         return len(self.token_ids)
 
 
+@dataclass
+class Proposal:
+    """Step 1's output for the active rows: candidates, their proposer log-probs and base scores."""
+
+    ids: torch.Tensor | None  # (B, k) candidate ids; None = every token of the vocabulary (plain decoding)
+    logprobs: torch.Tensor  # (B, k) or (B, V): log p_proposer of each candidate
+    scores: torch.Tensor  # what alpha * Q is added to: the top-k log-probs, or the logits when plain
+
+    def token(self, pick: torch.Tensor) -> torch.Tensor:
+        return pick if self.ids is None else self.ids.gather(1, pick[:, None]).squeeze(1)
+
+    def logprob(self, pick: torch.Tensor) -> torch.Tensor:
+        return self.logprobs.gather(1, pick[:, None]).squeeze(1)
+
+
 def _as_reward(reward: Any, stop_strings: Sequence[str]) -> Reward | None:
     if reward is None or isinstance(reward, Reward):
         return reward
     if callable(reward):
         return FunctionReward(reward, stop_strings=stop_strings)
     raise TypeError(f"a reward must be callable(prompts, responses) -> list[float], got {type(reward).__name__}")
-
-
-def _sample_index(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws: probs (R, C), uniform (R,) -> indices (R,). Deterministic given the noise."""
-    cdf = probs.cumsum(-1)
-    index = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1).contiguous()).squeeze(-1)
-    return index.clamp(max=probs.shape[-1] - 1)
-
-
-class StopChecker:
-    """Detects EOS and stop strings; decodes text only after a token that could complete a stop string."""
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.stop_strings = [s for s in stop_strings if s]
-        self.eos_ids = set()
-        for value in (tokenizer.eos_token_id, getattr(getattr(tokenizer, "generation_config", None), "eos_token_id", None)):
-            if isinstance(value, int):
-                self.eos_ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                self.eos_ids.update(int(v) for v in value)
-        # A stop string can only be completed by a token whose text holds its last character.
-        last_chars = {s[-1] for s in self.stop_strings}
-        self.trigger_ids: set[int] = set()
-        if last_chars:
-            vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-            texts = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-            for token_id, piece in enumerate(texts):
-                if piece is None:
-                    continue
-                shown = tokenizer.convert_tokens_to_string([piece]) if piece else ""
-                if any(c in shown or c in piece for c in last_chars):
-                    self.trigger_ids.add(token_id)
-        self.tail_tokens = max((len(s) for s in self.stop_strings), default=0) + 2
-
-    def is_eos(self, token_id: int) -> bool:
-        return token_id in self.eos_ids
-
-    def hits_stop(self, ids: Sequence[int]) -> bool:
-        """True if the text of `ids` (a response, or its tail plus a rollout) contains a stop string."""
-        if not self.stop_strings or not ids or ids[-1] not in self.trigger_ids:
-            return False
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return any(s in text for s in self.stop_strings)
 
 
 class Decoder:
@@ -118,24 +90,38 @@ class Decoder:
         elif overrides:
             settings = DecoderSettings(**{**settings.__dict__, **overrides})
         self.settings = s = settings
+        self.spec = spec = s.spec
         self.sft = sft_model
         self.baseline = baseline_model
         self.tokenizer = tokenizer
         self.reward = _as_reward(reward, s.stop_strings)
         self.baseline_reward = _as_reward(baseline_reward, s.stop_strings)
-        if s.method in ("args", "cd", "tqstar", "best_of_n") and self.reward is None:
+        if spec.needs_reward and self.reward is None:
             raise ValueError(f"decoder.method={s.method!r} needs a reward")
-        if s.method in ("baseline", "tqstar") and self.baseline is None:
+        if spec.needs_baseline and self.baseline is None:
             raise ValueError(f"decoder.method={s.method!r} needs a baseline model")
-        if s.method == "tqstar" and s.transfer == "indirect" and self.baseline_reward is None:
+        if s.needs_baseline_reward and self.baseline_reward is None:
             raise ValueError("decoder.transfer='indirect' needs a baseline reward r_bl")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.stops = StopChecker(tokenizer, s.stop_strings)
         self.device = next(sft_model.parameters()).device
-        self.chunk_rows = s.max_batch_rows  # halved on out-of-memory, then kept
-        self.oom_retries = 0
         self.counters = {"sft_forward_tokens": 0, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 0}
+        self.rollouts = RolloutRunner(s, self.stops, self.counters)
+        self.estimate = ESTIMATORS[spec.value] if spec.value else None
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rollout rows per forward pass now (max_batch_rows, halved on out-of-memory)."""
+        return self.rollouts.chunk_rows
+
+    @property
+    def oom_retries(self) -> int:
+        return self.rollouts.oom_retries
+
+    def model(self, role: str):
+        """The model playing `role` ("sft" or "baseline") in the method spec."""
+        return self.sft if role == "sft" else self.baseline
 
     # ------------------------------------------------------------------ public
     def decode(self, prompts: Sequence[str], indices: Sequence[int] | None = None,
@@ -155,282 +141,54 @@ class Decoder:
             results += self._decode_batch(list(prompts[window]), indices[window], reward_prompts[window])
         return results
 
-    # ------------------------------------------------------------------ loop
     def _decode_batch(self, prompts: list[str], indices: list[int], reward_prompts: list[str]) -> list[Generation]:
-        s = self.settings
         started = time.perf_counter()
-        if s.method == "best_of_n":
+        if self.spec.response_level:
             results = self._best_of_n(prompts, indices, reward_prompts)
         else:
-            proposer = self.baseline if s.method == "baseline" else self.sft
-            results = self._token_loop(prompts, indices, proposer, reward_prompts)
+            results = self._token_loop(prompts, indices, reward_prompts)
         per_prompt = (time.perf_counter() - started) / max(len(prompts), 1)
         for generation in results:
             generation.seconds = per_prompt
         return results
 
-    def _encode(self, prompts: list[str]):
-        self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-
+    # ------------------------------------------------------------------ the loop
     @torch.no_grad()
-    def _token_loop(self, prompts: list[str], indices: list[int], proposer, reward_prompts: list[str], selection: str | None = None,
+    def _token_loop(self, prompts: list[str], indices: list[int], reward_prompts: list[str], selection: str | None = None,
                     temperature: float | None = None) -> list[Generation]:
         s = self.settings
-        selection = selection or s.selection
-        temperature = temperature or s.temperature
-        plain = not s.uses_values  # sft / baseline / best_of_n samples: Q = 0, full distribution
-        input_ids, mask = self._encode(prompts)
-        stream = KVStream.prefill(proposer, input_ids, mask, role="baseline" if s.method == "baseline" else "sft")
-        self._count_forward(stream, stream.tokens_fed)
-        # Rows record log pi_sft of every chosen token; when another model proposes (decoder=baseline),
-        # the SFT model follows along one token per step to score them.
-        sft_stream = None
-        if proposer is not self.sft:
-            sft_stream = KVStream.prefill(self.sft, input_ids, mask, role="sft")
-            self._count_forward(sft_stream, sft_stream.tokens_fed)
-        rollout_model = self._rollout_model()
-        rollout_stream = None
-        if rollout_model is not None:
-            # One model object as SFT and baseline (e.g. a preset that shares a checkpoint) shares one cache.
-            rollout_stream = stream if rollout_model is proposer else KVStream.prefill(rollout_model, input_ids, mask, role="baseline")
-            if rollout_stream is not stream:
-                self._count_forward(rollout_stream, rollout_stream.tokens_fed)
-        generators = [torch.Generator().manual_seed(s.seed * 1_000_003 + index) for index in indices]
-        generated: list[list[int]] = [[] for _ in prompts]
-        sft_logprobs: list[list[float]] = [[] for _ in prompts]
-        policy_logprobs: list[list[float]] = [[] for _ in prompts]
-        traces: list[list[dict]] = [[] for _ in prompts]
-        stop_reason = ["max_new_tokens"] * len(prompts)
-        active = list(range(len(prompts)))  # batch row r of the streams is prompt active[r]
-
+        selection, temperature = selection or s.selection, temperature or s.temperature
+        batch = _Batch(self, prompts, indices, reward_prompts)
         for t in range(s.max_new_tokens):
-            logprobs = torch.log_softmax(stream.logits, dim=-1)  # (B, V)
-            if plain:
-                chosen, chosen_sft, chosen_policy = self._select_plain(logprobs, stream.logits, [generators[i] for i in active], selection, temperature)
-                step_traces = None
-                if sft_stream is not None:
-                    chosen_policy = chosen_sft if chosen_policy is None else chosen_policy
-                    chosen_sft = torch.log_softmax(sft_stream.logits, dim=-1).gather(1, chosen[:, None].to(sft_stream.logits.device)).squeeze(1).to(chosen.device)
-            else:
-                top_logprobs, top_ids = logprobs.topk(min(s.top_k, logprobs.shape[-1]), dim=-1)  # (B, k)
-                values, details = self._values([reward_prompts[i] for i in active], [generated[i] for i in active],
-                                               top_ids, rollout_stream, [indices[i] for i in active], t)
-                scores = top_logprobs + s.alpha * values  # (B, k)
-                pick, chosen_policy = self._select_scores(scores, [generators[i] for i in active], selection, temperature)
-                chosen = top_ids.gather(1, pick[:, None]).squeeze(1)
-                chosen_sft = top_logprobs.gather(1, pick[:, None]).squeeze(1)
-                step_traces = self._trace(t, top_ids, top_logprobs, values, scores, pick, details) if s.trace else None
-
-            finished_rows = []
-            # One device-to-host copy per step, not one per row.
-            tokens, token_sft = chosen.tolist(), chosen_sft.tolist()
-            token_policy = chosen_policy.tolist() if chosen_policy is not None else None
-            for row, prompt_index in enumerate(active):
-                token = tokens[row]
-                generated[prompt_index].append(token)
-                sft_logprobs[prompt_index].append(token_sft[row])
-                if token_policy is not None:
-                    policy_logprobs[prompt_index].append(token_policy[row])
-                if step_traces is not None:
-                    traces[prompt_index].append(step_traces[row])
-                if self.stops.is_eos(token):
-                    stop_reason[prompt_index] = "eos"
-                    finished_rows.append(row)
-                elif self.stops.hits_stop(generated[prompt_index]):
-                    stop_reason[prompt_index] = "stop_string"
-                    finished_rows.append(row)
-            if t == s.max_new_tokens - 1:
+            proposal = batch.propose(top_k=s.top_k if self.estimate else None)                          # 1. propose
+            values, details = self.estimate(batch.value_context(proposal, t)) if self.estimate else (None, None)  # 2. value
+            scores = proposal.scores if values is None else proposal.scores + s.alpha * values          # 3. score
+            pick, policy = select(scores, batch.generators(), selection, temperature)                   # 4. select
+            if not batch.append(proposal, pick, policy, trace=(t, values, scores, details), last=t == s.max_new_tokens - 1):  # 5. append
                 break
-            if finished_rows:
-                keep = [r for r in range(len(active)) if r not in set(finished_rows)]
-                if not keep:
-                    break
-                keep_index = torch.tensor(keep, device=self.device)
-                chosen = chosen[keep_index]
-                stream.keep(keep_index)
-                for other in (rollout_stream, sft_stream):
-                    if other is not None and other is not stream:
-                        other.keep(keep_index)
-                active = [active[r] for r in keep]
-            # Append the chosen tokens to the accepted prefix: one token per row per model.
-            stream.step(chosen)
-            self._count_forward(stream, len(active))
-            for other in (rollout_stream, sft_stream):
-                if other is not None and other is not stream:
-                    other.step(chosen)
-                    self._count_forward(other, len(active))
+        return batch.results(keep_policy=selection == "sample")
 
-        results = []
-        for i, prompt in enumerate(prompts):
-            text = cut_at_stop(self.tokenizer.decode(generated[i], skip_special_tokens=True), s.stop_strings)
-            results.append(Generation(
-                prompt=prompt, response=text, token_ids=generated[i], sft_logprobs=sft_logprobs[i],
-                policy_logprobs=policy_logprobs[i] if (selection == "sample" or sft_stream is not None) else None,
-                stop_reason=stop_reason[i],
-                trace=traces[i] if s.trace else None,
-            ))
-        return results
-
-    # ------------------------------------------------------------------ selection
-    def _select_plain(self, logprobs, logits, generators, selection, temperature):
-        """Plain decoding of the proposer: argmax, or a draw from softmax(logits / temperature)."""
-        if selection == "greedy":
-            chosen = logprobs.argmax(-1)
-            return chosen, logprobs.gather(1, chosen[:, None]).squeeze(1), None
-        policy = torch.log_softmax(logits / temperature, dim=-1)
-        uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(policy.device)
-        chosen = _sample_index(policy.exp(), uniform)
-        return chosen, logprobs.gather(1, chosen[:, None]).squeeze(1), policy.gather(1, chosen[:, None]).squeeze(1)
-
-    def _select_scores(self, scores, generators, selection, temperature):
-        """Pick a candidate per row from its scores; return (index, log p_decoder of it or None)."""
-        if selection == "greedy":
-            return scores.argmax(-1), None
-        policy = torch.log_softmax(scores / temperature, dim=-1)
-        uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(policy.device)
-        pick = _sample_index(policy.exp(), uniform)
-        return pick, policy.gather(1, pick[:, None]).squeeze(1)
-
-    # ------------------------------------------------------------------ values
-    def _rollout_model(self):
-        s = self.settings
-        if s.method == "cd":
-            return self.sft
-        if s.method == "tqstar":
-            return self.baseline
-        return None
-
-    def _values(self, prompts, prefixes, top_ids, rollout_stream, indices, t):
-        """Q (B, k) for the candidates `top_ids` (B, k) of each active prompt, plus per-candidate details."""
-        s = self.settings
-        B, k = top_ids.shape
-        candidates = top_ids.tolist()
-        if s.method == "args":
-            texts_prompts = [prompts[b] for b in range(B) for _ in range(k)]
-            responses = [self._response_text(prefixes[b] + [candidates[b][i]]) for b in range(B) for i in range(k)]
-            rewards = self._score(self.reward, texts_prompts, responses)
-            return torch.tensor(rewards, dtype=torch.float32, device=top_ids.device).view(B, k), None
-        n = s.rollout_num
-        continuations = self._rollouts(rollout_stream, prefixes, candidates, indices, t)  # B*k*n lists
-        row_prompts = [prompts[b] for b in range(B) for _ in range(k * n)]
-        responses = [self._response_text(prefixes[b] + [candidates[b][i]] + continuations[(b * k + i) * n + j])
-                     for b in range(B) for i in range(k) for j in range(n)]
-        rewards = torch.tensor(self._score(self.reward, row_prompts, responses), dtype=torch.float64).view(B, k, n)
-        details = {"rewards": rewards}
-        if s.method == "tqstar" and s.transfer == "indirect":
-            baseline_rewards = torch.tensor(self._score(self.baseline_reward, row_prompts, responses), dtype=torch.float64).view(B, k, n)
-            weights = torch.exp((rewards - baseline_rewards) / s.beta_bl)
-            if s.self_normalize:
-                values = (weights * rewards).sum(-1) / weights.sum(-1)
-            else:
-                values = (weights * rewards).mean(-1)
-            details.update(baseline_rewards=baseline_rewards, weights=weights)
-        else:
-            values = rewards.mean(-1)
-        return values.to(torch.float32).to(top_ids.device), details
-
-    def _rollouts(self, parent: KVStream, prefixes, candidates, indices, t) -> list[list[int]]:
-        """Continue [prefix, z_i] for rollout.max_new_tokens tokens, rollout.num times per candidate.
-
-        Rows are (prompt b, candidate i, rollout j) in that order, processed in chunks of
-        max_batch_rows. Each chunk forks the accepted-prefix cache; nothing before z_i is recomputed.
-        """
-        s = self.settings
-        B, k, n, L = len(candidates), len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
-        total = B * k * n
-        noise = None
-        if s.rollout_selection == "sample":
-            # One noise table per (prompt, step): draws do not depend on chunking or batch makeup.
-            noise = torch.cat([torch.rand((k * n, L), generator=torch.Generator().manual_seed(
-                (s.seed * 1_000_003 + indices[b]) * 10_007 + t)) for b in range(B)])
-        continuations: list[list[int]] = [[] for _ in range(total)]
-        start = 0
-        while start < total:
-            rows = range(start, min(start + self.chunk_rows, total))
-            try:
-                self._rollout_chunk(parent, rows, prefixes, candidates, noise, continuations)
-            except torch.OutOfMemoryError:
-                if self.chunk_rows == 1:
-                    raise
-                # Too many rows for the accelerator: halve the chunk, retry this one, keep the smaller size.
-                for row in rows:
-                    continuations[row] = []
-                self.chunk_rows = max(1, self.chunk_rows // 2)
-                self.oom_retries += 1
-                logger.warning("out of memory with %d rollout rows; retrying with %d", len(rows), self.chunk_rows)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start = rows.stop
-        return continuations
-
-    def _rollout_chunk(self, parent: KVStream, rows: range, prefixes, candidates, noise, continuations) -> None:
-        """Roll out global rows `rows` (prompt b, candidate i, rollout j) from a fork of the prefix cache."""
-        s = self.settings
-        k, n, L = len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
-        tails = {r: prefixes[r // (k * n)][-self.stops.tail_tokens:] + [candidates[r // (k * n)][(r // n) % k]] for r in rows}
-        # A candidate that ends the response (EOS, or completes a stop string) has nothing to roll out.
-        alive = [r for r in rows if not (self.stops.is_eos(tails[r][-1]) or self.stops.hits_stop(tails[r]))]
-        if not alive:
-            return
-        device = parent.mask.device
-        stream = parent.fork(torch.tensor([r // (k * n) for r in alive], device=device))
-        current = torch.tensor([tails[r][-1] for r in alive], device=device)
-        # Stream row p rolls out global row members[p]. A row that finishes stays in the batch (its
-        # outputs ignored) until a quarter of the rows have finished: dropping rows copies the whole
-        # cache, which costs more than carrying a few finished rows for the remaining steps.
-        members, done = alive, [False] * len(alive)
-        fed = generated = 0
-        for step in range(L):
-            logits = stream.step(current)
-            fed += len(members)
-            if noise is None:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / s.rollout_temperature, dim=-1)
-                nxt = _sample_index(probs, noise[torch.tensor(members), step].to(probs.device))
-            for position, (row, token) in enumerate(zip(members, nxt.tolist())):
-                if done[position]:
-                    continue
-                continuations[row].append(token)
-                tails[row].append(token)
-                generated += 1
-                done[position] = self.stops.is_eos(token) or self.stops.hits_stop(tails[row])
-            finished = sum(done)
-            if step == L - 1 or finished == len(members):
-                break
-            if 4 * finished >= len(members):
-                keep = [position for position, is_done in enumerate(done) if not is_done]
-                keep_index = torch.tensor(keep, device=device)
-                stream.keep(keep_index)
-                nxt = nxt[keep_index]
-                members, done = [members[p] for p in keep], [False] * len(keep)
-            current = nxt
-        self.counters["rollout_tokens"] += generated
-        self.counters["sft_forward_tokens" if s.method == "cd" else "baseline_forward_tokens"] += fed
-
-    def _response_text(self, ids: list[int]) -> str:
+    # ------------------------------------------------------------------ helpers the batch and estimators use
+    def response_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _score(self, reward: Reward, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, reward: Reward, prompts: list[str], responses: list[str]) -> list[float]:
         values = reward(prompts, responses)
         self.counters["reward_calls"] += len(values)
         return values
 
-    def _count_forward(self, stream: KVStream, tokens: int) -> None:
+    def count_forward(self, stream: KVStream, tokens: int) -> None:
         self.counters[f"{stream.role}_forward_tokens"] += int(tokens)
 
-    def _trace(self, t, top_ids, top_logprobs, values, scores, pick, details):
+    def trace_rows(self, t, proposal: Proposal, values, scores, pick, details) -> list[dict]:
         rows = []
-        for b in range(top_ids.shape[0]):
-            ids = top_ids[b].tolist()
+        for b in range(proposal.ids.shape[0]):
+            ids = proposal.ids[b].tolist()
             entry = {
                 "t": t,
                 "candidates": ids,
                 "tokens": [self.tokenizer.decode([i]) for i in ids],
-                "logprobs": [round(float(v), 6) for v in top_logprobs[b]],
+                "logprobs": [round(float(v), 6) for v in proposal.logprobs[b]],
                 "q": [round(float(v), 6) for v in values[b]],
                 "scores": [round(float(v), 6) for v in scores[b]],
                 "chosen": int(pick[b]),
@@ -451,10 +209,10 @@ class Decoder:
         sample_indices = [index * s.n + j for index in indices for j in range(s.n)]
         samples = []
         for start in range(0, len(repeated), s.max_batch_rows):
-            samples += self._token_loop(repeated[start:start + s.max_batch_rows], sample_indices[start:start + s.max_batch_rows],
-                                        self.sft, repeated_reward_prompts[start:start + s.max_batch_rows],
+            window = slice(start, start + s.max_batch_rows)
+            samples += self._token_loop(repeated[window], sample_indices[window], repeated_reward_prompts[window],
                                         selection="sample", temperature=s.temperature)
-        rewards = self._score(self.reward, repeated_reward_prompts, [g.response for g in samples])
+        rewards = self.score(self.reward, repeated_reward_prompts, [g.response for g in samples])
         results = []
         for b in range(len(prompts)):
             group = list(range(b * s.n, (b + 1) * s.n))
@@ -465,12 +223,128 @@ class Decoder:
         return results
 
 
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    values = [float(v) for v in values]
-    if not values:
-        return math.nan, math.nan
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
+class _Batch:
+    """One batch of prompts being decoded: the models' KV streams of the accepted prefixes and what
+    each prompt has generated so far. Stream row r is prompt `active[r]`; finished prompts leave."""
+
+    def __init__(self, decoder: Decoder, prompts: list[str], indices: list[int], reward_prompts: list[str]):
+        self.decoder = d = decoder
+        s, spec = d.settings, d.spec
+        self.prompts, self.indices, self.reward_prompts = prompts, indices, reward_prompts
+        d.tokenizer.padding_side = "left"
+        encoded = d.tokenizer(prompts, return_tensors="pt", padding=True)
+        input_ids, mask = encoded["input_ids"].to(d.device), encoded["attention_mask"].to(d.device)
+        proposer = d.model(spec.proposer)
+        self.stream = KVStream.prefill(proposer, input_ids, mask, role=spec.proposer)
+        d.count_forward(self.stream, self.stream.tokens_fed)
+        # Rows record log pi_sft of every chosen token; when another model proposes (decoder=baseline),
+        # the SFT model follows along one token per step to score them.
+        self.sft_stream = None
+        if proposer is not d.sft:
+            self.sft_stream = KVStream.prefill(d.sft, input_ids, mask, role="sft")
+            d.count_forward(self.sft_stream, self.sft_stream.tokens_fed)
+        self.rollout_stream = None
+        if spec.rollout is not None:
+            # One model object as SFT and baseline (e.g. a preset that shares a checkpoint) shares one cache.
+            rollout_model = d.model(spec.rollout)
+            if rollout_model is proposer:
+                self.rollout_stream = self.stream
+            else:
+                self.rollout_stream = KVStream.prefill(rollout_model, input_ids, mask, role=spec.rollout)
+                d.count_forward(self.rollout_stream, self.rollout_stream.tokens_fed)
+        self._generators = [torch.Generator().manual_seed(s.seed * 1_000_003 + index) for index in indices]
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.sft_logprobs: list[list[float]] = [[] for _ in prompts]
+        self.policy_logprobs: list[list[float]] = [[] for _ in prompts]
+        self.traces: list[list[dict]] = [[] for _ in prompts]
+        self.stop_reason = ["max_new_tokens"] * len(prompts)
+        self.active = list(range(len(prompts)))
+
+    def generators(self) -> list[torch.Generator]:
+        return [self._generators[i] for i in self.active]
+
+    def propose(self, top_k: int | None) -> Proposal:
+        """The proposer's next-token distribution: its top-k, or (top_k=None) the whole vocabulary."""
+        logprobs = torch.log_softmax(self.stream.logits, dim=-1)  # (B, V)
+        if top_k is None:
+            return Proposal(None, logprobs, self.stream.logits)
+        top_logprobs, top_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)  # (B, k)
+        return Proposal(top_ids, top_logprobs, top_logprobs)
+
+    def value_context(self, proposal: Proposal, t: int) -> ValueContext:
+        d = self.decoder
+        prefixes = [self.generated[i] for i in self.active]
+        candidates = proposal.ids.tolist()
+        indices = [self.indices[i] for i in self.active]
+        return ValueContext(
+            settings=d.settings, prompts=[self.reward_prompts[i] for i in self.active], prefixes=prefixes,
+            candidates=candidates, text=d.response_text,
+            reward=lambda p, r: d.score(d.reward, p, r),
+            baseline_reward=(lambda p, r: d.score(d.baseline_reward, p, r)) if d.baseline_reward is not None else None,
+            rollouts=lambda: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t),
+            device=proposal.ids.device,
+        )
+
+    def append(self, proposal: Proposal, pick, policy, trace, last: bool) -> bool:
+        """Record the chosen token of every active row; drop finished rows; feed the rest one token.
+        False when nothing is left to decode."""
+        d = self.decoder
+        chosen = proposal.token(pick)
+        if self.sft_stream is not None:  # the proposer is not pi_sft: its log-prob is the policy's
+            policy = proposal.logprob(pick) if policy is None else policy
+            chosen_sft = torch.log_softmax(self.sft_stream.logits, dim=-1).gather(
+                1, chosen[:, None].to(self.sft_stream.logits.device)).squeeze(1).to(chosen.device)
+        else:
+            chosen_sft = proposal.logprob(pick)
+        t, values, scores, details = trace
+        step_traces = d.trace_rows(t, proposal, values, scores, pick, details) if d.settings.trace and values is not None else None
+        finished_rows = []
+        # One device-to-host copy per step, not one per row.
+        tokens, token_sft = chosen.tolist(), chosen_sft.tolist()
+        token_policy = policy.tolist() if policy is not None else None
+        for row, prompt_index in enumerate(self.active):
+            self.generated[prompt_index].append(tokens[row])
+            self.sft_logprobs[prompt_index].append(token_sft[row])
+            if token_policy is not None:
+                self.policy_logprobs[prompt_index].append(token_policy[row])
+            if step_traces is not None:
+                self.traces[prompt_index].append(step_traces[row])
+            reason = d.stops.ends(self.generated[prompt_index])
+            if reason:
+                self.stop_reason[prompt_index] = reason
+                finished_rows.append(row)
+        if last:
+            return False
+        if finished_rows:
+            keep = [r for r in range(len(self.active)) if r not in set(finished_rows)]
+            if not keep:
+                return False
+            keep_index = torch.tensor(keep, device=d.device)
+            chosen = chosen[keep_index]
+            for stream in self._streams():
+                stream.keep(keep_index)
+            self.active = [self.active[r] for r in keep]
+        # Append the chosen tokens to the accepted prefix: one token per row per model.
+        for stream in self._streams():
+            stream.step(chosen)
+            d.count_forward(stream, len(self.active))
+        return True
+
+    def _streams(self) -> list[KVStream]:
+        streams = [self.stream]
+        for other in (self.rollout_stream, self.sft_stream):
+            if other is not None and other is not self.stream:
+                streams.append(other)
+        return streams
+
+    def results(self, keep_policy: bool) -> list[Generation]:
+        d, s = self.decoder, self.decoder.settings
+        results = []
+        for i, prompt in enumerate(self.prompts):
+            text = cut_at_stop(d.response_text(self.generated[i]), s.stop_strings)
+            results.append(Generation(
+                prompt=prompt, response=text, token_ids=self.generated[i], sft_logprobs=self.sft_logprobs[i],
+                policy_logprobs=self.policy_logprobs[i] if (keep_policy or self.sft_stream is not None) else None,
+                stop_reason=self.stop_reason[i], trace=self.traces[i] if s.trace else None,
+            ))
+        return results

@@ -12,6 +12,7 @@ import torch
 
 from ..rewards.base import cut_at_stop
 from .settings import DecoderSettings
+from .values import q_from_rollouts
 
 
 @torch.no_grad()
@@ -23,8 +24,8 @@ def reference_decode(prompt: str, sft_model, tokenizer, reward, settings: Decode
     device = next(sft_model.parameters()).device
     prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0].tolist()
     eos = tokenizer.eos_token_id
-    proposer = baseline_model if s.method == "baseline" else sft_model
-    rollout_model = {"cd": sft_model, "tqstar": baseline_model}.get(s.method)
+    models = {"sft": sft_model, "baseline": baseline_model}
+    proposer, rollout_model = models[s.spec.proposer], models.get(s.spec.rollout)
     generated: list[int] = []
 
     def text_of(ids):
@@ -33,12 +34,12 @@ def reference_decode(prompt: str, sft_model, tokenizer, reward, settings: Decode
     for _ in range(s.max_new_tokens):
         sequence = torch.tensor([prompt_ids + generated], device=device)
         logprobs = torch.log_softmax(proposer(input_ids=sequence).logits[0, -1].float(), dim=-1)
-        if s.method in ("sft", "baseline"):
+        if not s.uses_values:
             token = int(logprobs.argmax())
         else:
             top_logprobs, top_ids = logprobs.topk(min(s.top_k, logprobs.shape[-1]))
             candidates = top_ids.tolist()
-            if s.method == "args":
+            if s.spec.value == "partial_reward":
                 values = torch.tensor(reward([prompt] * len(candidates), [text_of(generated + [z]) for z in candidates]))
             else:
                 rows = torch.tensor([prompt_ids + generated + [z] for z in candidates for _ in range(s.rollout_num)], device=device)
@@ -52,12 +53,10 @@ def reference_decode(prompt: str, sft_model, tokenizer, reward, settings: Decode
                         row = row[: row.index(eos, 1)]
                     texts.append(cut_at_stop(text_of(generated + row), s.stop_strings))
                 rewards = torch.tensor(reward([prompt] * len(texts), texts), dtype=torch.float64).view(len(candidates), s.rollout_num)
-                if s.method == "tqstar" and s.transfer == "indirect":
+                baseline_rewards = None
+                if s.needs_baseline_reward:
                     baseline_rewards = torch.tensor(baseline_reward([prompt] * len(texts), texts), dtype=torch.float64).view_as(rewards)
-                    weights = torch.exp((rewards - baseline_rewards) / s.beta_bl)
-                    values = (weights * rewards).sum(-1) / weights.sum(-1) if s.self_normalize else (weights * rewards).mean(-1)
-                else:
-                    values = rewards.mean(-1)
+                values = q_from_rollouts(s, rewards, baseline_rewards)
             scores = top_logprobs.cpu() + s.alpha * values.to(torch.float32)
             token = candidates[int(scores.argmax())]
         generated.append(token)

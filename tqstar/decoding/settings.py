@@ -1,16 +1,35 @@
-"""Decoder settings: one dataclass, built from the `decoder` config group or by hand in a notebook."""
+"""Decoder settings: one dataclass, built from the `decoder` config group or by hand in a notebook.
+
+The one validator of decoder values: `tqstar.config.validate` calls `DecoderSettings.from_config`,
+so a bad value gets the same message (key, value, what is allowed, did-you-mean) whichever way the
+settings were made. Torch-free, so validating a config never imports torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import METHODS, SELECTIONS, TRANSFERS, ConfigError
+from ..errors import ConfigError, did_you_mean
+from ..methods import METHOD_NAMES, SELECTIONS, TRANSFERS, MethodSpec, spec
+
+# Nested config blocks flattened into fields: decoder.rollout.num -> rollout_num.
+NESTED = ("rollout",)
+_INTEGERS = ("top_k", "max_new_tokens", "batch_size", "max_batch_rows", "n", "rollout_max_new_tokens", "rollout_num")
+_POSITIVE = ("temperature", "rollout_temperature", "beta_bl")
+
+
+def config_key(name: str) -> str:
+    """The config key of a field: rollout_num -> decoder.rollout.num, alpha -> decoder.alpha."""
+    for block in NESTED:
+        if name.startswith(block + "_"):
+            return f"decoder.{block}.{name[len(block) + 1:]}"
+    return f"decoder.{name}"
 
 
 @dataclass
 class DecoderSettings:
-    method: str = "tqstar"  # sft | baseline | best_of_n | args | cd | tqstar
+    method: str = "tqstar"  # a name in tqstar.methods.METHODS
     alpha: float = 1.0  # score = log p_sft + alpha * Q
     top_k: int = 10  # candidates from pi_sft per step
     max_new_tokens: int = 128
@@ -32,43 +51,59 @@ class DecoderSettings:
 
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> ConfigError:
-            return ConfigError(f"decoder.{key}={getattr(self, key)!r} is not allowed: {allowed}")
+            return ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed: {allowed}")
 
-        if self.method not in METHODS:
-            raise bad("method", ", ".join(METHODS))
-        for key in ("selection", "rollout_selection"):
-            if getattr(self, key) not in SELECTIONS:
-                raise bad(key, ", ".join(SELECTIONS))
-        if self.transfer not in TRANSFERS:
-            raise bad("transfer", ", ".join(TRANSFERS))
-        for key in ("top_k", "max_new_tokens", "batch_size", "max_batch_rows", "n", "rollout_max_new_tokens", "rollout_num"):
-            if int(getattr(self, key)) < 1:
+        for key, allowed in (("method", METHOD_NAMES), ("selection", SELECTIONS), ("rollout_selection", SELECTIONS),
+                             ("transfer", TRANSFERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed; {did_you_mean(getattr(self, key), allowed)}")
+        for key in _INTEGERS:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(key, "must be an integer >= 1")
-        if self.alpha < 0:
-            raise bad("alpha", "must be >= 0")
-        for key in ("temperature", "rollout_temperature", "beta_bl"):
-            if getattr(self, key) <= 0:
-                raise bad(key, "must be > 0")
+        if not _is_number(self.alpha) or self.alpha < 0:
+            raise bad("alpha", "must be a number >= 0")
+        for key in _POSITIVE:
+            if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
+                raise bad(key, "must be a number > 0")
+        stops = self.stop_strings
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise bad("stop_strings", "must be a list of non-empty strings")
+        self.stop_strings = list(stops)
 
     @classmethod
     def from_config(cls, decoder_cfg: Any) -> "DecoderSettings":
-        """From a `decoder` config (DictConfig or dict); the nested `rollout` block is flattened."""
+        """From a `decoder` config (DictConfig or dict); nested blocks (`rollout`) are flattened."""
         from omegaconf import OmegaConf
 
         data = OmegaConf.to_container(decoder_cfg, resolve=True) if not isinstance(decoder_cfg, dict) else dict(decoder_cfg)
-        rollout = data.pop("rollout", {}) or {}
-        for key, value in rollout.items():
-            data[f"rollout_{key}"] = value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        for block in NESTED:
+            for key, value in (data.pop(block, {}) or {}).items():
+                data[f"{block}_{key}"] = value
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown decoder setting(s): {', '.join(unknown)}")
+            key = unknown[0]
+            raise ConfigError(f"unknown config key '{config_key(key)}'; "
+                              f"{did_you_mean(config_key(key).rsplit('.', 1)[-1], [config_key(k).rsplit('.', 1)[-1] for k in known])}")
         return cls(**data)
 
     @property
+    def spec(self) -> MethodSpec:
+        return spec(self.method)
+
+    @property
     def uses_rollouts(self) -> bool:
-        return self.method in ("cd", "tqstar")
+        return self.spec.uses_rollouts
 
     @property
     def uses_values(self) -> bool:
-        return self.method in ("args", "cd", "tqstar")
+        return self.spec.uses_values
+
+    @property
+    def needs_baseline_reward(self) -> bool:
+        return self.spec.needs_baseline_reward(self.transfer)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import FunctionReward, Reward, RewardValueError, cut_at_stop
 from .vader import VaderReward
 

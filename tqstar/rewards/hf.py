@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Reward
 
 OVERFLOW_POLICIES = ("truncate_left", "skip", "error")

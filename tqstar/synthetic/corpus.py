@@ -23,8 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
+from ..data.hh import ASSISTANT, HUMAN
 
 # topic -> aspects the assistant can talk about
 TOPICS: dict[str, tuple[str, ...]] = {

@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 
 from ..rewards.vader import vader_compound
-from .corpus import HUMAN, TOPICS
+from ..data.hh import last_human_turn
+from .corpus import TOPICS
 
 SENTIMENT_WEIGHT = 0.75
 TOPIC_WEIGHT = 0.25
@@ -37,14 +38,9 @@ def target_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return vader_compound(responses)
 
 
-def _last_human_turn(prompt: str) -> str:
-    turn = prompt.rsplit(HUMAN, 1)[-1]
-    return turn.split("\n\nAssistant:", 1)[0]
-
-
 def on_topic(prompt: str, response: str) -> float:
     """1.0 when the response names the prompt's topic (or one of its aspects), else 0.0."""
-    asked = set(_WORD.findall(_last_human_turn(prompt).lower()))
+    asked = set(_WORD.findall(last_human_turn(prompt).lower()))
     said = set(_WORD.findall(response.lower()))
     for topic, aspects in TOPICS.items():
         if topic in asked:

@@ -1,0 +1,101 @@
+"""Q estimators: how each method values the k candidate tokens of a step.
+
+An estimator takes a `ValueContext` (the active rows' prompts, accepted prefixes and candidates,
+plus callables for text, rewards and rollouts) and returns Q as a (B, k) float32 tensor with
+per-candidate details for the trace (or None). The method registry (tqstar.methods) names the
+estimator of each method; the formulas from rollout rewards are plain functions that the
+reference oracle shares.
+
+- partial_reward (ARGS): Q_i = r(x, [y_<t, z_i]).
+- rollout_mean (CD; TQ* direct): Q_i = mean_j r(x, [y_<t, z_i, tau_ij]).
+- transfer (TQ*): rollout_mean for direct transfer; for indirect transfer the importance-weighted
+  mean with w_ij = exp((r_ij - r_bl_ij) / beta_bl): mean_j(w r), or sum_j w r / sum_j w when
+  self-normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .settings import DecoderSettings
+
+
+@dataclass
+class ValueContext:
+    settings: DecoderSettings
+    prompts: list[str]  # the reward's prompt text of each active row (B)
+    prefixes: list[list[int]]  # accepted response ids of each active row
+    candidates: list[list[int]]  # (B, k) candidate ids
+    text: Callable[[list[int]], str]  # response ids -> text
+    reward: Callable[[list[str], list[str]], list[float]]  # the target reward r (counted by the engine)
+    baseline_reward: Callable[[list[str], list[str]], list[float]] | None  # r_bl (indirect transfer)
+    rollouts: Callable[[], list[list[int]]]  # continuations of rows (b, i, j), in that order
+    device: torch.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.candidates), len(self.candidates[0])
+
+
+# ----------------------------------------------------------------------------- formulas
+
+def mean_q(rewards: torch.Tensor) -> torch.Tensor:
+    """(B, k, n) rollout rewards -> (B, k): the plain Monte-Carlo mean."""
+    return rewards.mean(-1)
+
+
+def importance_weights(rewards: torch.Tensor, baseline_rewards: torch.Tensor, beta_bl: float) -> torch.Tensor:
+    return torch.exp((rewards - baseline_rewards) / beta_bl)
+
+
+def importance_q(rewards: torch.Tensor, baseline_rewards: torch.Tensor, beta_bl: float, self_normalize: bool) -> torch.Tensor:
+    """Indirect transfer: rollouts of rho_bl reweighted towards r by exp((r - r_bl) / beta_bl)."""
+    weights = importance_weights(rewards, baseline_rewards, beta_bl)
+    if self_normalize:
+        return (weights * rewards).sum(-1) / weights.sum(-1)
+    return (weights * rewards).mean(-1)
+
+
+def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_rewards: torch.Tensor | None) -> torch.Tensor:
+    """Q (B, k) from (B, k, n) rollout rewards, by the method's estimator."""
+    if settings.spec.value == "transfer" and settings.transfer == "indirect":
+        return importance_q(rewards, baseline_rewards, settings.beta_bl, settings.self_normalize)
+    return mean_q(rewards)
+
+
+# ----------------------------------------------------------------------------- estimators
+
+def partial_reward(ctx: ValueContext):
+    B, k = ctx.shape
+    prompts = [ctx.prompts[b] for b in range(B) for _ in range(k)]
+    responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]]) for b in range(B) for i in range(k)]
+    rewards = ctx.reward(prompts, responses)
+    return torch.tensor(rewards, dtype=torch.float32, device=ctx.device).view(B, k), None
+
+
+def from_rollouts(ctx: ValueContext):
+    """Roll out every candidate rollout.num times, score each rollout text, reduce by the method's formula."""
+    s = ctx.settings
+    (B, k), n = ctx.shape, s.rollout_num
+    continuations = ctx.rollouts()
+    prompts = [ctx.prompts[b] for b in range(B) for _ in range(k * n)]
+    responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j])
+                 for b in range(B) for i in range(k) for j in range(n)]
+    rewards = torch.tensor(ctx.reward(prompts, responses), dtype=torch.float64).view(B, k, n)
+    details = {"rewards": rewards}
+    baseline_rewards = None
+    if s.needs_baseline_reward:
+        baseline_rewards = torch.tensor(ctx.baseline_reward(prompts, responses), dtype=torch.float64).view(B, k, n)
+        details.update(baseline_rewards=baseline_rewards, weights=importance_weights(rewards, baseline_rewards, s.beta_bl))
+    values = q_from_rollouts(s, rewards, baseline_rewards)
+    return values.to(torch.float32).to(ctx.device), details
+
+
+ESTIMATORS: dict[str, Callable[[ValueContext], tuple[torch.Tensor, dict | None]]] = {
+    "partial_reward": partial_reward,
+    "rollout_mean": from_rollouts,
+    "transfer": from_rollouts,
+}

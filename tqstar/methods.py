@@ -1,0 +1,66 @@
+"""The method registry: what each decoding method needs and how the engine runs it.
+
+Ground module (no imports from tqstar): config validation, DecoderSettings, the engine, the
+reference oracle, decode (what to load) and evaluate (labels) all read this one table. Adding a
+token-level method is one `MethodSpec` entry here plus, when it values candidates in a new way,
+one estimator in `tqstar/decoding/values.py` (see docs/architecture.md).
+
+Every token-level method is the same loop (tqstar/decoding/engine.py): propose the top-k tokens of
+the proposer, value them (`value`: the name of an estimator in decoding/values.py, or None for
+plain decoding of the proposer), score log p + alpha * Q, select, append.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    needs_reward: bool = False  # the target reward r is used while decoding
+    needs_baseline: bool = False  # the baseline model rho_bl is loaded
+    proposer: str = "sft"  # "sft" | "baseline": the model whose distribution proposes the next token
+    rollout: str | None = None  # None | "sft" | "baseline": the model rolled out after each candidate
+    value: str | None = None  # estimator of Q in decoding/values.py; None = plain decoding (Q = 0, full vocabulary)
+    response_level: bool = False  # best-of-n: whole responses are sampled and ranked, not tokens
+    sampled: bool = False  # draws samples whatever decoder.selection says (best-of-n)
+
+    @property
+    def uses_values(self) -> bool:
+        """Candidates are valued and alpha matters."""
+        return self.value is not None
+
+    @property
+    def uses_rollouts(self) -> bool:
+        return self.rollout is not None
+
+    def needs_baseline_reward(self, transfer: str) -> bool:
+        """Indirect transfer reweights rollouts of a baseline aligned to r_bl, so it needs r_bl."""
+        return self.value == "transfer" and transfer == "indirect"
+
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("sft", "plain decoding of pi_sft (greedy or sampled)"),
+    MethodSpec("baseline", "plain decoding of the baseline rho_bl (e.g. the DPO model alone)",
+               needs_baseline=True, proposer="baseline"),
+    MethodSpec("best_of_n", "n samples of pi_sft; keep the one the target reward scores highest",
+               needs_reward=True, response_level=True, sampled=True),
+    MethodSpec("args", "ARGS: Q = reward of the partial response [y_<t, z]", needs_reward=True, value="partial_reward"),
+    MethodSpec("cd", "controlled decoding: Q = mean reward of pi_sft rollouts after each candidate",
+               needs_reward=True, rollout="sft", value="rollout_mean"),
+    MethodSpec("tqstar", "Transfer Q*: Q from rollouts of the aligned baseline (direct, or importance-weighted indirect)",
+               needs_reward=True, needs_baseline=True, rollout="baseline", value="transfer"),
+)}
+METHOD_NAMES = tuple(METHODS)
+SELECTIONS = ("greedy", "sample")
+TRANSFERS = ("direct", "indirect")
+
+
+def spec(method: str) -> MethodSpec:
+    """The spec of a method name (KeyError names the allowed ones)."""
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise KeyError(f"unknown method {method!r}; allowed: {', '.join(METHOD_NAMES)}") from None

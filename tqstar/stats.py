@@ -1,0 +1,31 @@
+"""Summary statistics used everywhere a number is reported (ground module: no tqstar imports).
+
+One definition of mean and standard error: non-finite values and None are left out; a mean of no
+values and a standard error of fewer than two are None (a table prints them as blank, never 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def finite(values: Sequence[float | None]) -> list[float]:
+    """The values that are numbers and finite, as floats."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def mean_and_stderr(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard error (sample std / sqrt(n)) of the finite values; None where undefined."""
+    kept = finite(values)
+    if not kept:
+        return None, None
+    mean = math.fsum(kept) / len(kept)
+    if len(kept) < 2:
+        return mean, None
+    variance = math.fsum((v - mean) ** 2 for v in kept) / (len(kept) - 1)
+    return mean, math.sqrt(variance / len(kept))
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    return mean_and_stderr(values)[0]
