@@ -67,3 +67,37 @@ def test_cli_import_does_not_load_torch():
     code = "import sys, tqstar.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("spelling", [["reward=hf"], ["reward@reward=hf"]])
+def test_every_spelling_of_a_group_override(spelling):
+    cfg = compose([*spelling, "reward.name_or_path=some/rm"])
+    assert (cfg.reward.type, cfg.reward.name_or_path) == ("hf", "some/rm")
+
+
+def test_a_mount_can_be_named_by_its_package():
+    assert compose(["sft=hf", "sft.name_or_path=x"]) == compose(["model@sft=hf", "sft.name_or_path=x"])
+    assert compose(["baseline_reward=vader"]).baseline_reward.type == "vader"
+    for spelling in ("reward@baseline_reward=null", "baseline_reward=null"):
+        assert compose([spelling]).get("baseline_reward") is None
+
+
+def test_paths_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """A missing reward-model folder is reported before the policy models load and before a run folder exists."""
+    from tqstar import models
+    from tqstar.decode import run_decode
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the paths were checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    missing = tmp_path / "no-such-rm"
+    cfg = compose(["reward=hf", f"reward.name_or_path={missing}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"reward.name_or_path=.*no-such-rm.*path does not exist"):
+        run_decode(cfg)
+    assert not (tmp_path / "out").exists()
+    cfg = compose(["decoder=sft", "sft=hf", f"sft.name_or_path={missing}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"sft.name_or_path=.*path does not exist"):
+        run_decode(cfg)
+    with pytest.raises(ConfigError, match=r"the synthetic task has no model 'dpoo'; did you mean 'dpo'"):
+        run_decode(compose(["model@baseline=synthetic_dpo", "baseline.name_or_path=synthetic:dpoo"]))

@@ -52,9 +52,8 @@ CASES = [
     dict(method="args", alpha=2.0),
     dict(method="cd", alpha=2.0),
     dict(method="tqstar", alpha=2.0),
-    dict(method="tqstar", alpha=2.0, rollout_num=2, max_batch_rows=5),  # chunks split a prompt's candidates
+    dict(method="tqstar", alpha=2.0, max_batch_rows=3),  # chunks split a prompt's candidates
     dict(method="tqstar", alpha=2.0, transfer="indirect"),
-    dict(method="tqstar", alpha=2.0, transfer="indirect", self_normalize=True, rollout_max_new_tokens=2),
 ]
 
 
@@ -133,27 +132,45 @@ def rbl(prompts, responses):
     return [0.5 * len(r.split()) for r in responses]
 
 
-@pytest.mark.parametrize("transfer,self_normalize", [("direct", False), ("indirect", False), ("indirect", True)])
-def test_q_matches_hand_computation(transfer, self_normalize, tokenizer):
-    """Two-step toy: candidate z then one deterministic rollout token; Q by hand from r and r_bl."""
+@pytest.mark.parametrize("transfer", ["direct", "indirect"])
+def test_q_matches_hand_computation(transfer, tokenizer):
+    """Two-step toy: candidate z then one deterministic rollout token; Q by hand from r and r_bl.
+    (The self-normalised estimator needs distinct rollouts: test_indirect_q_weights_distinct_sampled_rollouts.)"""
     toy, prompt = toy_setup(tokenizer)
     settings = DecoderSettings(method="tqstar", top_k=2, alpha=1.0, max_new_tokens=1, rollout_max_new_tokens=1,
-                               rollout_num=2, transfer=transfer, self_normalize=self_normalize, beta_bl=2.0, trace=True)
+                               transfer=transfer, beta_bl=2.0, trace=True)
     decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy, baseline_reward=rbl, settings=settings)
     step = decoder.decode([prompt])[0].trace[0]
     expected = {}
     # 'fine' + EOS: r = 1, r_bl = 0.5 ; 'awful' + 'but': r = -1, r_bl = 1.0
     for word, r, r_bl in (("fine", 1.0, 0.5), ("awful", -1.0, 1.0)):
         w = math.exp((r - r_bl) / 2.0)
-        if transfer == "direct":
-            expected[word] = r
-        elif self_normalize:
-            expected[word] = (w * r + w * r) / (w + w)
-        else:
-            expected[word] = (w * r + w * r) / 2
+        expected[word] = r if transfer == "direct" else w * r
     got = dict(zip([t.strip() for t in step["tokens"]], step["q"]))
     assert got == pytest.approx(expected, abs=1e-6)
     assert step["scores"] == pytest.approx([lp + q for lp, q in zip(step["logprobs"], step["q"])], abs=1e-5)
+
+
+@pytest.mark.parametrize("self_normalize", [False, True])
+def test_indirect_q_weights_distinct_sampled_rollouts(self_normalize, sft_model, baseline_model, tokenizer):
+    """Indirect Q from n sampled rollouts that differ: each candidate's Q is the importance-weighted
+    reduction of its own rollouts' r and r_bl (identical rollouts would make any weighting look right)."""
+    settings = DecoderSettings(method="tqstar", transfer="indirect", self_normalize=self_normalize, beta_bl=0.5, top_k=3,
+                               max_new_tokens=2, rollout_num=4, rollout_selection="sample", rollout_max_new_tokens=4, trace=True)
+    decoder = Decoder(sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model,
+                      baseline_reward=length_reward, settings=settings)
+    distinct = 0
+    for generation in decoder.decode(PROMPTS):
+        for step in generation.trace:
+            for q, rewards, baseline in zip(step["q"], step["rollout_rewards"], step["rollout_baseline_rewards"]):
+                weights = [math.exp((r - b) / 0.5) for r, b in zip(rewards, baseline)]
+                if self_normalize:
+                    expected = sum(w * r for w, r in zip(weights, rewards)) / sum(weights)
+                else:
+                    expected = sum(w * r for w, r in zip(weights, rewards)) / len(rewards)
+                assert q == pytest.approx(expected, rel=1e-5, abs=1e-6)
+                distinct += len(set(zip(rewards, baseline))) > 1 and len(set(weights)) > 1
+    assert distinct >= 3, "the rollouts must differ for this test to tell the estimators apart"
 
 
 def test_stop_string_ends_and_is_cut(tokenizer):
@@ -228,7 +245,8 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_tokens(sft_model, bas
 def test_finished_rollout_rows_carried_in_the_batch_change_nothing(sft_model, baseline_model, tokenizer, rollout_selection):
     """Rollouts that stop early (here at '.' or '!') stay in the batch until a quarter of the rows are done;
     one rollout per forward pass (nothing carried) gives the same tokens, Q values and rollout-token count."""
-    settings = dict(method="tqstar", alpha=2.0, rollout_max_new_tokens=8, rollout_num=2, rollout_selection=rollout_selection,
+    settings = dict(method="tqstar", alpha=2.0, rollout_max_new_tokens=8, rollout_num=2 if rollout_selection == "sample" else 1,
+                    rollout_selection=rollout_selection,
                     stop_strings=["\n\nHuman:", ".", "!"], trace=True)
     batched = make_decoder(sft_model, tokenizer, baseline_model, **settings)
     one_row = make_decoder(sft_model, tokenizer, baseline_model, max_batch_rows=1, **settings)
@@ -238,5 +256,26 @@ def test_finished_rollout_rows_carried_in_the_batch_change_nothing(sft_model, ba
         for sa, sb in zip(ga.trace, gb.trace):
             assert sa["q"] == pytest.approx(sb["q"], abs=1e-5)
     steps = sum(g.num_tokens for g in a)
-    assert batched.counters["rollout_tokens"] == one_row.counters["rollout_tokens"] < steps * 4 * 2 * 8  # some ended early
+    assert batched.counters["rollout_tokens"] == one_row.counters["rollout_tokens"] < steps * 4 * settings["rollout_num"] * 8  # some ended early
     assert batched.counters["baseline_forward_tokens"] >= one_row.counters["baseline_forward_tokens"]
+
+
+def test_settings_that_change_nothing_are_refused():
+    from tqstar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"decoder.rollout.num=4 with decoder.rollout.selection=greedy"):
+        DecoderSettings(method="cd", rollout_num=4)
+    with pytest.raises(ConfigError, match=r"decoder.self_normalize=true with decoder.rollout.num=1"):
+        DecoderSettings(method="tqstar", transfer="indirect", self_normalize=True)
+    DecoderSettings(method="sft", rollout_num=4)  # rollout knobs of a method without rollouts are inert, not contradictory
+    DecoderSettings(method="tqstar", transfer="indirect", self_normalize=True, rollout_num=2, rollout_selection="sample")
+
+
+@pytest.mark.parametrize("rollout_selection", ["greedy", "sample"])
+def test_tqstar_with_the_sft_model_as_baseline_is_cd(rollout_selection, sft_model, tokenizer):
+    """Rolling out the SFT model is controlled decoding: TQ* with baseline = SFT equals CD token for token."""
+    knobs = dict(alpha=2.0, rollout_selection=rollout_selection, rollout_num=2 if rollout_selection == "sample" else 1, trace=True)
+    tqstar = make_decoder(sft_model, tokenizer, sft_model, method="tqstar", **knobs).decode(PROMPTS)
+    cd = make_decoder(sft_model, tokenizer, method="cd", **knobs).decode(PROMPTS)
+    assert [g.token_ids for g in tqstar] == [g.token_ids for g in cd]
+    assert [[step["q"] for step in g.trace] for g in tqstar] == [[step["q"] for step in g.trace] for g in cd]

@@ -65,6 +65,42 @@ def _group_of(key: str) -> str | None:
     return group if (conf_dir() / group).is_dir() else None
 
 
+def mounts(config_name: str = "decode") -> dict[str, str]:
+    """Packages a config group is mounted at in a primary config's defaults: {'sft': 'model', 'reward': 'reward', ...}."""
+    found: dict[str, str] = {}
+    for entry in OmegaConf.load(conf_dir() / f"{config_name}.yaml").get("defaults", []):
+        if isinstance(entry, (dict, DictConfig)):
+            for key in entry:
+                group, _, package = str(key).partition("@")
+                found[package or group] = group
+    return found
+
+
+def normalize_override(override: str, config_name: str = "decode") -> str:
+    """Every spelling of a group override, as Hydra wants it for this primary config.
+
+    `reward@reward=hf` -> `reward=hf` (Hydra keys a group mounted at its own name by the group alone);
+    `sft=hf` -> `model@sft=hf` and `baseline_reward=vader` -> `reward@baseline_reward=vader` (a mount
+    named by its package); `group=null` -> `~group` (drop the defaults entry).
+    """
+    if "=" not in override:
+        return override
+    key, value = override.split("=", 1)
+    prefix = key[: len(key) - len(key.lstrip("+~"))]
+    name = key[len(prefix):]
+    if "." not in name:
+        group, _, package = name.partition("@")
+        where = mounts(config_name)
+        if package and package == group:
+            name = group
+        elif not package and group in where and where[group] != group and not (conf_dir() / group).is_dir():
+            name = f"{where[group]}@{group}"
+    key = prefix + name
+    if value == "null" and _group_of(key) and not prefix:
+        return f"~{key}"
+    return f"{key}={value}"
+
+
 def compose(overrides: Iterable[str] = (), config_name: str = "decode", allow_sweep: bool = False) -> DictConfig:
     """Compose `conf/<config_name>.yaml` with command-line overrides; raise ConfigError on any problem.
 
@@ -76,8 +112,7 @@ def compose(overrides: Iterable[str] = (), config_name: str = "decode", allow_sw
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
-    # `group=null` drops a defaults entry (Hydra spells that `~group`), e.g. reward@baseline_reward=null.
-    overrides = [f"~{o.split('=', 1)[0]}" if o.endswith("=null") and _group_of(o.split("=", 1)[0]) else o for o in overrides]
+    overrides = [normalize_override(o, config_name) for o in overrides]
     _check_overrides(overrides, allow_sweep)
     GlobalHydra.instance().clear()
     try:
@@ -177,21 +212,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     _number(cfg, "dataset.offset", minimum=0, integer=True)
     shard = cfg.dataset.get("shard")
     if shard is not None:
+        from .data import parse_shard
+
         parse_shard(str(shard))
     device = str(cfg.device)
     _require(device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:"), "device", device, "auto, cpu, cuda, cuda:N or mps")
     return cfg
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    """'i/n' -> (i, n) with 0 <= i < n."""
-    try:
-        index, count = (int(part) for part in shard.split("/"))
-    except ValueError:
-        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n")
-    return index, count
 
 
 def to_yaml(cfg: DictConfig) -> str:

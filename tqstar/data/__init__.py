@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..config import parse_shard
 
 
 @dataclass
@@ -52,6 +51,17 @@ def _synthetic_rows(dataset_cfg, synthetic_dir) -> tuple[list[dict], str]:
     if not path.exists():
         raise ConfigError(f"dataset.split={split!r} is not allowed for the synthetic task; allowed: train, test")
     return [{"id": r["id"], "prompt": r["prompt"]} for r in _read_jsonl(path)], f"synthetic:{split}"
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n")
+    return index, count
 
 
 def select(rows: list[dict], dataset_cfg) -> list[dict]:

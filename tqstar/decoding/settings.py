@@ -70,6 +70,17 @@ class DecoderSettings:
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
             raise bad("stop_strings", "must be a list of non-empty strings")
         self.stop_strings = list(stops)
+        self._refuse_no_ops()
+
+    def _refuse_no_ops(self) -> None:
+        """Settings that would silently change nothing (or only the cost) are refused with one line."""
+        if self.spec.uses_rollouts and self.rollout_num > 1 and self.rollout_selection == "greedy":
+            raise ConfigError(f"decoder.rollout.num={self.rollout_num} with decoder.rollout.selection=greedy rolls out the same "
+                              f"continuation {self.rollout_num} times (same Q, {self.rollout_num}x the cost); "
+                              "use decoder.rollout.selection=sample, or decoder.rollout.num=1")
+        if self.self_normalize and self.needs_baseline_reward and self.rollout_num == 1:
+            raise ConfigError("decoder.self_normalize=true with decoder.rollout.num=1: sum(w r) / sum(w) over one rollout is r "
+                              "itself (direct transfer); use decoder.rollout.num >= 2 with decoder.rollout.selection=sample")
 
     @classmethod
     def from_config(cls, decoder_cfg: Any) -> "DecoderSettings":
