@@ -252,3 +252,22 @@ def test_frame_names_runs_as_given_for_joins(tmp_path, hydra_clean, monkeypatch)
     df = evaluate_runs(["given"], overrides=NO_COHERENCE, out_dir="table")  # out_dir: alias of comparison_dir
     assert list(df["run"]) == ["given"]
     assert read_metrics(run)["run"] == str(run.resolve()) and (tmp_path / "table" / "comparison.csv").exists()
+
+
+def test_report_renders_without_importing_evaluate(tmp_path):
+    """Imports point down: tqstar.report never imports tqstar.evaluate, and renders duck-typed runs."""
+    import ast
+    from types import SimpleNamespace
+
+    import tqstar.report as report
+
+    tree = ast.parse(Path(report.__file__).read_text(encoding="utf-8"))
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "evaluate" not in modules and "tqstar.evaluate" not in modules
+    run = SimpleNamespace(label="sft", method="sft", cfg=OmegaConf.create({"decoder": {"alpha": None}}), given="r",
+                          path=tmp_path, settings={"reward": "vader"},
+                          metrics={"num_prompts": 2, "reward_mean": 0.5, "reward_stderr": 0.25, "kl": float("nan")})
+    rows = report.table_rows(report.to_frame([run], run))
+    assert rows == [["run", "n", "reward"], ["sft (ref)", "2", "0.500 ± 0.250"]]
+    report.write_markdown(rows, tmp_path / "t.md", "title")
+    assert (tmp_path / "t.md").read_text(encoding="utf-8").splitlines()[2:4] == ["| run | n | reward |", "|---|---:|---:|"]

