@@ -65,3 +65,9 @@ class FunctionReward(Reward):
 
     def score(self, prompts, responses):
         return list(self.fn(prompts, responses))
+
+
+def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """r_bl = 0: with baseline = pi_sft and beta_bl = beta, indirect transfer's self-normalised weights
+    e^{r/beta} turn SFT rollouts into an importance-sampled estimate of Q*_beta (conf/experiment/synthetic_exact_q.yaml)."""
+    return [0.0] * len(prompts)

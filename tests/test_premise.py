@@ -1,0 +1,114 @@
+"""The premise checks and the exact-Q* arm against a toy whose rho*_beta and Q*_beta are known in closed form.
+
+Toy: after the prompt, pi_sft picks 'good' (p) or 'bad' (1 - p); then 'great' or 'awful' with
+probabilities that depend on the first word; then EOS. r = (#positive - #negative words), so the four
+responses score +2, 0, 0, -2. rho*_beta(y) ∝ pi_sft(y) e^{r(y)/beta} over those four.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from conftest import ASSISTANT, HUMAN, positive_words_reward
+from toy import ToyLM
+from tqstar import premise
+from tqstar.decoding.engine import Decoder
+from tqstar.decoding.settings import DecoderSettings
+from tqstar.rewards.base import zero_reward
+
+BETA = 0.8
+FIRST = {"good": 0.6, "bad": 0.4}
+SECOND = {"good": {"great": 0.7, "awful": 0.3}, "bad": {"great": 0.2, "awful": 0.8}}
+REWARD = {("good", "great"): 2.0, ("good", "awful"): 0.0, ("bad", "great"): 0.0, ("bad", "awful"): -2.0}
+
+
+def responses():
+    return [((a, b), FIRST[a] * SECOND[a][b], REWARD[(a, b)]) for a in FIRST for b in SECOND[a]]
+
+
+def exact(beta=BETA):
+    z = sum(p * math.exp(r / beta) for _, p, r in responses())
+    optimum = {y: p * math.exp(r / beta) / z for y, p, r in responses()}
+    expected = sum(optimum[y] * r for y, _, r in responses())
+    kl = sum(optimum[y] * math.log(optimum[y] / p) for y, p, _ in responses())
+    return optimum, expected, kl
+
+
+def draw(rng, weights):
+    items = list(weights)
+    return rng.choices(items, weights=[weights[y] for y in items])[0]
+
+
+def test_optimum_reward_and_kl_from_sft_samples_match_the_closed_form():
+    rng = random.Random(0)
+    sft = {y: p for y, p, _ in responses()}
+    by_prompt = [[REWARD[draw(rng, sft)] for _ in range(400)] for _ in range(30)]
+    _, expected, kl = exact()
+    reward = premise.optimum_reward(by_prompt, BETA)
+    assert abs(reward["mean"] - expected) < 4 * reward["se"] + 0.01
+    assert reward["samples_per_prompt"] == 400 and 1 < reward["effective_samples_mean"] < 400
+    estimate = premise.optimum_kl(by_prompt, BETA)
+    assert abs(estimate["mean"] - kl) < 4 * estimate["se"] + 0.01
+
+
+def test_sample_kl_and_implied_slope_of_the_optimum_and_of_a_weaker_baseline():
+    rng = random.Random(1)
+    sft = {y: p for y, p, _ in responses()}
+    for strength, slope in ((1.0, 1.0), (0.5, 0.5)):  # rho ∝ pi e^{strength r / beta}: the optimum, and half of it
+        z = sum(p * math.exp(strength * REWARD[y] / BETA) for y, p in sft.items())
+        rho = {y: p * math.exp(strength * REWARD[y] / BETA) / z for y, p in sft.items()}
+        samples = [draw(rng, rho) for _ in range(4000)]
+        prompt_of = [i % 40 for i in range(len(samples))]
+        kl = premise.sample_kl([[math.log(rho[y])] for y in samples], [[math.log(sft[y])] for y in samples], prompt_of)
+        exact_kl = sum(rho[y] * math.log(rho[y] / sft[y]) for y in sft)
+        assert abs(kl["mean"] - exact_kl) < 4 * kl["se"] + 0.01
+        fit = premise.implied_reward_slope([math.log(rho[y] / sft[y]) for y in samples], [REWARD[y] for y in samples], BETA, prompt_of)
+        assert fit["slope"] == pytest.approx(slope, abs=1e-9) and fit["correlation"] == pytest.approx(1.0)
+
+
+def test_soft_weights_are_stable_for_tiny_beta():
+    weights = premise.soft_weights([1.0, 0.9, -1.0], beta=1e-3)
+    assert weights[0] == pytest.approx(1.0) and sum(weights) == pytest.approx(1.0)
+
+
+def toy_model(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids
+    eos = tokenizer.eos_token_id
+    transitions = {ids(ASSISTANT): {ids(w): p for w, p in FIRST.items()}}
+    for first, nxt in SECOND.items():
+        transitions[ids(first)] = {ids(w): p for w, p in nxt.items()}
+    for word in ("great", "awful"):
+        transitions[ids(word)] = {eos: 0.999999}
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    return ToyLM(vocab_size, transitions, default={eos: 0.999999}), f"{HUMAN} hotel{ASSISTANT}"
+
+
+def test_exact_q_arm_estimates_q_star_of_the_closed_form(tokenizer):
+    """TQ* indirect with baseline = pi_sft, r_bl = 0, beta_bl = beta, self-normalised sampled rollouts
+    (the synthetic_exact_q preset) estimates Q*_beta(s, z) = E_{rho*_beta}[r | z]."""
+    toy, prompt = toy_model(tokenizer)
+    settings = DecoderSettings(method="tqstar", transfer="indirect", beta_bl=BETA, self_normalize=True, top_k=2,
+                               rollout_num=2000, rollout_selection="sample", rollout_max_new_tokens=3, max_new_tokens=1,
+                               max_batch_rows=4000, trace=True)
+    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy, baseline_reward=zero_reward, settings=settings)
+    step = decoder.decode([prompt])[0].trace[0]
+    for token, q, rollout_rewards in zip(step["tokens"], step["q"], step["rollout_rewards"]):
+        first = token.strip()
+        weights = {b: SECOND[first][b] * math.exp(REWARD[(first, b)] / BETA) for b in SECOND[first]}
+        q_star = sum(w * REWARD[(first, b)] for b, w in weights.items()) / sum(weights.values())
+        # Monte-Carlo error of a self-normalised estimate with 2000 rollouts: well under 0.05 here
+        assert q == pytest.approx(q_star, abs=0.05), first
+        assert len(set(rollout_rewards)) == 2  # both continuations were sampled
+
+
+def test_the_exact_q_preset_is_indirect_transfer_from_the_sft_model(hydra_clean):
+    from tqstar.config import compose, validate
+
+    cfg = validate(compose(["experiment=synthetic_exact_q"]))
+    assert cfg.baseline.name_or_path == cfg.sft.name_or_path
+    assert cfg.baseline_reward.function == "tqstar.rewards.base:zero_reward"
+    d = cfg.decoder
+    assert (d.transfer, d.self_normalize, d.rollout.selection) == ("indirect", True, "sample") and d.rollout.num >= 16

@@ -1,0 +1,122 @@
+"""Checks of TQ*'s premise: how close is a baseline rho_bl to the KL-regularised optimum rho*_beta?
+
+rho*_beta(y|x) ∝ pi_sft(y|x) · exp(r(x,y) / beta). Three measurements, all from samples (pure
+functions of numbers, no models here; the synthetic build and the SmolLM2 build feed them):
+
+(a) E_{rho*_beta}[r], estimated per prompt by self-normalised importance sampling of M responses
+    y_1..y_M ~ pi_sft(.|x): sum_i e^{r_i/beta} r_i / sum_i e^{r_i/beta}; averaged over prompts
+    (`optimum_reward`). Compare with the baseline's sampled (T=1) mean reward.
+(b) KL(rho*_beta || pi_sft) per response = E_{rho*}[r]/beta - log Z(x), log Z(x) = log E_{pi_sft} e^{r/beta},
+    from the same samples (`optimum_kl`); KL(rho_bl || pi_sft) from samples of rho_bl with both
+    models' log-probs: mean of sum_t (log rho_bl - log pi_sft) (`sample_kl`).
+(c) The implied reward: at the optimum beta · log(rho*/pi_sft)(y|x) = r(x,y) - beta log Z(x), so
+    regressing beta · log(rho_bl/pi_sft) on r within prompts (per-prompt intercepts) gives slope 1
+    (`implied_reward_slope`); a slope below 1 is a baseline short of the optimum, above 1 past it.
+
+Each returns a mean and a standard error across prompts; the self-normalised estimates are
+consistent as M grows but biased towards pi_sft for small M and small beta, so `optimum_reward`
+also reports the effective sample size of the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .stats import mean_and_stderr
+
+
+def _log_mean_exp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values) / len(values))
+
+
+def soft_weights(rewards: Sequence[float], beta: float) -> list[float]:
+    """Self-normalised weights e^{r_i/beta} / sum_j e^{r_j/beta} (stable for small beta)."""
+    top = max(rewards)
+    raw = [math.exp((r - top) / beta) for r in rewards]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def optimum_reward(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
+    """(a) E_{rho*_beta}[r] from pi_sft samples: per-prompt self-normalised IS, then mean ± s.e. over prompts."""
+    per_prompt, ess = [], []
+    for rewards in rewards_by_prompt:
+        weights = soft_weights(rewards, beta)
+        per_prompt.append(sum(w * r for w, r in zip(weights, rewards)))
+        ess.append(1.0 / sum(w * w for w in weights))
+    mean, se = mean_and_stderr(per_prompt)
+    return {"mean": mean, "se": se, "prompts": len(per_prompt), "samples_per_prompt": _samples(rewards_by_prompt),
+            "effective_samples_mean": mean_and_stderr(ess)[0]}
+
+
+def optimum_kl(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
+    """(b) KL(rho*_beta || pi_sft) per response: E_{rho*}[r]/beta - log E_{pi_sft}[e^{r/beta}], per prompt."""
+    per_prompt = []
+    for rewards in rewards_by_prompt:
+        weights = soft_weights(rewards, beta)
+        expected = sum(w * r for w, r in zip(weights, rewards))
+        per_prompt.append(expected / beta - _log_mean_exp([r / beta for r in rewards]))
+    mean, se = mean_and_stderr(per_prompt)
+    return {"mean": mean, "se": se, "prompts": len(per_prompt), "samples_per_prompt": _samples(rewards_by_prompt)}
+
+
+def sample_kl(policy_logprobs: Sequence[Sequence[float]], sft_logprobs: Sequence[Sequence[float]],
+              prompt_of: Sequence[int] | None = None) -> dict:
+    """(b) KL(rho || pi_sft) per response from responses sampled from rho: the mean of sum_t (log rho - log pi_sft).
+
+    With `prompt_of` (the prompt index of each response) the s.e. is across prompts (several samples
+    per prompt are averaged first)."""
+    totals = [sum(p) - sum(q) for p, q in zip(policy_logprobs, sft_logprobs)]
+    groups = _group(totals, prompt_of)
+    mean, se = mean_and_stderr([sum(g) / len(g) for g in groups])
+    return {"mean": mean, "se": se, "responses": len(totals), "prompts": len(groups)}
+
+
+def sample_reward(rewards: Sequence[float], prompt_of: Sequence[int] | None = None) -> dict:
+    """Mean reward of sampled responses, s.e. across prompts."""
+    groups = _group(list(rewards), prompt_of)
+    mean, se = mean_and_stderr([sum(g) / len(g) for g in groups])
+    return {"mean": mean, "se": se, "responses": len(rewards), "prompts": len(groups)}
+
+
+def implied_reward_slope(log_ratios: Sequence[float], rewards: Sequence[float], beta: float,
+                         prompt_of: Sequence[int] | None = None) -> dict:
+    """(c) Slope of beta · log(rho_bl/pi_sft)(y|x) regressed on r(x,y), with an intercept per prompt
+    (log Z(x) differs by prompt): 1 at the optimum. Also the correlation of the two, within prompts."""
+    prompt_of = list(prompt_of) if prompt_of is not None else [0] * len(rewards)
+    by_prompt: dict[int, list[tuple[float, float]]] = {}
+    for prompt, ratio, reward in zip(prompt_of, log_ratios, rewards):
+        by_prompt.setdefault(prompt, []).append((beta * ratio, reward))
+    xs, ys = [], []
+    for pairs in by_prompt.values():
+        if len(pairs) < 2:
+            continue  # one response says nothing within its prompt
+        mean_y = sum(p[0] for p in pairs) / len(pairs)
+        mean_x = sum(p[1] for p in pairs) / len(pairs)
+        ys += [p[0] - mean_y for p in pairs]
+        xs += [p[1] - mean_x for p in pairs]
+    sxx = sum(x * x for x in xs)
+    syy = sum(y * y for y in ys)
+    if not xs or sxx == 0:
+        return {"slope": None, "se": None, "correlation": None, "responses": len(rewards)}
+    slope = sum(x * y for x, y in zip(xs, ys)) / sxx
+    dof = max(len(xs) - len(by_prompt) - 1, 1)
+    residual = sum((y - slope * x) ** 2 for x, y in zip(xs, ys)) / dof
+    return {"slope": slope, "se": math.sqrt(residual / sxx), "correlation": (sum(x * y for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)) if syy else None,
+            "responses": len(rewards)}
+
+
+def _group(values: list[float], prompt_of: Sequence[int] | None) -> list[list[float]]:
+    if prompt_of is None:
+        return [[v] for v in values]
+    groups: dict[int, list[float]] = {}
+    for prompt, value in zip(prompt_of, values):
+        groups.setdefault(prompt, []).append(value)
+    return list(groups.values())
+
+
+def _samples(rewards_by_prompt: Sequence[Sequence[float]]) -> int | None:
+    sizes = {len(r) for r in rewards_by_prompt}
+    return sizes.pop() if len(sizes) == 1 else None
