@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import subprocess
+import sys
 
 import pytest
 
-from tqstar.synthetic import build as B
+from tqstar.synthetic import build, cache, pairs
+from tqstar.synthetic import tokenizer as T
 from tqstar.synthetic.corpus import (
     ASSISTANT,
     HUMAN,
@@ -17,6 +19,7 @@ from tqstar.synthetic.corpus import (
     generate_prompts,
     tokenizer_texts,
 )
+from tqstar.synthetic.params import MODEL_NAMES, VERSION, BuildParams
 from tqstar.synthetic.rewards import baseline_reward, on_topic, target_reward
 
 
@@ -80,12 +83,12 @@ def test_prompts_distinct_and_held_out():
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer():
     corpus = generate_corpus(0, 300)
-    return corpus, B.train_tokenizer(tokenizer_texts(corpus))
+    return corpus, T.train_tokenizer(tokenizer_texts(corpus))
 
 
 def test_tokenizer_deterministic(corpus_and_tokenizer):
     corpus, tok = corpus_and_tokenizer
-    again = B.train_tokenizer(tokenizer_texts(generate_corpus(0, 300)))
+    again = T.train_tokenizer(tokenizer_texts(generate_corpus(0, 300)))
     assert tok.get_vocab() == again.get_vocab()
     assert tok.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
 
@@ -97,7 +100,7 @@ def test_tokenizer_round_trip(corpus_and_tokenizer):
         assert ids[0] == tok.bos_token_id
         assert tok.unk_token_id not in ids
         assert tok.decode(ids, skip_special_tokens=True) == d.text
-        assert tok.decode(ids) == B.BOS + d.text
+        assert tok.decode(ids) == T.BOS + d.text
         # a response decoded alone reads as the response (words separated by spaces)
         prompt_len = len(tok(d.prompt)["input_ids"])
         assert ids[:prompt_len] == tok(d.prompt)["input_ids"]  # prompt tokens are a prefix
@@ -109,7 +112,7 @@ def test_tokenizer_special_ids(corpus_and_tokenizer):
     assert [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id] == [0, 1, 2, 3]
     assert tok.convert_tokens_to_ids(HUMAN) == 4 and tok.convert_tokens_to_ids(ASSISTANT) == 5
     assert tok.decode([4, 5]) == HUMAN + ASSISTANT
-    assert B.vocab_size_of(tok) == max(tok.get_vocab().values()) + 1
+    assert T.vocab_size_of(tok) == max(tok.get_vocab().values()) + 1
 
 
 def test_tokenizer_saves_and_loads(corpus_and_tokenizer, tmp_path):
@@ -121,7 +124,7 @@ def test_tokenizer_saves_and_loads(corpus_and_tokenizer, tmp_path):
     text = corpus[0].text
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
-    assert (loaded.eos_token, loaded.pad_token, loaded.bos_token) == (B.EOS, B.PAD, B.BOS)
+    assert (loaded.eos_token, loaded.pad_token, loaded.bos_token) == (T.EOS, T.PAD, T.BOS)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -167,37 +170,119 @@ def test_make_pairs_best_vs_worst():
         {"prompt_index": 1, "response": "e", "finished": True, "r": 0.32},  # gap too small
         {"prompt_index": 2, "response": "f", "finished": True, "r": 0.0},
     ]
-    pairs = B.make_pairs(prompts, samples, "r", min_gap=0.1)
-    assert pairs == [{"prompt": "p0", "chosen": " a", "rejected": " b"}]
+    made = pairs.make_pairs(prompts, samples, "r", min_gap=0.1)
+    assert made == [{"prompt": "p0", "chosen": " a", "rejected": " b"}]
 
 
 def test_make_pairs_several_per_prompt():
     samples = [{"prompt_index": 0, "response": t, "finished": True, "r": r}
                for t, r in zip("abcdef", (0.1, 0.9, -0.8, 0.5, -0.1, 0.3))]
-    pairs = B.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=2)
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(" b", " c"), (" d", " e")]
-    assert len(B.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=9)) == 3
+    made = pairs.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=2)
+    assert [(p["chosen"], p["rejected"]) for p in made] == [(" b", " c"), (" d", " e")]
+    assert len(pairs.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=9)) == 3
 
 
 def test_cache_key_and_location(tmp_path, monkeypatch):
-    p = B.BuildParams()
-    assert B.task_dir(0, tmp_path) == B.task_dir(0, tmp_path)
-    assert B.task_dir(0, tmp_path) != B.task_dir(1, tmp_path)
-    assert B.task_dir(0, tmp_path, p) != B.task_dir(0, tmp_path, B.BuildParams(dpo_beta=0.2))
-    name = B.task_dir(0, tmp_path).name
-    assert name.startswith(f"v{B.VERSION}-") and len(name.split("-")[1]) == 8
-    assert B.task_dir(0, tmp_path).parent == tmp_path / "synthetic"
+    p = BuildParams()
+    assert cache.task_dir(0, tmp_path) == cache.task_dir(0, tmp_path)
+    assert cache.task_dir(0, tmp_path) != cache.task_dir(1, tmp_path)
+    assert cache.task_dir(0, tmp_path, p) != cache.task_dir(0, tmp_path, BuildParams(dpo_beta=0.2))
+    name = cache.task_dir(0, tmp_path).name
+    assert name.startswith(f"v{VERSION}-") and len(name.split("-")[1]) == 8
+    assert cache.task_dir(0, tmp_path).parent == tmp_path / "synthetic"
     monkeypatch.setenv("TQSTAR_CACHE", str(tmp_path / "env"))
-    assert B.task_dir(0).parent == tmp_path / "env" / "synthetic"
+    assert cache.task_dir(0).parent == tmp_path / "env" / "synthetic"
 
 
-def test_ensure_built_returns_cached_folder_at_once(tmp_path):
-    folder = B.task_dir(5, tmp_path)
+def test_cache_key_covers_library_versions(tmp_path, monkeypatch):
+    """A different library stack (or Python minor version) never reuses another stack's build."""
+    here = cache.task_dir(0, tmp_path)
+    real = cache._versions()
+    assert set(real) == {"python", *cache.KEYED_LIBRARIES} and all(real[k] for k in cache.KEYED_LIBRARIES)
+    for key, other in (("transformers", "0.0.1"), ("torch", "0.0.1"), ("trl", None), ("python", "2.7.0")):
+        monkeypatch.setattr(cache, "_versions", lambda key=key, other=other: {**real, key: other})
+        assert cache.task_dir(0, tmp_path) != here, key
+    major, minor, *_ = real["python"].split(".")
+    monkeypatch.setattr(cache, "_versions", lambda: {**real, "python": f"{major}.{minor}.999"})
+    assert cache.task_dir(0, tmp_path) == here  # a Python patch release keeps the key
+
+
+def _no_build(*args, **kwargs):
+    raise AssertionError("rebuilt a cached task")
+
+
+def test_ensure_built_returns_cached_folder_without_building(tmp_path, monkeypatch):
+    folder = cache.task_dir(5, tmp_path)
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"seed": 5}))
-    t0 = time.perf_counter()
-    assert B.ensure_built(seed=5, cache_dir=tmp_path, progress=False) == folder
-    assert time.perf_counter() - t0 < 1.0
+    monkeypatch.setattr(build, "_build", _no_build)
+    assert build.ensure_built(seed=5, cache_dir=tmp_path, progress=False) == folder
+    assert cache.load_manifest(folder) == {"seed": 5}
+
+
+def test_build_once_writes_manifest_last_and_renames(tmp_path):
+    final = tmp_path / "synthetic" / "v0-test"
+    final.mkdir(parents=True)
+    (final / "stale.txt").write_text("left by a killed build")  # no manifest: not trusted
+    calls = []
+
+    def make(tmp):
+        calls.append(tmp)
+        assert tmp.parent == final.parent and tmp != final and not (tmp / "manifest.json").exists()
+        (tmp / "data.txt").write_text("x")
+        return {"ok": True}
+
+    assert cache.build_once(final, make) == final
+    assert cache.build_once(final, _no_build) == final  # built: never called again
+    assert len(calls) == 1 and not calls[0].exists()
+    assert sorted(p.name for p in final.iterdir()) == ["data.txt", "manifest.json"]
+    assert cache.load_manifest(final) == {"ok": True}
+    assert [p.name for p in final.parent.iterdir() if p.is_dir()] == ["v0-test"]
+
+
+def test_build_once_failure_leaves_nothing_that_looks_built(tmp_path):
+    final = tmp_path / "synthetic" / "v0-test"
+
+    def make(tmp):
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        cache.build_once(final, make)
+    assert not final.exists() and not cache.is_built(final)
+    assert [p.name for p in final.parent.iterdir() if p.is_dir()] == []
+
+
+def test_importing_the_package_is_cheap_and_stays_in_its_layer():
+    code = ("import sys\n"
+            "import tqstar.synthetic\n"
+            "from tqstar.synthetic import build, cache, evaluation, generation, pairs, params, tokenizer, training\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'tqstar.decode', 'tqstar.models', "
+            "'tqstar.decoding.engine') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_generate_through_engine_is_seeded_and_batch_independent(corpus_and_tokenizer):
+    from tqstar.synthetic.generation import generate
+    from tqstar.synthetic.training import make_model
+
+    corpus, tok = corpus_and_tokenizer
+    model = make_model(tok, BuildParams(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2), seed=0).eval()
+    prompts = [d.prompt for d in corpus[:5]]
+    kwargs = dict(max_new_tokens=6, selection="sample", samples_per_prompt=3, seed=7)
+    rows = generate(model, tok, prompts, batch_size=64, **kwargs)
+    assert rows == generate(model, tok, prompts, batch_size=2, **kwargs)  # draws follow the row index
+    assert [r["prompt_index"] for r in rows] == [i for i in range(5) for _ in range(3)]
+    assert rows != generate(model, tok, prompts, batch_size=64, **{**kwargs, "seed": 8})
+    for r in rows:
+        assert set(r) == {"prompt_index", "response", "n_tokens", "finished"}
+        assert 1 <= r["n_tokens"] <= 6
+        assert r["finished"] or r["n_tokens"] == 6  # unfinished only when max_new_tokens ran out
+        assert HUMAN not in r["response"] and r["response"] == r["response"].strip()
+    greedy = generate(model, tok, prompts, max_new_tokens=6)
+    assert len(greedy) == 5 and greedy == generate(model, tok, prompts, max_new_tokens=6, batch_size=1)
+    assert tok.padding_side == "right"  # the engine's left padding does not leak out
 
 
 # ----------------------------------------------------------------------------- full build (slow)
@@ -211,26 +296,29 @@ def test_tiny_build_end_to_end(tmp_path):
     """The whole pipeline on a toy recipe (no quality check): layout, manifest, loadable models."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    params = B.BuildParams(n_corpus=300, n_train_prompts=32, n_test_prompts=8, hidden_size=32, intermediate_size=64,
-                           num_layers=1, num_heads=2, sft_epochs=3, n_pair_prompts=16, samples_per_prompt=4,
-                           sample_max_new_tokens=48, dpo_epochs=1, dpo_batch_size=8, eval_max_new_tokens=8)
-    folder = B.ensure_built(seed=1, cache_dir=tmp_path, progress=False, params=params)
-    manifest = B.load_manifest(folder)
+    params = BuildParams(n_corpus=300, n_train_prompts=32, n_test_prompts=8, hidden_size=32, intermediate_size=64,
+                         num_layers=1, num_heads=2, sft_epochs=3, n_pair_prompts=16, samples_per_prompt=4,
+                         sample_max_new_tokens=48, dpo_epochs=1, dpo_batch_size=8, eval_max_new_tokens=8)
+    folder = build.ensure_built(seed=1, cache_dir=tmp_path, progress=False, params=params)
+    manifest = cache.load_manifest(folder)
     assert manifest["params"] == params.to_dict() and manifest["seed"] == 1
-    for name in B.MODEL_NAMES:
+    assert manifest["version"] == VERSION and manifest["key"] == folder.name.split("-")[1]
+    assert set(manifest["versions"]) == {"python", *cache.KEYED_LIBRARIES}
+    assert manifest["sizes"]["samples"] == 16 * 4
+    for name in MODEL_NAMES:
         tok = AutoTokenizer.from_pretrained(folder / name)
         model = AutoModelForCausalLM.from_pretrained(folder / name)
-        assert model.get_input_embeddings().num_embeddings >= B.vocab_size_of(tok)
+        assert model.get_input_embeddings().num_embeddings >= T.vocab_size_of(tok)
     assert not list(tmp_path.glob("synthetic/.*building*"))
 
 
 @pytest.mark.slow
-def test_full_build(tmp_path):
+def test_full_build(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = B.ensure_built(seed=0, cache_dir=tmp_path, progress=False)
-    assert folder == B.task_dir(0, tmp_path)
-    for name in B.MODEL_NAMES:
+    folder = build.ensure_built(seed=0, cache_dir=tmp_path, progress=False)
+    assert folder == cache.task_dir(0, tmp_path)
+    for name in MODEL_NAMES:
         assert (folder / name / "config.json").is_file()
         assert (folder / name / "tokenizer.json").is_file()
     for name in ("corpus.jsonl", "dpo_data/samples.jsonl", "dpo_data/dpo.jsonl", "dpo_data/dpo_bl.jsonl"):
@@ -240,8 +328,8 @@ def test_full_build(tmp_path):
     assert len(test) >= 64 and all(set(p) == {"id", "prompt"} and p["prompt"].endswith(ASSISTANT) for p in test)
     assert not {p["prompt"] for p in test} & {p["prompt"] for p in train}
 
-    m = B.load_manifest(folder)
-    assert m["seed"] == 0 and m["params"] == B.BuildParams().to_dict()
+    m = cache.load_manifest(folder)
+    assert m["seed"] == 0 and m["params"] == BuildParams().to_dict()
     assert set(m["seconds"]) >= {"corpus", "tokenizer", "sft", "sample_pairs", "dpo", "dpo_bl", "evaluate", "total"}
     ev = m["eval"]
     assert _clearly_higher(ev["dpo"]["target_reward"], ev["sft"]["target_reward"])
@@ -249,11 +337,10 @@ def test_full_build(tmp_path):
     assert ev["sft"]["finished_frac"] > 0.9
 
     # all three share one vocabulary; the models load through the plain HF path
-    toks = [AutoTokenizer.from_pretrained(folder / n) for n in B.MODEL_NAMES]
+    toks = [AutoTokenizer.from_pretrained(folder / n) for n in MODEL_NAMES]
     assert toks[0].get_vocab() == toks[1].get_vocab() == toks[2].get_vocab()
     model = AutoModelForCausalLM.from_pretrained(folder / "sft")
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
 
-    t0 = time.perf_counter()  # cached: returns at once
-    assert B.ensure_built(seed=0, cache_dir=tmp_path, progress=False) == folder
-    assert time.perf_counter() - t0 < 1.0
+    monkeypatch.setattr(build, "_build", _no_build)  # cached: a second call cannot rebuild
+    assert build.ensure_built(seed=0, cache_dir=tmp_path, progress=False) == folder
