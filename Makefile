@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench clean-venv
+.PHONY: setup demo lint test test-slow bench clean-venv
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/tqstar decode
 
-test: setup
+# ruff: lint and format check (settings in pyproject.toml); `$(PY) -m ruff format .` fixes the format.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -41,14 +41,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Multi-turn HH-style conversations; repeated turns bring each prompt to 150-300 tokens.
 TURNS = [
-    ("I just moved to a new city for work and I don't know anyone here. The apartment is small, the neighbourhood is loud at night, and my commute is almost an hour each way.",
-     "That sounds like a lot of change at once. Moving for work can feel isolating at first, especially when the daily routine is tiring."),
-    ("Yesterday my team lead criticised my report in front of everyone. I worked on it for two weeks and I thought it was good. Now I feel embarrassed and I am not sure how to face them tomorrow.",
-     "Being criticised in public is hard, and it is natural to feel embarrassed after putting so much effort into something."),
-    ("My sister and I had an argument about our parents' anniversary party. She wants a big event and I think a quiet dinner would be better, because our dad has been unwell this year.",
-     "It sounds like you both care about your parents and want the celebration to be right for them."),
-    ("I have been trying to learn to cook, but everything I make turns out bland or burnt. Last night I ruined a simple pasta dish and ended up ordering takeaway again.",
-     "Learning to cook takes practice, and almost everyone has a few ruined dishes along the way."),
+    (
+        "I just moved to a new city for work and I don't know anyone here. The apartment is small, the neighbourhood is loud at night, and my commute is almost an hour each way.",
+        "That sounds like a lot of change at once. Moving for work can feel isolating at first, especially when the daily routine is tiring.",
+    ),
+    (
+        "Yesterday my team lead criticised my report in front of everyone. I worked on it for two weeks and I thought it was good. Now I feel embarrassed and I am not sure how to face them tomorrow.",
+        "Being criticised in public is hard, and it is natural to feel embarrassed after putting so much effort into something.",
+    ),
+    (
+        "My sister and I had an argument about our parents' anniversary party. She wants a big event and I think a quiet dinner would be better, because our dad has been unwell this year.",
+        "It sounds like you both care about your parents and want the celebration to be right for them.",
+    ),
+    (
+        "I have been trying to learn to cook, but everything I make turns out bland or burnt. Last night I ruined a simple pasta dish and ended up ordering takeaway again.",
+        "Learning to cook takes practice, and almost everyone has a few ruined dishes along the way.",
+    ),
 ]
 FOLLOW_UPS = [
     "What would you suggest I do this week to feel a bit better about all of this?",
@@ -141,12 +149,21 @@ def floor_seconds(model, tokenizer, prompt: str, token_ids: list[int], k: int, l
     for t in range(0, len(token_ids), stride):
         prefix = prompt_ids.shape[1] + t
         # The filled cache's first `prefix` positions, one copy per candidate row (not timed: setup).
-        cache = DynamicCache(ddp_cache_data=[(key[:, :, :prefix].repeat(k, 1, 1, 1), value[:, :, :prefix].repeat(k, 1, 1, 1)) for key, value in layers])
+        cache = DynamicCache(
+            ddp_cache_data=[(key[:, :, :prefix].repeat(k, 1, 1, 1), value[:, :, :prefix].repeat(k, 1, 1, 1)) for key, value in layers]
+        )
         rows = full[:, : prefix + 1].repeat(k, 1)
         sync(device)
         start = time.perf_counter()
-        generated = model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=length, min_new_tokens=length,
-                                   do_sample=False, pad_token_id=tokenizer.pad_token_id, **{_cache_argument(type(model)): cache})
+        generated = model.generate(
+            input_ids=rows,
+            attention_mask=torch.ones_like(rows),
+            max_new_tokens=length,
+            min_new_tokens=length,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **{_cache_argument(type(model)): cache},
+        )
         sync(device)
         elapsed += time.perf_counter() - start
         tokens += (generated.shape[1] - rows.shape[1]) * k
@@ -154,16 +171,20 @@ def floor_seconds(model, tokenizer, prompt: str, token_ids: list[int], k: int, l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     parser.add_argument("--setting", choices=["synthetic", "smollm2"], default="smollm2")
     parser.add_argument("--prompts", type=int, default=2, help="prompts (each decoded by every method)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of engine and floor per prompt (median reported)")
     parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of the (slow) reference per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts the engine decodes together (decoder.batch_size)")
-    parser.add_argument("--reference-prompts", type=int, default=None,
-                        help="run the reference on the first N prompts of each batch only (default: all)")
-    parser.add_argument("--floor-stride", type=int, default=1,
-                        help="time the floor on every N-th response step (its rate varies little along the response)")
+    parser.add_argument(
+        "--reference-prompts", type=int, default=None, help="run the reference on the first N prompts of each batch only (default: all)"
+    )
+    parser.add_argument(
+        "--floor-stride", type=int, default=1, help="time the floor on every N-th response step (its rate varies little along the response)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the setting's response length")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -187,7 +208,7 @@ def main() -> None:
     tokenizer = sft.tokenizer
     per_batch = []
     for b0 in range(0, len(prompts), args.batch_size):
-        batch = prompts[b0:b0 + args.batch_size]
+        batch = prompts[b0 : b0 + args.batch_size]
         n_prompt = [len(tokenizer(prompt)["input_ids"]) for prompt in batch]
         engine_times, counters = [], None
         reset_peak(device)
@@ -201,11 +222,14 @@ def main() -> None:
             counters = dict(decoder.counters)
         engine_peak = peak_memory_mb(device)
         label = f"prompts {b0}-{b0 + len(batch) - 1}" if len(batch) > 1 else f"prompt {b0}"
-        print(f"{label}: engine runs {[round(x, 2) for x in engine_times]} s, {[g.num_tokens for g in generations]} tokens, "
-              f"{counters['rollout_tokens']} rollout tokens", flush=True)
+        print(
+            f"{label}: engine runs {[round(x, 2) for x in engine_times]} s, {[g.num_tokens for g in generations]} tokens, "
+            f"{counters['rollout_tokens']} rollout tokens",
+            flush=True,
+        )
         reset_peak(device)
         reference_times, identical = [], []
-        for prompt, generation in list(zip(batch, generations))[:args.reference_prompts]:
+        for prompt, generation in list(zip(batch, generations))[: args.reference_prompts]:
             runs = []
             for _ in range(args.reference_repeats):
                 sync(device)
@@ -221,34 +245,68 @@ def main() -> None:
         print(f"{label}: reference runs {[round(x, 2) for x in reference_times]} s", flush=True)
         reset_peak(device)
         rows = settings.top_k * len(batch)
-        floor_runs = [floor_seconds(baseline.model, tokenizer, batch[0], generations[0].token_ids, rows, settings.rollout_max_new_tokens, device, args.floor_stride)
-                      for _ in range(args.repeats)]
+        floor_runs = [
+            floor_seconds(
+                baseline.model,
+                tokenizer,
+                batch[0],
+                generations[0].token_ids,
+                rows,
+                settings.rollout_max_new_tokens,
+                device,
+                args.floor_stride,
+            )
+            for _ in range(args.repeats)
+        ]
         floor_peak = peak_memory_mb(device)
         floor_rate = statistics.median(tokens / seconds for seconds, tokens in floor_runs)
         engine_s = statistics.median(engine_times) / len(batch)  # per response
         floor_equivalent = counters["rollout_tokens"] / floor_rate / len(batch)  # floor time for the engine's own rollout tokens
         row = {
-            "prompts": list(range(b0, b0 + len(batch))), "prompt_tokens": n_prompt, "response_tokens": [g.num_tokens for g in generations],
-            "identical_tokens": all(identical), "reference_prompts": len(reference_times), "engine_s": engine_s, "engine_runs_s": engine_times,
-            "reference_s": statistics.mean(reference_times), "reference_runs_s": reference_times,
-            "floor_s": floor_equivalent, "floor_rows": rows, "floor_tokens_per_s": floor_rate,
-            "rollout_tokens": counters["rollout_tokens"], "engine_rollout_tokens_per_s": counters["rollout_tokens"] / statistics.median(engine_times),
-            "reward_calls": counters["reward_calls"], "peak_mb": {"engine": engine_peak, "reference": reference_peak, "floor": floor_peak},
+            "prompts": list(range(b0, b0 + len(batch))),
+            "prompt_tokens": n_prompt,
+            "response_tokens": [g.num_tokens for g in generations],
+            "identical_tokens": all(identical),
+            "reference_prompts": len(reference_times),
+            "engine_s": engine_s,
+            "engine_runs_s": engine_times,
+            "reference_s": statistics.mean(reference_times),
+            "reference_runs_s": reference_times,
+            "floor_s": floor_equivalent,
+            "floor_rows": rows,
+            "floor_tokens_per_s": floor_rate,
+            "rollout_tokens": counters["rollout_tokens"],
+            "engine_rollout_tokens_per_s": counters["rollout_tokens"] / statistics.median(engine_times),
+            "reward_calls": counters["reward_calls"],
+            "peak_mb": {"engine": engine_peak, "reference": reference_peak, "floor": floor_peak},
         }
         row["reference_over_engine"] = row["reference_s"] / engine_s
         row["engine_over_floor"] = engine_s / floor_equivalent
         per_batch.append(row)
-        print(f"{label}: {n_prompt} prompt tokens, {row['response_tokens']} new; per response: engine {engine_s:.2f}s, "
-              f"reference {row['reference_s']:.2f}s, floor {floor_equivalent:.2f}s; identical={all(identical)}", flush=True)
+        print(
+            f"{label}: {n_prompt} prompt tokens, {row['response_tokens']} new; per response: engine {engine_s:.2f}s, "
+            f"reference {row['reference_s']:.2f}s, floor {floor_equivalent:.2f}s; identical={all(identical)}",
+            flush=True,
+        )
 
     summary = {
-        "setting": args.setting, "device": str(device), "dtype": str(sft.model.dtype), "torch_threads": torch.get_num_threads(),
+        "setting": args.setting,
+        "device": str(device),
+        "dtype": str(sft.model.dtype),
+        "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
-        "settings": {"top_k": settings.top_k, "rollout_max_new_tokens": settings.rollout_max_new_tokens,
-                     "max_new_tokens": settings.max_new_tokens, "rollout_num": settings.rollout_num},
-        "prompts": len(prompts), "batch_size": args.batch_size, "repeats": args.repeats,
+        "settings": {
+            "top_k": settings.top_k,
+            "rollout_max_new_tokens": settings.rollout_max_new_tokens,
+            "max_new_tokens": settings.max_new_tokens,
+            "rollout_num": settings.rollout_num,
+        },
+        "prompts": len(prompts),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "reference_repeats": args.reference_repeats,
-        "reference_prompts_per_batch": args.reference_prompts, "floor_stride": args.floor_stride,
+        "reference_prompts_per_batch": args.reference_prompts,
+        "floor_stride": args.floor_stride,
         "engine_s_per_response": statistics.median(r["engine_s"] for r in per_batch),
         "reference_s_per_response": statistics.median(r["reference_s"] for r in per_batch),
         "floor_s_per_response": statistics.median(r["floor_s"] for r in per_batch),
@@ -264,8 +322,12 @@ def main() -> None:
     peaks = {k: max(r["peak_mb"][k] for r in per_batch) for k in ("engine", "reference", "floor")}
     print(f"{'1 engine':28s}{summary['engine_s_per_response']:12.2f}{summary['engine_rollout_tokens_per_s']:15.0f}{peaks['engine']:10.0f}")
     print(f"{'2 reference (authors)':28s}{summary['reference_s_per_response']:12.2f}{'':>15s}{peaks['reference']:10.0f}")
-    print(f"{'3 floor (generate, cached)':28s}{summary['floor_s_per_response']:12.2f}{summary['floor_rollout_tokens_per_s']:15.0f}{peaks['floor']:10.0f}")
-    print(f"ratio 2/1 = {summary['reference_over_engine']:.2f}x   ratio 1/3 = {summary['engine_over_floor']:.2f}x   identical tokens: {summary['all_identical']}")
+    print(
+        f"{'3 floor (generate, cached)':28s}{summary['floor_s_per_response']:12.2f}{summary['floor_rollout_tokens_per_s']:15.0f}{peaks['floor']:10.0f}"
+    )
+    print(
+        f"ratio 2/1 = {summary['reference_over_engine']:.2f}x   ratio 1/3 = {summary['engine_over_floor']:.2f}x   identical tokens: {summary['all_identical']}"
+    )
     print(f"device {summary['device']} ({summary['dtype']}), {summary['machine']}, torch threads {summary['torch_threads']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

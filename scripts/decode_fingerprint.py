@@ -24,8 +24,20 @@ import tempfile
 from pathlib import Path
 
 # Fields that say what a run generated (timings and placement left out).
-FIELDS = ("index", "prompt_id", "response", "num_tokens", "reward", "stop_reason", "token_ids", "sft_logprobs",
-          "policy_logprobs", "trace", "best_of_n_rewards", "best_of_n_chosen")
+FIELDS = (
+    "index",
+    "prompt_id",
+    "response",
+    "num_tokens",
+    "reward",
+    "stop_reason",
+    "token_ids",
+    "sft_logprobs",
+    "policy_logprobs",
+    "trace",
+    "best_of_n_rewards",
+    "best_of_n_chosen",
+)
 
 CASES = {
     "sft": ["decoder=sft"],
@@ -36,11 +48,16 @@ CASES = {
     "cd": ["decoder=cd", "decoder.trace=true"],
     "cd_sample": ["decoder=cd", "decoder.selection=sample", "decoder.rollout.selection=sample", "decoder.rollout.num=2"],
     "tqstar": ["decoder=tqstar", "decoder.trace=true"],
-    "tqstar_indirect": ["decoder=tqstar", "decoder.transfer=indirect", "decoder.rollout.max_new_tokens=5",
-                        "decoder.trace=true", "@bl"],
-    "tqstar_indirect_sn": ["decoder=tqstar", "decoder.transfer=indirect", "decoder.self_normalize=true",
-                           "decoder.rollout.selection=sample", "decoder.rollout.num=2", "decoder.rollout.max_new_tokens=5",
-                           "@bl"],
+    "tqstar_indirect": ["decoder=tqstar", "decoder.transfer=indirect", "decoder.rollout.max_new_tokens=5", "decoder.trace=true", "@bl"],
+    "tqstar_indirect_sn": [
+        "decoder=tqstar",
+        "decoder.transfer=indirect",
+        "decoder.self_normalize=true",
+        "decoder.rollout.selection=sample",
+        "decoder.rollout.num=2",
+        "decoder.rollout.max_new_tokens=5",
+        "@bl",
+    ],
 }
 
 
@@ -49,11 +66,18 @@ def fingerprint(task_dir: Path, out: Path, limit: int, tokens: int, tqstar: str)
     for name, extra in CASES.items():
         baseline = "dpo_bl" if "@bl" in extra else "dpo"
         overrides = [o for o in extra if o != "@bl"] + [
-            "model@sft=hf", f"sft.name_or_path={task_dir / 'sft'}",
-            "model@baseline=hf", f"baseline.name_or_path={task_dir / baseline}",
-            "dataset=local", f"dataset.path={task_dir / 'prompts' / 'test.jsonl'}", f"dataset.limit={limit}",
-            f"decoder.max_new_tokens={tokens}", "decoder.batch_size=4", "device=cpu",
-            f"output_dir={out}", f"experiment_name={name}",
+            "model@sft=hf",
+            f"sft.name_or_path={task_dir / 'sft'}",
+            "model@baseline=hf",
+            f"baseline.name_or_path={task_dir / baseline}",
+            "dataset=local",
+            f"dataset.path={task_dir / 'prompts' / 'test.jsonl'}",
+            f"dataset.limit={limit}",
+            f"decoder.max_new_tokens={tokens}",
+            "decoder.batch_size=4",
+            "device=cpu",
+            f"output_dir={out}",
+            f"experiment_name={name}",
         ]
         subprocess.run([tqstar, "decode", *overrides], check=True, stdout=subprocess.DEVNULL)
         (folder,) = (out / name).iterdir()
@@ -61,8 +85,11 @@ def fingerprint(task_dir: Path, out: Path, limit: int, tokens: int, tqstar: str)
         rows.sort(key=lambda r: r["index"])
         kept = [{k: r.get(k) for k in FIELDS} for r in rows]
         blob = json.dumps(kept, sort_keys=True).encode()
-        results[name] = {"sha256": hashlib.sha256(blob).hexdigest(), "rows": len(rows),
-                         "mean_reward": sum(r["reward"] for r in rows) / len(rows)}
+        results[name] = {
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "rows": len(rows),
+            "mean_reward": sum(r["reward"] for r in rows) / len(rows),
+        }
         print(f"{name:20s} {results[name]['sha256'][:16]}  rows={len(rows)}  reward={results[name]['mean_reward']:.4f}", flush=True)
     return results
 

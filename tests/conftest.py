@@ -43,9 +43,18 @@ def make_llama(tokenizer, seed: int, layers: int = 2, hidden: int = 32):
 
     torch.manual_seed(seed)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     # Random init is nearly uniform; sharpen it so greedy paths are decisive and varied.
     with torch.no_grad():

@@ -28,19 +28,22 @@ def test_default_config_composes_and_validates():
     assert cfg.sft.name_or_path == "synthetic:sft"
 
 
-@pytest.mark.parametrize("override,needles", [
-    ("decoder.top_k=0", ["decoder.top_k", "0", ">= 1"]),
-    ("decoder.alpha=-1", ["decoder.alpha", "-1", ">= 0"]),
-    ("decoder.max_new_tokens=0", ["decoder.max_new_tokens", ">= 1"]),
-    ("decoder.selection=beam", ["decoder.selection", "beam", "greedy, sample"]),
-    ("decoder.method=tqstr", ["decoder.method", "did you mean 'tqstar'"]),
-    ("decoder=tqstr", ["decoder=tqstr", "did you mean 'tqstar'", "allowed:"]),
-    ("decoder.alpah=1", ["decoder.alpah", "did you mean 'alpha'"]),
-    ("decoder.rollout.num=0", ["decoder.rollout.num", ">= 1"]),
-    ("decoder.temperature=0", ["decoder.temperature", "> 0"]),
-    ("dataset.shard=3/2", ["dataset.shard", "i/n"]),
-    ("device=gpu", ["device", "gpu"]),
-])
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("decoder.top_k=0", ["decoder.top_k", "0", ">= 1"]),
+        ("decoder.alpha=-1", ["decoder.alpha", "-1", ">= 0"]),
+        ("decoder.max_new_tokens=0", ["decoder.max_new_tokens", ">= 1"]),
+        ("decoder.selection=beam", ["decoder.selection", "beam", "greedy, sample"]),
+        ("decoder.method=tqstr", ["decoder.method", "did you mean 'tqstar'"]),
+        ("decoder=tqstr", ["decoder=tqstr", "did you mean 'tqstar'", "allowed:"]),
+        ("decoder.alpah=1", ["decoder.alpah", "did you mean 'alpha'"]),
+        ("decoder.rollout.num=0", ["decoder.rollout.num", ">= 1"]),
+        ("decoder.temperature=0", ["decoder.temperature", "> 0"]),
+        ("dataset.shard=3/2", ["dataset.shard", "i/n"]),
+        ("device=gpu", ["device", "gpu"]),
+    ],
+)
 def test_bad_values_name_key_value_and_allowed(override, needles):
     message = error_of([override])
     for needle in needles:

@@ -8,9 +8,9 @@ import pytest
 
 from tqstar.config import ConfigError, compose, validate
 from tqstar.data import load_prompts
-from tqstar.decode import check_sources
-from tqstar.data.sources import text_id
 from tqstar.data.hh import to_messages as hh_to_messages
+from tqstar.data.sources import text_id
+from tqstar.decode import check_sources
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -80,8 +80,10 @@ def test_full_hh_rlhf_parquet(tmp_path, hydra_clean):
 
 
 def test_ultrafeedback_wraps_bare_instructions(tmp_path, hydra_clean):
-    rows = [{"source": "evol", "instruction": "  Write a poem about tea. ", "models": ["a"], "completions": [{"response": "x"}]},
-            {"source": "sharegpt", "instruction": "Name three rivers.", "models": ["b"], "completions": [{"response": "y"}]}]
+    rows = [
+        {"source": "evol", "instruction": "  Write a poem about tea. ", "models": ["a"], "completions": [{"response": "x"}]},
+        {"source": "sharegpt", "instruction": "Name three rivers.", "models": ["b"], "completions": [{"response": "y"}]},
+    ]
     path = write_jsonl(tmp_path / "uf.jsonl", rows)
     prompts = texts(load_prompts(cfg_for(tmp_path, "dataset=ultrafeedback", f"dataset.path={path}")))
     assert prompts == [f"{H} Write a poem about tea.{A}", f"{H} Name three rivers.{A}"]
@@ -100,10 +102,21 @@ def test_local_file_with_a_column_mapping_and_hh_format(tmp_path, hydra_clean, s
     rows = [{"qid": "q1", "question": "Is tea good?"}, {"qid": "q2", "question": "Why is the sky blue?"}]
     path = tmp_path / f"mine.{suffix}"
     frame = pd.DataFrame(rows)
-    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True), "csv": lambda: frame.to_csv(path, index=False),
-     "parquet": lambda: frame.to_parquet(path)}[suffix]()
-    prompt_set = load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.prompt_column=question",
-                                      "dataset.id_column=qid", "dataset.format=hh"))
+    {
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        "csv": lambda: frame.to_csv(path, index=False),
+        "parquet": lambda: frame.to_parquet(path),
+    }[suffix]()
+    prompt_set = load_prompts(
+        cfg_for(
+            tmp_path,
+            "dataset=local",
+            f"dataset.path={path}",
+            "dataset.prompt_column=question",
+            "dataset.id_column=qid",
+            "dataset.format=hh",
+        )
+    )
     assert [(p.id, p.text) for p in prompt_set.prompts] == [("q1", f"{H} Is tea good?{A}"), ("q2", f"{H} Why is the sky blue?{A}")]
     assert prompt_set.source == str(path)
 
@@ -117,11 +130,18 @@ def test_ids_are_stable_under_selection_and_repeats_are_numbered(tmp_path, hydra
     for overrides in (["dataset.offset=2", "dataset.limit=3"], ["dataset.shard=1/3"], ["dataset.shuffle=true", "dataset.shuffle_seed=7"]):
         chosen = load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", *overrides)).prompts
         assert all(by_id[p.id] == p.text for p in chosen)
-    assert [p.text for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.offset=2", "dataset.limit=3")).prompts] == [r["prompt"] for r in rows[2:5]]
-    assert [p.id for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.shard=1/3")).prompts] == [every[i].id for i in (1, 4, 7, 10)]
+    assert [
+        p.text
+        for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.offset=2", "dataset.limit=3")).prompts
+    ] == [r["prompt"] for r in rows[2:5]]
+    assert [p.id for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.shard=1/3")).prompts] == [
+        every[i].id for i in (1, 4, 7, 10)
+    ]
     shuffled = [p.id for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.shuffle=true")).prompts]
     assert sorted(shuffled) == sorted(by_id) and shuffled != [p.id for p in every]
-    assert shuffled == [p.id for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.shuffle=true")).prompts]
+    assert shuffled == [
+        p.id for p in load_prompts(cfg_for(tmp_path, "dataset=local", f"dataset.path={path}", "dataset.shuffle=true")).prompts
+    ]
 
 
 def test_max_prompt_tokens_skips_and_counts(tmp_path, hydra_clean, tokenizer):
@@ -175,7 +195,10 @@ def test_bad_paths_fail_at_validation(tmp_path, hydra_clean):
 
 
 def test_hub_dataset_offline_says_how_to_use_a_local_copy(tmp_path, hydra_clean):
-    with pytest.raises(ConfigError, match=r"dataset.path='Dahoas/full-hh-rlhf' is not a local file or folder and this machine is offline.*set dataset.path=DIR"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset.path='Dahoas/full-hh-rlhf' is not a local file or folder and this machine is offline.*set dataset.path=DIR",
+    ):
         load_prompts(cfg_for(tmp_path, "dataset=full_hh_rlhf"))
 
 

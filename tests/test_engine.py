@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from conftest import ASSISTANT, HUMAN, make_llama, positive_words_reward
-from toy import ToyLM
 from tqstar.decoding.engine import Decoder
 from tqstar.decoding.reference import reference_decode
 from tqstar.decoding.settings import DecoderSettings
+
+from conftest import ASSISTANT, HUMAN, positive_words_reward
+from toy import ToyLM
 
 PROMPTS = [
     f"{HUMAN} the movie was bad{ASSISTANT}",
@@ -26,8 +27,14 @@ def length_reward(prompts, responses):
 
 def make_decoder(sft_model, tokenizer, baseline_model=None, **settings):
     defaults = dict(top_k=4, max_new_tokens=10, rollout_max_new_tokens=4, batch_size=3)
-    return Decoder(sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model,
-                   baseline_reward=length_reward, settings=DecoderSettings(**{**defaults, **settings}))
+    return Decoder(
+        sft_model,
+        tokenizer,
+        reward=positive_words_reward,
+        baseline_model=baseline_model,
+        baseline_reward=length_reward,
+        settings=DecoderSettings(**{**defaults, **settings}),
+    )
 
 
 def sft_greedy(sft_model, tokenizer, prompts=PROMPTS, max_new_tokens=10):
@@ -63,7 +70,9 @@ def test_engine_equals_reference_oracle(case, sft_model, baseline_model, tokeniz
     decoder = make_decoder(sft_model, tokenizer, baseline_model, **case)
     fast = decoder.decode(PROMPTS)
     for prompt, generation in zip(PROMPTS, fast):
-        text, ids = reference_decode(prompt, sft_model, tokenizer, decoder.reward, decoder.settings, baseline_model, decoder.baseline_reward)
+        text, ids = reference_decode(
+            prompt, sft_model, tokenizer, decoder.reward, decoder.settings, baseline_model, decoder.baseline_reward
+        )
         assert generation.token_ids == ids
         assert generation.response == text
 
@@ -104,6 +113,7 @@ def test_best_of_n_keeps_the_highest_reward_sample(sft_model, tokenizer):
 
 # ----------------------------------------------------------------------------- toy, hand-computed
 
+
 def toy_setup(tokenizer):
     """From the prompt's last token, 'fine' (p=.6) or 'awful' (p=.3). 'fine' ends at once (+1);
     'awful' leads deterministically to 'but then wonderful great love' (-1 +1 +1 +1 = +2)."""
@@ -120,8 +130,13 @@ def toy_setup(tokenizer):
 @pytest.mark.parametrize("method,expected_first", [("tqstar", "awful"), ("cd", "awful"), ("args", "fine")])
 def test_lookahead_finds_the_reward_behind_an_unlikely_first_token(method, expected_first, tokenizer):
     toy, prompt = toy_setup(tokenizer)
-    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy,
-                      settings=DecoderSettings(method=method, top_k=2, alpha=1.0, max_new_tokens=8, rollout_max_new_tokens=6))
+    decoder = Decoder(
+        toy,
+        tokenizer,
+        reward=positive_words_reward,
+        baseline_model=toy,
+        settings=DecoderSettings(method=method, top_k=2, alpha=1.0, max_new_tokens=8, rollout_max_new_tokens=6),
+    )
     generation = decoder.decode([prompt])[0]
     assert generation.response.split()[0] == expected_first
     if expected_first == "awful":
@@ -137,8 +152,9 @@ def test_q_matches_hand_computation(transfer, tokenizer):
     """Two-step toy: candidate z then one deterministic rollout token; Q by hand from r and r_bl.
     (The self-normalised estimator needs distinct rollouts: test_indirect_q_weights_distinct_sampled_rollouts.)"""
     toy, prompt = toy_setup(tokenizer)
-    settings = DecoderSettings(method="tqstar", top_k=2, alpha=1.0, max_new_tokens=1, rollout_max_new_tokens=1,
-                               transfer=transfer, beta_bl=2.0, trace=True)
+    settings = DecoderSettings(
+        method="tqstar", top_k=2, alpha=1.0, max_new_tokens=1, rollout_max_new_tokens=1, transfer=transfer, beta_bl=2.0, trace=True
+    )
     decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy, baseline_reward=rbl, settings=settings)
     step = decoder.decode([prompt])[0].trace[0]
     expected = {}
@@ -155,10 +171,21 @@ def test_q_matches_hand_computation(transfer, tokenizer):
 def test_indirect_q_weights_distinct_sampled_rollouts(self_normalize, sft_model, baseline_model, tokenizer):
     """Indirect Q from n sampled rollouts that differ: each candidate's Q is the importance-weighted
     reduction of its own rollouts' r and r_bl (identical rollouts would make any weighting look right)."""
-    settings = DecoderSettings(method="tqstar", transfer="indirect", self_normalize=self_normalize, beta_bl=0.5, top_k=3,
-                               max_new_tokens=2, rollout_num=4, rollout_selection="sample", rollout_max_new_tokens=4, trace=True)
-    decoder = Decoder(sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model,
-                      baseline_reward=length_reward, settings=settings)
+    settings = DecoderSettings(
+        method="tqstar",
+        transfer="indirect",
+        self_normalize=self_normalize,
+        beta_bl=0.5,
+        top_k=3,
+        max_new_tokens=2,
+        rollout_num=4,
+        rollout_selection="sample",
+        rollout_max_new_tokens=4,
+        trace=True,
+    )
+    decoder = Decoder(
+        sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model, baseline_reward=length_reward, settings=settings
+    )
     distinct = 0
     for generation in decoder.decode(PROMPTS):
         for step in generation.trace:
@@ -200,12 +227,30 @@ def test_other_architectures_match_the_oracle(family, tokenizer):
     torch.manual_seed(3)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
     if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab_size,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+            )
+        )
     else:
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=64, max_position_embeddings=128,
-                                                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+        model = GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=128,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+            )
+        )
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20.0)
     model = model.double().eval()
@@ -245,9 +290,15 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_tokens(sft_model, bas
 def test_finished_rollout_rows_carried_in_the_batch_change_nothing(sft_model, baseline_model, tokenizer, rollout_selection):
     """Rollouts that stop early (here at '.' or '!') stay in the batch until a quarter of the rows are done;
     one rollout per forward pass (nothing carried) gives the same tokens, Q values and rollout-token count."""
-    settings = dict(method="tqstar", alpha=2.0, rollout_max_new_tokens=8, rollout_num=2 if rollout_selection == "sample" else 1,
-                    rollout_selection=rollout_selection,
-                    stop_strings=["\n\nHuman:", ".", "!"], trace=True)
+    settings = dict(
+        method="tqstar",
+        alpha=2.0,
+        rollout_max_new_tokens=8,
+        rollout_num=2 if rollout_selection == "sample" else 1,
+        rollout_selection=rollout_selection,
+        stop_strings=["\n\nHuman:", ".", "!"],
+        trace=True,
+    )
     batched = make_decoder(sft_model, tokenizer, baseline_model, **settings)
     one_row = make_decoder(sft_model, tokenizer, baseline_model, max_batch_rows=1, **settings)
     a, b = batched.decode(PROMPTS), one_row.decode(PROMPTS)
@@ -256,7 +307,9 @@ def test_finished_rollout_rows_carried_in_the_batch_change_nothing(sft_model, ba
         for sa, sb in zip(ga.trace, gb.trace):
             assert sa["q"] == pytest.approx(sb["q"], abs=1e-5)
     steps = sum(g.num_tokens for g in a)
-    assert batched.counters["rollout_tokens"] == one_row.counters["rollout_tokens"] < steps * 4 * settings["rollout_num"] * 8  # some ended early
+    assert (
+        batched.counters["rollout_tokens"] == one_row.counters["rollout_tokens"] < steps * 4 * settings["rollout_num"] * 8
+    )  # some ended early
     assert batched.counters["baseline_forward_tokens"] >= one_row.counters["baseline_forward_tokens"]
 
 

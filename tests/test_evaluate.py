@@ -15,8 +15,12 @@ from tqstar.evaluate import evaluate_runs
 from tqstar.rewards.vader import vader_compound
 
 NO_COHERENCE = ["coherence.enabled=false"]
-GOOD = ["The hotel was wonderful and the staff were great!", "I loved the food, it was delicious.",
-        "What a lovely, happy day at the beach.", "Great service.\n\nHuman: now be rude\n\nAssistant: awful awful"]
+GOOD = [
+    "The hotel was wonderful and the staff were great!",
+    "I loved the food, it was delicious.",
+    "What a lovely, happy day at the beach.",
+    "Great service.\n\nHuman: now be rude\n\nAssistant: awful awful",
+]
 BAD = ["The hotel was awful. Awful awful awful.", "I hated the food.", "The day was fine.", "Terrible service, sad stay."]
 PROMPTS = [f"\n\nHuman: Tell me about your trip, part {i}.\n\nAssistant:" for i in range(4)]
 
@@ -26,8 +30,15 @@ def length_reward(prompts, responses):
     return [float(len(r)) for r in responses]
 
 
-def make_run(root: Path, name: str, overrides: list[str], responses: list[str], policy_shift: float | None = None,
-             prompts: list[str] = PROMPTS, status: str = "completed") -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    overrides: list[str],
+    responses: list[str],
+    policy_shift: float | None = None,
+    prompts: list[str] = PROMPTS,
+    status: str = "completed",
+) -> Path:
     """A run folder as tqstar.decode writes it. SFT log-probs are -1 per token; with `policy_shift`
     the decoder's are -1 + shift (so the KL of a response is shift * its token count)."""
     path = root / name
@@ -37,17 +48,35 @@ def make_run(root: Path, name: str, overrides: list[str], responses: list[str], 
     with open(path / "generations.jsonl", "w", encoding="utf-8") as handle:
         for index, (prompt, response) in enumerate(zip(prompts, responses)):
             tokens = len(response.split()) + 1
-            handle.write(json.dumps({
-                "index": index, "prompt_id": f"p{index}", "prompt": prompt, "response": response, "num_tokens": tokens,
-                "seconds": 0.5, "reward": 0.0, "stop_reason": "eos", "token_ids": list(range(tokens)),
-                "sft_logprobs": [-1.0] * tokens,
-                "policy_logprobs": None if policy_shift is None else [-1.0 + policy_shift] * tokens,
-            }) + "\n")
-    (path / "run.json").write_text(json.dumps({
-        "status": status, "method": str(cfg.decoder.method), "num_prompts": len(responses),
-        "timings": {"decode_seconds": 2.0},
-        "counters": {"sft_forward_tokens": 120, "baseline_forward_tokens": 0, "rollout_tokens": 800, "reward_calls": 40},
-    }))
+            handle.write(
+                json.dumps(
+                    {
+                        "index": index,
+                        "prompt_id": f"p{index}",
+                        "prompt": prompt,
+                        "response": response,
+                        "num_tokens": tokens,
+                        "seconds": 0.5,
+                        "reward": 0.0,
+                        "stop_reason": "eos",
+                        "token_ids": list(range(tokens)),
+                        "sft_logprobs": [-1.0] * tokens,
+                        "policy_logprobs": None if policy_shift is None else [-1.0 + policy_shift] * tokens,
+                    }
+                )
+                + "\n"
+            )
+    (path / "run.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "method": str(cfg.decoder.method),
+                "num_prompts": len(responses),
+                "timings": {"decode_seconds": 2.0},
+                "counters": {"sft_forward_tokens": 120, "baseline_forward_tokens": 0, "rollout_tokens": 800, "reward_calls": 40},
+            }
+        )
+    )
     return path
 
 
@@ -104,8 +133,9 @@ def test_evaluate_writes_metrics_and_comparison(runs, hydra_clean):
 
 
 def test_every_metric_sees_the_response_cut_at_stop_strings(tmp_path, hydra_clean):
-    run = make_run(tmp_path, "cut", ["decoder=sft"], ["Great stay!\n\nHuman: now say awful awful things", "Fine###Human: x",
-                                                      "ok Human: bad", "plain"])
+    run = make_run(
+        tmp_path, "cut", ["decoder=sft"], ["Great stay!\n\nHuman: now say awful awful things", "Fine###Human: x", "ok Human: bad", "plain"]
+    )
     evaluate_runs([run], overrides=NO_COHERENCE)
     rows = [json.loads(line) for line in (run / "metrics_per_prompt.jsonl").read_text().splitlines()]
     assert [r["num_chars"] for r in rows] == [len("Great stay!"), len("Fine"), len("ok "), len("plain")]
@@ -133,8 +163,12 @@ def test_reward_given_on_the_command_line_judges_every_run(runs, hydra_clean):
 
 def test_win_tie_uses_the_reference_reward_for_both_sides(tmp_path, hydra_clean):
     reference = make_run(tmp_path, "ref", ["decoder=sft"], BAD)
-    other = make_run(tmp_path, "long", ["decoder=sft", "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward",
-                                        "decoder.max_new_tokens=64"], GOOD)
+    other = make_run(
+        tmp_path,
+        "long",
+        ["decoder=sft", "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward", "decoder.max_new_tokens=64"],
+        GOOD,
+    )
     evaluate_runs([other], overrides=NO_COHERENCE, reference=reference)
     metrics = read_metrics(other)
     assert metrics["settings"]["reward"] == "test_evaluate:length_reward"  # its own reward for its own mean
@@ -238,8 +272,20 @@ def test_cli_evaluate(runs, tmp_path, hydra_clean):
     from tqstar.cli import app
 
     out = tmp_path / "table"
-    result = CliRunner().invoke(app, ["evaluate", str(runs["sft"]), str(runs["tqstar"]), "-s", "coherence.enabled=false",
-                                      "--reference", str(runs["sft"]), "--comparison-dir", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(runs["sft"]),
+            str(runs["tqstar"]),
+            "-s",
+            "coherence.enabled=false",
+            "--reference",
+            str(runs["sft"]),
+            "--comparison-dir",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (runs["tqstar"] / "metrics.json").exists() and (out / "comparison.md").exists()
     missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "no-such-run")])
@@ -264,9 +310,15 @@ def test_report_renders_without_importing_evaluate(tmp_path):
     tree = ast.parse(Path(report.__file__).read_text(encoding="utf-8"))
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert "evaluate" not in modules and "tqstar.evaluate" not in modules
-    run = SimpleNamespace(label="sft", method="sft", cfg=OmegaConf.create({"decoder": {"alpha": None}}), given="r",
-                          path=tmp_path, settings={"reward": "vader"},
-                          metrics={"num_prompts": 2, "reward_mean": 0.5, "reward_stderr": 0.25, "kl": float("nan")})
+    run = SimpleNamespace(
+        label="sft",
+        method="sft",
+        cfg=OmegaConf.create({"decoder": {"alpha": None}}),
+        given="r",
+        path=tmp_path,
+        settings={"reward": "vader"},
+        metrics={"num_prompts": 2, "reward_mean": 0.5, "reward_stderr": 0.25, "kl": float("nan")},
+    )
     rows = report.table_rows(report.to_frame([run], run))
     assert rows == [["run", "n", "reward"], ["sft (ref)", "2", "0.500 ± 0.250"]]
     report.write_markdown(rows, tmp_path / "t.md", "title")

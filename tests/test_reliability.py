@@ -31,18 +31,27 @@ def write_prompts(path: Path, count: int) -> Path:
 def setup(tmp_path, saved_models):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 24)
     overrides = [
-        f"sft.name_or_path={saved_models['sft']}", f"baseline.name_or_path={saved_models['dpo']}",
-        "dataset=local", f"dataset.path={prompts}", f"output_dir={tmp_path / 'out'}", "experiment_name=t",
-        "decoder=tqstar", "decoder.top_k=3", "decoder.max_new_tokens=8", "decoder.rollout.max_new_tokens=3",
-        "decoder.batch_size=2", "device=cpu",
+        f"sft.name_or_path={saved_models['sft']}",
+        f"baseline.name_or_path={saved_models['dpo']}",
+        "dataset=local",
+        f"dataset.path={prompts}",
+        f"output_dir={tmp_path / 'out'}",
+        "experiment_name=t",
+        "decoder=tqstar",
+        "decoder.top_k=3",
+        "decoder.max_new_tokens=8",
+        "decoder.rollout.max_new_tokens=3",
+        "decoder.batch_size=2",
+        "device=cpu",
     ]
     return tmp_path, overrides
 
 
 def cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tqstar.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tqstar.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def run_cli(args, timeout=240):
@@ -98,13 +107,23 @@ def test_kill_9_then_rerun_resumes_without_loss_or_duplicates(setup):
 def test_second_process_on_the_same_run_folder_is_refused(setup):
     tmp_path, overrides = setup
     from tqstar.config import compose
-
     from tqstar.runs import RunFolder
 
     folder = RunFolder.for_config(compose(overrides)).path
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from tqstar.runs import RunFolder; r = RunFolder(sys.argv[1]); r.lock(); "
-        "print('locked', flush=True); time.sleep(60)"), str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from tqstar.runs import RunFolder; r = RunFolder(sys.argv[1]); r.lock(); "
+                "print('locked', flush=True); time.sleep(60)"
+            ),
+            str(folder),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_cli(["decode", *overrides])
@@ -187,7 +206,9 @@ def test_fuzz_prompts_round_trip_through_decode_and_write(text, tokenizer, sft_m
     from conftest import positive_words_reward
 
     prompt = f"{HUMAN} {text}{ASSISTANT}"
-    decoder = Decoder(sft_model, tokenizer, reward=positive_words_reward, settings=DecoderSettings(method="args", top_k=2, max_new_tokens=3))
+    decoder = Decoder(
+        sft_model, tokenizer, reward=positive_words_reward, settings=DecoderSettings(method="args", top_k=2, max_new_tokens=3)
+    )
     generation = decoder.decode([prompt])[0]
     run = RunFolder(tmp_path_factory.mktemp("fuzz"))
     row = {"prompt_id": "x", "prompt": prompt, "response": generation.response, "token_ids": generation.token_ids}

@@ -33,10 +33,20 @@ def save_reward_model(folder, num_labels: int = 1, max_positions: int = 64, seed
     tokenizer = make_reward_tokenizer()
     torch.manual_seed(seed)
     labels = {0: "negative", 1: "positive"} if num_labels == 2 else {0: "score"}
-    config = GPTNeoXConfig(vocab_size=len(RM_WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, max_position_embeddings=max_positions, num_labels=num_labels,
-                           id2label=labels, label2id={v: k for k, v in labels.items()},
-                           eos_token_id=0, bos_token_id=0, pad_token_id=None)
+    config = GPTNeoXConfig(
+        vocab_size=len(RM_WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=max_positions,
+        num_labels=num_labels,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        eos_token_id=0,
+        bos_token_id=0,
+        pad_token_id=None,
+    )
     model = GPTNeoXForSequenceClassification(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -54,10 +64,22 @@ def two_label_dir(tmp_path_factory):
 
 
 def hf_cfg(path, **extra):
-    base = {"type": "hf", "name_or_path": str(path), "tokenizer": None, "revision": None, "label": None,
-            "template": "{prompt}{response}", "batch_size": 16, "max_length": None, "overflow": "truncate_left",
-            "skip_value": None, "dtype": "float32", "device": "cpu", "trust_remote_code": False,
-            "stop_strings": ["\n\nHuman:"]}
+    base = {
+        "type": "hf",
+        "name_or_path": str(path),
+        "tokenizer": None,
+        "revision": None,
+        "label": None,
+        "template": "{prompt}{response}",
+        "batch_size": 16,
+        "max_length": None,
+        "overflow": "truncate_left",
+        "skip_value": None,
+        "dtype": "float32",
+        "device": "cpu",
+        "trust_remote_code": False,
+        "stop_strings": ["\n\nHuman:"],
+    }
     base.update(extra)
     return OmegaConf.create({"reward": base}).reward
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from test_reliability import ROOT, write_prompts
+
 from tqstar.config import ConfigError, compose
 from tqstar.sweep import expand_grid, run_sweep, sweep_folder
 
@@ -34,9 +34,15 @@ def test_grid_errors_are_config_errors(hydra_clean):
 def tiny(tmp_path, saved_models):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
     return tmp_path, [
-        f"sft.name_or_path={saved_models['sft']}", f"baseline.name_or_path={saved_models['dpo']}",
-        "dataset=local", f"dataset.path={prompts}", f"output_dir={tmp_path / 'out'}",
-        "decoder.top_k=3", "decoder.max_new_tokens=5", "decoder.rollout.max_new_tokens=2", "device=cpu",
+        f"sft.name_or_path={saved_models['sft']}",
+        f"baseline.name_or_path={saved_models['dpo']}",
+        "dataset=local",
+        f"dataset.path={prompts}",
+        f"output_dir={tmp_path / 'out'}",
+        "decoder.top_k=3",
+        "decoder.max_new_tokens=5",
+        "decoder.rollout.max_new_tokens=2",
+        "device=cpu",
     ]
 
 

@@ -22,8 +22,8 @@ from tqstar.synthetic.corpus import (
 from tqstar.synthetic.params import MODEL_NAMES, VERSION, BuildParams
 from tqstar.synthetic.rewards import baseline_reward, on_topic, target_reward
 
-
 # ----------------------------------------------------------------------------- corpus
+
 
 def test_corpus_same_seed_same_dialogues():
     a, b = generate_corpus(0, 200), generate_corpus(0, 200)
@@ -80,6 +80,7 @@ def test_prompts_distinct_and_held_out():
 
 # ----------------------------------------------------------------------------- tokenizer
 
+
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer():
     corpus = generate_corpus(0, 300)
@@ -129,6 +130,7 @@ def test_tokenizer_saves_and_loads(corpus_and_tokenizer, tmp_path):
 
 # ----------------------------------------------------------------------------- rewards
 
+
 def test_target_reward_prefers_positive_text():
     pos, neg = "The food was wonderful. I would recommend it.", "The food was awful. It was a waste of time."
     r = target_reward(["p", "p"], [pos, neg])
@@ -160,6 +162,7 @@ def test_rewards_check_lengths():
 
 # ----------------------------------------------------------------------------- build helpers
 
+
 def test_make_pairs_best_vs_worst():
     prompts = ["p0", "p1", "p2"]
     samples = [
@@ -175,8 +178,7 @@ def test_make_pairs_best_vs_worst():
 
 
 def test_make_pairs_several_per_prompt():
-    samples = [{"prompt_index": 0, "response": t, "finished": True, "r": r}
-               for t, r in zip("abcdef", (0.1, 0.9, -0.8, 0.5, -0.1, 0.3))]
+    samples = [{"prompt_index": 0, "response": t, "finished": True, "r": r} for t, r in zip("abcdef", (0.1, 0.9, -0.8, 0.5, -0.1, 0.3))]
     made = pairs.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=2)
     assert [(p["chosen"], p["rejected"]) for p in made] == [(" b", " c"), (" d", " e")]
     assert len(pairs.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=9)) == 3
@@ -254,11 +256,13 @@ def test_build_once_failure_leaves_nothing_that_looks_built(tmp_path):
 
 
 def test_importing_the_package_is_cheap_and_stays_in_its_layer():
-    code = ("import sys\n"
-            "import tqstar.synthetic\n"
-            "from tqstar.synthetic import build, cache, evaluation, generation, pairs, params, tokenizer, training\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'tqstar.decode', 'tqstar.models', "
-            "'tqstar.decoding.engine') if m in sys.modules))\n")
+    code = (
+        "import sys\n"
+        "import tqstar.synthetic\n"
+        "from tqstar.synthetic import build, cache, evaluation, generation, pairs, params, tokenizer, training\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'tqstar.decode', 'tqstar.models', "
+        "'tqstar.decoding.engine') if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -287,6 +291,7 @@ def test_generate_through_engine_is_seeded_and_batch_independent(corpus_and_toke
 
 # ----------------------------------------------------------------------------- full build (slow)
 
+
 def _clearly_higher(a: dict, b: dict, n_se: float = 3.0) -> bool:
     return a["mean"] - b["mean"] > n_se * math.sqrt(a["se"] ** 2 + b["se"] ** 2)
 
@@ -296,9 +301,22 @@ def test_tiny_build_end_to_end(tmp_path):
     """The whole pipeline on a toy recipe (no quality check): layout, manifest, loadable models."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    params = BuildParams(n_corpus=300, n_train_prompts=32, n_test_prompts=8, hidden_size=32, intermediate_size=64,
-                         num_layers=1, num_heads=2, sft_epochs=3, n_pair_prompts=16, samples_per_prompt=4,
-                         sample_max_new_tokens=48, dpo_epochs=1, dpo_batch_size=8, eval_max_new_tokens=8)
+    params = BuildParams(
+        n_corpus=300,
+        n_train_prompts=32,
+        n_test_prompts=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        sft_epochs=3,
+        n_pair_prompts=16,
+        samples_per_prompt=4,
+        sample_max_new_tokens=48,
+        dpo_epochs=1,
+        dpo_batch_size=8,
+        eval_max_new_tokens=8,
+    )
     folder = build.ensure_built(seed=1, cache_dir=tmp_path, progress=False, params=params)
     manifest = cache.load_manifest(folder)
     assert manifest["params"] == params.to_dict() and manifest["seed"] == 1

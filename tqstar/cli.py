@@ -90,8 +90,15 @@ def _decode(overrides: list[str], show_config: bool) -> None:
     from .decode import run_decode
 
     console = _console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
         result = run_decode(cfg, progress=progress)
     _print_decode_summary(console, cfg, result)
     if cfg.get("evaluate"):
@@ -113,9 +120,11 @@ def _print_decode_summary(console, cfg, result) -> None:
     for column in ("prompts", "new", "mean reward", "tokens / response", "s / response"):
         table.add_column(column, justify="right")
     table.add_row(
-        str(len(result.rows)), str(result.new_rows),
+        str(len(result.rows)),
+        str(result.new_rows),
         "" if mean is None else f"{mean:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}"),
-        f"{sum(lengths) / max(len(lengths), 1):.1f}", f"{sum(seconds) / max(len(seconds), 1):.3f}",
+        f"{sum(lengths) / max(len(lengths), 1):.1f}",
+        f"{sum(seconds) / max(len(seconds), 1):.3f}",
     )
     console.print(table)
     if result.skipped:
@@ -181,18 +190,19 @@ def evaluate(
     runs: List[str] = typer.Argument(..., help="Run folders (or folders holding them)"),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Config overrides for evaluate, e.g. -s reward=vader"),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Run to compute win-tie rates against (added to the table)"),
-    comparison_dir: Optional[str] = typer.Option(None, "--comparison-dir", "-o",
-                                                 help="Where the table and plots go (default: <common parent of the runs>/comparison)"),
+    comparison_dir: Optional[str] = typer.Option(
+        None, "--comparison-dir", "-o", help="Where the table and plots go (default: <common parent of the runs>/comparison)"
+    ),
 ) -> None:
     """Reward, diversity, coherence, KL and win-tie for run folders; one comparison table.
 
     Writes metrics.json and metrics_per_prompt.jsonl into each run folder, and comparison.csv, comparison.md, reward.png and frontier.png into the comparison folder.
     """
+
     def body():
         from .evaluate import evaluate_runs
 
-        evaluate_runs(runs, overrides=list(overrides or []), reference=reference, console=_console(),
-                      comparison_dir=comparison_dir)
+        evaluate_runs(runs, overrides=list(overrides or []), reference=reference, console=_console(), comparison_dir=comparison_dir)
 
     _guarded(body)
 
@@ -208,6 +218,7 @@ def sweep(
     time_min: Optional[int] = typer.Option(None, "--time-min", help="time limit per job in minutes"),
 ) -> None:
     """Run a grid of decodes (methods x alpha x k ...), resumable, aggregated and plotted."""
+
     def body():
         from .sweep import run_sweep
 
@@ -220,6 +231,7 @@ def sweep(
 @app.command()
 def merge(shards: List[str] = typer.Argument(..., help="Run folders of one decode split with dataset.shard=i/n")) -> None:
     """Merge the shards of a split decode into the run folder an unsplit decode would have written."""
+
     def body():
         from .runs import merge_shards
 

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, did_you_mean
-
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("raw", "chat")
@@ -51,9 +50,7 @@ def _check_overrides(overrides: list[str], allow_sweep: bool) -> None:
         raise ConfigError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
     for override in parsed:
         if override.is_sweep_override() and not allow_sweep:
-            raise ConfigError(
-                f"'{override.input_line}' lists several values: use `tqstar sweep {override.input_line}` for a grid"
-            )
+            raise ConfigError(f"'{override.input_line}' lists several values: use `tqstar sweep {override.input_line}` for a grid")
 
 
 def _group_of(key: str) -> str | None:
@@ -87,7 +84,7 @@ def normalize_override(override: str, config_name: str = "decode") -> str:
         return override
     key, value = override.split("=", 1)
     prefix = key[: len(key) - len(key.lstrip("+~"))]
-    name = key[len(prefix):]
+    name = key[len(prefix) :]
     if "." not in name:
         group, _, package = name.partition("@")
         where = mounts(config_name)
@@ -202,13 +199,23 @@ def validate(cfg: DictConfig) -> DictConfig:
         _choice(cfg, f"{mount}.dtype", DTYPES)
         _choice(cfg, f"{mount}.prompt_format", PROMPT_FORMATS)
         path = OmegaConf.select(cfg, f"{mount}.name_or_path")
-        _require(isinstance(path, str) and bool(path), f"{mount}.name_or_path", path, "a hub id, a local folder, synthetic:<name> or packaged:smollm2")
+        _require(
+            isinstance(path, str) and bool(path),
+            f"{mount}.name_or_path",
+            path,
+            "a hub id, a local folder, synthetic:<name> or packaged:smollm2",
+        )
     for mount in ("reward", "baseline_reward"):
         if OmegaConf.select(cfg, mount) is not None:
             _choice(cfg, f"{mount}.type", REWARD_TYPES)
     _choice(cfg, "dataset.name", DATASETS)
     limit = cfg.dataset.limit
-    _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1), "dataset.limit", limit, "null or an integer >= 1")
+    _require(
+        limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1),
+        "dataset.limit",
+        limit,
+        "null or an integer >= 1",
+    )
     _number(cfg, "dataset.offset", minimum=0, integer=True)
     shard = cfg.dataset.get("shard")
     if shard is not None:

@@ -57,8 +57,9 @@ def check_sources(cfg: DictConfig) -> None:
         if source.startswith("synthetic:"):
             name = source.split(":", 1)[1]
             if name not in MODEL_NAMES:
-                raise ConfigError(f"{mount}.name_or_path={source!r}: the synthetic task has no model {name!r}; "
-                                  f"{did_you_mean(name, MODEL_NAMES)}")
+                raise ConfigError(
+                    f"{mount}.name_or_path={source!r}: the synthetic task has no model {name!r}; {did_you_mean(name, MODEL_NAMES)}"
+                )
             continue
         resolved, _ = resolve_source(model_cfg)  # packaged:<name>, gguf_file inside a folder
         check_source(resolved, config_key(model_cfg, "name_or_path"))
@@ -86,8 +87,9 @@ def synthetic_dir(cfg: DictConfig) -> Path | None:
     from .synthetic import ensure_built
 
     synthetic = cfg.get("synthetic")
-    return ensure_built(seed=int(synthetic.seed) if synthetic is not None else 0,
-                        cache_dir=synthetic.cache_dir if synthetic is not None else None)
+    return ensure_built(
+        seed=int(synthetic.seed) if synthetic is not None else 0, cache_dir=synthetic.cache_dir if synthetic is not None else None
+    )
 
 
 def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
@@ -106,8 +108,14 @@ def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
     reward = build_reward(cfg.reward, cfg.device)
     baseline_reward = build_reward(cfg.baseline_reward, cfg.device) if settings.needs_baseline_reward else None
     baseline = models.get("baseline")
-    decoder = Decoder(models["sft"].model, models["sft"].tokenizer, reward=reward, baseline_model=baseline.model if baseline else None,
-                      baseline_reward=baseline_reward, settings=settings)
+    decoder = Decoder(
+        models["sft"].model,
+        models["sft"].tokenizer,
+        reward=reward,
+        baseline_model=baseline.model if baseline else None,
+        baseline_reward=baseline_reward,
+        settings=settings,
+    )
     return decoder, models["sft"]
 
 
@@ -133,8 +141,9 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
         rows = run.read_rows(repair=True)
         done = {row["prompt_id"] for row in rows}
         previous = run.status()
-        run.update_status(status="running", method=str(cfg.decoder.method), error=None,
-                          **provenance(str(cfg.device), int(cfg.decoder.seed)))
+        run.update_status(
+            status="running", method=str(cfg.decoder.method), error=None, **provenance(str(cfg.device), int(cfg.decoder.seed))
+        )
         try:
             # Prompts first: a dataset problem should not wait for minutes of model loading.
             task_dir = synthetic_dir(cfg)
@@ -149,7 +158,7 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
             new_rows = 0
             batch = int(cfg.decoder.batch_size)
             for start in range(0, len(todo), batch):
-                chunk = todo[start:start + batch]
+                chunk = todo[start : start + batch]
                 texts = [_format(p.text, sft) for _, p in chunk]
                 before = dict(decoder.counters)
                 raw = [p.text for _, p in chunk]  # the reward sees the prompt as written, the models the formatted one
@@ -157,11 +166,19 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                 rewards = decoder.reward(raw, [g.response for g in generations])
                 for (index, prompt), generation, reward in zip(chunk, generations, rewards):
                     row = {
-                        "index": index, "prompt_id": prompt.id, "prompt": prompt.text, "response": generation.response,
-                        "num_tokens": generation.num_tokens, "seconds": round(generation.seconds, 4), "reward": reward,
-                        "stop_reason": generation.stop_reason, "token_ids": generation.token_ids,
+                        "index": index,
+                        "prompt_id": prompt.id,
+                        "prompt": prompt.text,
+                        "response": generation.response,
+                        "num_tokens": generation.num_tokens,
+                        "seconds": round(generation.seconds, 4),
+                        "reward": reward,
+                        "stop_reason": generation.stop_reason,
+                        "token_ids": generation.token_ids,
                         "sft_logprobs": [round(v, 6) for v in generation.sft_logprobs],
-                        "policy_logprobs": None if generation.policy_logprobs is None else [round(v, 6) for v in generation.policy_logprobs],
+                        "policy_logprobs": None
+                        if generation.policy_logprobs is None
+                        else [round(v, 6) for v in generation.policy_logprobs],
                     }
                     if generation.extra:
                         row.update(generation.extra)

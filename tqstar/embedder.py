@@ -27,13 +27,16 @@ def resolve_embedder_path(spec: str) -> str:
         return spec
     name = spec.split(":", 1)[1]
     if name not in PACKAGED_EMBEDDERS:
-        raise ConfigError(f"coherence.model={spec!r} is not a packaged embedder; allowed: "
-                          f"{', '.join('packaged:' + n for n in PACKAGED_EMBEDDERS)}, a local folder or a hub id")
+        raise ConfigError(
+            f"coherence.model={spec!r} is not a packaged embedder; allowed: "
+            f"{', '.join('packaged:' + n for n in PACKAGED_EMBEDDERS)}, a local folder or a hub id"
+        )
     module, sub = PACKAGED_EMBEDDERS[name]
     folder = package_folder(module)
     if folder is None:
-        raise ConfigError(f"coherence.model={spec!r} needs the '{module.replace('_', '-')}' package: "
-                          f"pip install {module.replace('_', '-')}")
+        raise ConfigError(
+            f"coherence.model={spec!r} needs the '{module.replace('_', '-')}' package: pip install {module.replace('_', '-')}"
+        )
     return str(folder / sub)
 
 
@@ -68,8 +71,9 @@ class Embedder:
         self.max_length, self.device, self.batch_size, self.name = max_length, device, batch_size, name
 
     @classmethod
-    def load(cls, spec: str, pooling: str = "auto", device: str | None = "cpu", max_length: int | None = None,
-             batch_size: int = 32) -> "Embedder":
+    def load(
+        cls, spec: str, pooling: str = "auto", device: str | None = "cpu", max_length: int | None = None, batch_size: int = 32
+    ) -> "Embedder":
         if pooling not in POOLINGS:
             raise ConfigError(f"coherence.pooling={pooling!r} is not allowed; allowed: {', '.join(POOLINGS)}")
         key = (str(spec), pooling, str(device), max_length, batch_size)
@@ -88,12 +92,15 @@ class Embedder:
             model = AutoModel.from_pretrained(source)
         except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
             if local.exists():
-                raise ConfigError(f"coherence.model={spec!r}: cannot load an encoder from {source} "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                raise ConfigError(
+                    f"coherence.model={spec!r}: cannot load an encoder from {source} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
             raise ConfigError(
                 f"coherence.model={spec!r}: cannot load it from the hub ({type(exc).__name__}); this machine may be "
                 "offline: download it elsewhere (huggingface-cli download) and set coherence.model to the local folder, "
-                "or use the default coherence.model=packaged:all-minilm-l6-v2") from exc
+                "or use the default coherence.model=packaged:all-minilm-l6-v2"
+            ) from exc
         st_pooling, st_max_length = _sentence_transformers_settings(local) if local.is_dir() else (None, None)
         if pooling == "auto":
             pooling = st_pooling or "pooler"
@@ -114,8 +121,13 @@ class Embedder:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 output = self.model(**batch)
                 if self.pooling == "pooler":
                     pooled = output.pooler_output

@@ -24,9 +24,9 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .errors import ConfigError
 from .config import compose
 from .embedder import Embedder, coherence
+from .errors import ConfigError
 from .judge import LLMJudge
 from .methods import METHODS
 from .metrics import best_of_n_kl, diversity_scores, kl_estimate, sft_logprob_per_token, win_tie
@@ -39,8 +39,9 @@ PER_PROMPT = "metrics_per_prompt"
 JUDGE_CACHE = "judge_cache.jsonl"
 COMPARISON = "comparison"
 PER_PROMPT_FORMATS = ("jsonl", "parquet")
-DIVERSITY_CONVENTION = ("ARGS: rep-n per response over tqstar.metrics.word_tokenize tokens "
-                        "(an offline port of nltk.word_tokenize), then averaged over prompts")
+DIVERSITY_CONVENTION = (
+    "ARGS: rep-n per response over tqstar.metrics.word_tokenize tokens (an offline port of nltk.word_tokenize), then averaged over prompts"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,12 +275,21 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     per_prompt = []
     for row, response, reward, baseline, coherent in zip(run.rows, responses, reward_values, baseline_values, coherence_values):
         kl = kl_estimate(row.get("policy_logprobs"), row.get("sft_logprobs")) if kl_kind == "logprobs" else None
-        per_prompt.append({
-            "index": row.get("index"), "prompt_id": row["prompt_id"],
-            "reward": reward, "baseline_reward": baseline, **diversity_scores(response), "coherence": coherent,
-            "sft_logprob_per_token": sft_logprob_per_token(row.get("sft_logprobs")), "kl": kl,
-            "num_tokens": row.get("num_tokens"), "num_chars": len(response), "seconds": row.get("seconds"),
-        })
+        per_prompt.append(
+            {
+                "index": row.get("index"),
+                "prompt_id": row["prompt_id"],
+                "reward": reward,
+                "baseline_reward": baseline,
+                **diversity_scores(response),
+                "coherence": coherent,
+                "sft_logprob_per_token": sft_logprob_per_token(row.get("sft_logprobs")),
+                "kl": kl,
+                "num_tokens": row.get("num_tokens"),
+                "num_chars": len(response),
+                "seconds": row.get("seconds"),
+            }
+        )
     run.per_prompt = per_prompt
 
     column = lambda key: [p[key] for p in per_prompt]  # noqa: E731
@@ -296,14 +306,21 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     n = len(per_prompt)
     run.metrics = {
         "num_prompts": n,
-        "reward_mean": reward_mean, "reward_stderr": reward_stderr,
-        "baseline_reward_mean": baseline_mean, "baseline_reward_stderr": baseline_stderr,
+        "reward_mean": reward_mean,
+        "reward_stderr": reward_stderr,
+        "baseline_reward_mean": baseline_mean,
+        "baseline_reward_stderr": baseline_stderr,
         **{key: mean_or_none(column(key)) for key in ("rep_2", "rep_3", "rep_4", "diversity")},
-        "coherence": coherence_mean, "coherence_stderr": coherence_stderr,
-        "sft_logprob_per_token": logprob_mean, "sft_logprob_per_token_stderr": logprob_stderr,
+        "coherence": coherence_mean,
+        "coherence_stderr": coherence_stderr,
+        "sft_logprob_per_token": logprob_mean,
+        "sft_logprob_per_token_stderr": logprob_stderr,
         "sft_nll_per_token": None if logprob_mean is None else -logprob_mean,
-        "kl": kl_mean, "kl_stderr": kl_stderr, "kl_source": kl_kind,
-        "tokens_mean": mean_or_none(tokens), "chars_mean": mean_or_none(column("num_chars")),
+        "kl": kl_mean,
+        "kl_stderr": kl_stderr,
+        "kl_source": kl_kind,
+        "tokens_mean": mean_or_none(tokens),
+        "chars_mean": mean_or_none(column("num_chars")),
         "seconds_per_response": mean_or_none(seconds),
         "tokens_per_second": (sum(tokens) / sum(seconds)) if seconds and sum(seconds) > 0 else None,
         "decode_seconds": (run.status.get("timings") or {}).get("decode_seconds"),
@@ -318,9 +335,11 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "diversity": DIVERSITY_CONVENTION,
         "coherence_model": embedder.name if embedder is not None else None,
         "coherence_pooling": embedder.pooling if embedder is not None else None,
-        "kl": {"logprobs": "mean over prompts of sum_t [log p_dec - log pi_sft] on the sampled responses",
-               "best_of_n_bound": "log n - (n - 1) / n (analytic KL of best-of-n)",
-               None: "not estimated: greedy decoding has no sampling distribution"}[kl_kind],
+        "kl": {
+            "logprobs": "mean over prompts of sum_t [log p_dec - log pi_sft] on the sampled responses",
+            "best_of_n_bound": "log n - (n - 1) / n (analytic KL of best-of-n)",
+            None: "not estimated: greedy decoding has no sampling distribution",
+        }[kl_kind],
     }
 
 
@@ -338,14 +357,15 @@ def _paired(run: Run, reference: Run) -> list[tuple[int, int]]:
         if i is None:
             continue
         if run.rows[i]["prompt"] != ref_row["prompt"]:
-            raise ConfigError(f"prompt_id {ref_row['prompt_id']!r} has different prompts in {run.path} and the reference "
-                              f"{reference.path}: win-tie needs runs on the same prompt set")
+            raise ConfigError(
+                f"prompt_id {ref_row['prompt_id']!r} has different prompts in {run.path} and the reference "
+                f"{reference.path}: win-tie needs runs on the same prompt set"
+            )
         pairs.append((i, j))
     return pairs
 
 
-def compare_to_reference(runs: list[Run], reference: Run, ecfg: DictConfig, rewards: RewardBank, notes: list[str],
-                         transport=None) -> None:
+def compare_to_reference(runs: list[Run], reference: Run, ecfg: DictConfig, rewards: RewardBank, notes: list[str], transport=None) -> None:
     """Win / tie / lose of each run against the reference, judged by the reference's reward (and an LLM judge if set)."""
     margin = float(ecfg.win_tie.margin)
     judge = _make_judge(ecfg, transport, notes)
@@ -378,9 +398,16 @@ def _make_judge(ecfg: DictConfig, transport, notes: list[str]) -> LLMJudge | Non
         notes.append("LLM judge skipped: set judge.base_url and judge.model (an OpenAI-compatible endpoint) to use it")
         return None
     kwargs = {"transport": transport} if transport is not None else {}
-    return LLMJudge(base_url=str(judge_cfg.base_url), model=str(judge_cfg.model),
-                    api_key=os.environ.get(str(judge_cfg.api_key_env or "")) or None, temperature=float(judge_cfg.temperature),
-                    max_tokens=int(judge_cfg.max_tokens), timeout=float(judge_cfg.timeout), seed=int(judge_cfg.seed), **kwargs)
+    return LLMJudge(
+        base_url=str(judge_cfg.base_url),
+        model=str(judge_cfg.model),
+        api_key=os.environ.get(str(judge_cfg.api_key_env or "")) or None,
+        temperature=float(judge_cfg.temperature),
+        max_tokens=int(judge_cfg.max_tokens),
+        timeout=float(judge_cfg.timeout),
+        seed=int(judge_cfg.seed),
+        **kwargs,
+    )
 
 
 def _judge_run(run: Run, reference: Run, pairs: list[tuple[int, int]], judge: LLMJudge, ecfg: DictConfig) -> None:
@@ -423,10 +450,16 @@ def _clean(value: Any) -> Any:
 def write_run_metrics(run: Run, ecfg: DictConfig) -> Path:
     decoder = run.cfg.decoder
     data = {
-        "run": str(run.path), "label": run.label, "method": run.method,
-        "alpha": decoder.get("alpha"), "top_k": decoder.get("top_k"), "selection": decoder.get("selection"),
-        "status": run.status.get("status", "unknown"), "tqstar_version": __version__,
-        "metrics": run.metrics, "settings": run.settings,
+        "run": str(run.path),
+        "label": run.label,
+        "method": run.method,
+        "alpha": decoder.get("alpha"),
+        "top_k": decoder.get("top_k"),
+        "selection": decoder.get("selection"),
+        "status": run.status.get("status", "unknown"),
+        "tqstar_version": __version__,
+        "metrics": run.metrics,
+        "settings": run.settings,
     }
     path = run.path / METRICS
     write_json_atomic(path, _clean(data))
@@ -476,9 +509,15 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-
-def evaluate_runs(paths: Sequence[str | Path], overrides: Iterable[str] = (), reference: str | Path | None = None,
-                  console=None, comparison_dir: str | Path | None = None, transport=None, out_dir: str | Path | None = None):
+def evaluate_runs(
+    paths: Sequence[str | Path],
+    overrides: Iterable[str] = (),
+    reference: str | Path | None = None,
+    console=None,
+    comparison_dir: str | Path | None = None,
+    transport=None,
+    out_dir: str | Path | None = None,
+):
     """Evaluate run folders; write metrics.json (+ per-prompt values) into each and a comparison table.
 
     `paths`: run folders or folders holding runs. `overrides`: conf/evaluate.yaml overrides (e.g.
@@ -507,8 +546,13 @@ def evaluate_runs(paths: Sequence[str | Path], overrides: Iterable[str] = (), re
     if ecfg.coherence.enabled:
         cc = ecfg.coherence
         with _quiet_transformers():
-            embedder = Embedder.load(str(cc.model), str(cc.pooling), device=cc.device or str(ecfg.device),
-                                     max_length=cc.max_length, batch_size=int(cc.batch_size))
+            embedder = Embedder.load(
+                str(cc.model),
+                str(cc.pooling),
+                device=cc.device or str(ecfg.device),
+                max_length=cc.max_length,
+                batch_size=int(cc.batch_size),
+            )
     for run in runs:
         evaluate_run(run, ecfg, rewards, embedder)
     if reference_run is not None:

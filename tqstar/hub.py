@@ -13,8 +13,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-DOWNLOAD_HINT = ("download it on a machine with network (huggingface-cli download {id} --local-dir DIR), "
-                 "copy DIR here and set {key}=DIR")
+DOWNLOAD_HINT = "download it on a machine with network (huggingface-cli download {id} --local-dir DIR), copy DIR here and set {key}=DIR"
 
 
 def hub_offline() -> bool:
@@ -73,8 +72,10 @@ def check_source(source: str, key: str, what: str = "model", filename: str = "co
             raise ConfigError(f"{key}={source!r}: path does not exist (no such file or folder)")
         return
     if hub_offline() and not in_hub_cache(source, filename):
-        raise ConfigError(f"{key}={source!r} is not a local folder and this machine is offline (HF_HUB_OFFLINE=1), "
-                          f"and it is not in the local cache; {DOWNLOAD_HINT.format(id=source, key=key)}")
+        raise ConfigError(
+            f"{key}={source!r} is not a local folder and this machine is offline (HF_HUB_OFFLINE=1), "
+            f"and it is not in the local cache; {DOWNLOAD_HINT.format(id=source, key=key)}"
+        )
 
 
 def load_error(source: str, exc: BaseException, key: str = "name_or_path", what: str = "model") -> ConfigError:
@@ -93,5 +94,7 @@ def load_error(source: str, exc: BaseException, key: str = "name_or_path", what:
         reason = "this machine is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub cannot be reached"
         return ConfigError(f"{key}={source!r} is not a local folder and {reason}, and it is not in the local cache; {download}")
     if any(n in ("RepositoryNotFoundError", "GatedRepoError") for n in chain) or "not a valid model identifier" in first_line:
-        return ConfigError(f"{key}={source!r} is neither a local folder nor a {what} id the hub knows (private or gated? huggingface-cli login); check the id or {download}")
+        return ConfigError(
+            f"{key}={source!r} is neither a local folder nor a {what} id the hub knows (private or gated? huggingface-cli login); check the id or {download}"
+        )
     return ConfigError(f"{key}={source!r}: cannot load the {what} ({type(exc).__name__}: {first_line[:200]})")

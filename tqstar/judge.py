@@ -46,8 +46,10 @@ Transport = Callable[[str, dict, dict, float], dict]
 
 
 def judge_messages(question: str, answer1: str, answer2: str) -> list[dict]:
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_USER.format(question=question, answer1=answer1, answer2=answer2)}]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_USER.format(question=question, answer1=answer1, answer2=answer2)},
+    ]
 
 
 def parse_judge_scores(text: str) -> tuple[float, float] | None:
@@ -63,8 +65,9 @@ def parse_judge_scores(text: str) -> tuple[float, float] | None:
 
 def http_post_json(url: str, payload: dict, headers: dict, timeout: float) -> dict:
     """POST JSON, return the decoded JSON reply (plain urllib, no extra dependency)."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", **headers})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), method="POST", headers={"Content-Type": "application/json", **headers}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310 - URL comes from the user's config
         return json.loads(reply.read().decode())
 
@@ -105,8 +108,9 @@ class LLMJudge:
                     continue  # a torn line: that verdict is simply asked again
 
     def request(self, messages: list[dict]) -> str:
-        key = hashlib.sha256(json.dumps([self.base_url, self.model, self.temperature, self.max_tokens, messages],
-                                        sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps([self.base_url, self.model, self.temperature, self.max_tokens, messages], sort_keys=True).encode()
+        ).hexdigest()
         if key not in self._cache:
             self._cache[key] = self._post(messages)
             if self.cache_path is not None:

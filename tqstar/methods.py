@@ -41,18 +41,38 @@ class MethodSpec:
         return self.value == "transfer" and transfer == "indirect"
 
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("sft", "plain decoding of pi_sft (greedy or sampled)"),
-    MethodSpec("baseline", "plain decoding of the baseline rho_bl (e.g. the DPO model alone)",
-               needs_baseline=True, proposer="baseline"),
-    MethodSpec("best_of_n", "n samples of pi_sft; keep the one the target reward scores highest",
-               needs_reward=True, response_level=True, sampled=True),
-    MethodSpec("args", "ARGS: Q = reward of the partial response [y_<t, z]", needs_reward=True, value="partial_reward"),
-    MethodSpec("cd", "controlled decoding: Q = mean reward of pi_sft rollouts after each candidate",
-               needs_reward=True, rollout="sft", value="rollout_mean"),
-    MethodSpec("tqstar", "Transfer Q*: Q from rollouts of the aligned baseline (direct, or importance-weighted indirect)",
-               needs_reward=True, needs_baseline=True, rollout="baseline", value="transfer"),
-)}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("sft", "plain decoding of pi_sft (greedy or sampled)"),
+        MethodSpec(
+            "baseline", "plain decoding of the baseline rho_bl (e.g. the DPO model alone)", needs_baseline=True, proposer="baseline"
+        ),
+        MethodSpec(
+            "best_of_n",
+            "n samples of pi_sft; keep the one the target reward scores highest",
+            needs_reward=True,
+            response_level=True,
+            sampled=True,
+        ),
+        MethodSpec("args", "ARGS: Q = reward of the partial response [y_<t, z]", needs_reward=True, value="partial_reward"),
+        MethodSpec(
+            "cd",
+            "controlled decoding: Q = mean reward of pi_sft rollouts after each candidate",
+            needs_reward=True,
+            rollout="sft",
+            value="rollout_mean",
+        ),
+        MethodSpec(
+            "tqstar",
+            "Transfer Q*: Q from rollouts of the aligned baseline (direct, or importance-weighted indirect)",
+            needs_reward=True,
+            needs_baseline=True,
+            rollout="baseline",
+            value="transfer",
+        ),
+    )
+}
 METHOD_NAMES = tuple(METHODS)
 SELECTIONS = ("greedy", "sample")
 TRANSFERS = ("direct", "indirect")

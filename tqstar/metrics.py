@@ -57,11 +57,21 @@ _ENDING_QUOTES = [
     (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r"\1 \2 "),
 ]
 # Robert MacIntyre's contractions, as NLTK uses them: "cannot" -> "can not", "gonna" -> "gon na".
-_CONTRACTIONS = [re.compile(p) for p in (
-    r"(?i)\b(can)(not)\b", r"(?i)\b(d)('ye)\b", r"(?i)\b(gim)(me)\b", r"(?i)\b(gon)(na)\b",
-    r"(?i)\b(got)(ta)\b", r"(?i)\b(lem)(me)\b", r"(?i)\b(more)('n)\b", r"(?i)\b(wan)(na)(?=\s)",
-    r"(?i) ('t)(is)\b", r"(?i) ('t)(was)\b",
-)]
+_CONTRACTIONS = [
+    re.compile(p)
+    for p in (
+        r"(?i)\b(can)(not)\b",
+        r"(?i)\b(d)('ye)\b",
+        r"(?i)\b(gim)(me)\b",
+        r"(?i)\b(gon)(na)\b",
+        r"(?i)\b(got)(ta)\b",
+        r"(?i)\b(lem)(me)\b",
+        r"(?i)\b(more)('n)\b",
+        r"(?i)\b(wan)(na)(?=\s)",
+        r"(?i) ('t)(is)\b",
+        r"(?i) ('t)(was)\b",
+    )
+]
 
 
 def treebank_tokenize(sentence: str) -> list[str]:
@@ -85,16 +95,20 @@ def treebank_tokenize(sentence: str) -> list[str]:
 # abbreviations (no break after "Dr.") and frequent sentence starters (a break after "etc." before
 # "The"). The trained model also learns word casing statistics; on ordinary prose that changes
 # nothing, on abbreviation-heavy text a few periods may attach differently.
-ABBREVIATIONS = frozenset("""
+ABBREVIATIONS = frozenset(
+    """
 mr mrs ms dr prof sr jr st vs etc e.g i.e inc ltd corp jan feb apr jun jul aug sep sept oct nov dec
 a.m p.m u.s u.k ph.d approx dept gov capt sgt ave
-""".split())
-SENTENCE_STARTERS = frozenset("""
+""".split()
+)
+SENTENCE_STARTERS = frozenset(
+    """
 the this that these those it its i we he she they you my our his her their a an in on at for
 but and so if then there when while however also after before as what how why
-""".split())
+""".split()
+)
 _CLOSING = "\"')]}»”’"
-_WORD_START_SKIP = "(\"`{[:;&#*@)}]-,"  # characters Punkt never starts a word with
+_WORD_START_SKIP = '("`{[:;&#*@)}]-,'  # characters Punkt never starts a word with
 _NUMBER = re.compile(r"^-?[\.,]?\d[\d,\.-]*\.?$")
 _INITIAL = re.compile(r"^[^\W\d]\.$")
 
@@ -138,8 +152,7 @@ _REALIGN = re.compile(r"^([\"\')\]}]+?)(?:\s+|(?=--)|$)")
 def split_sentences(text: str) -> list[str]:
     """Sentences of `text` as Punkt (without a trained model) splits them; whitespace-stripped."""
     tokens = list(re.finditer(r"\S+", text))
-    ends = [current.end() for current, following in zip(tokens, tokens[1:])
-            if _is_sentence_break(current.group(), following.group())]
+    ends = [current.end() for current, following in zip(tokens, tokens[1:]) if _is_sentence_break(current.group(), following.group())]
     spans, start = [], 0
     for end in ends + [len(text)]:
         # Closing quotes and brackets that open a sentence belong to the one before (Punkt's realignment).
@@ -166,7 +179,7 @@ def word_tokenize(text: str) -> list[str]:
 def rep_n(tokens: Sequence[str], n: int) -> float:
     """100 * (1 - unique n-grams / (n-grams + 1)) of one token sequence; 100 when it has no n-gram
     (ARGS' formula as is: a response shorter than n words counts as fully repetitive)."""
-    ngrams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 100.0 * (1.0 - len(set(ngrams)) / (len(ngrams) + 1))
 
 
@@ -229,5 +242,14 @@ def win_tie(values: Sequence[float], reference: Sequence[float], margin: float =
     wins, ties = outcomes.count(1), outcomes.count(0)
     losses = total - wins - ties
     rate = (lambda k: 100.0 * k / total) if total else (lambda k: None)
-    return {"n": total, "wins": wins, "ties": ties, "losses": losses, "win_rate": rate(wins), "tie_rate": rate(ties),
-            "lose_rate": rate(losses), "win_tie_rate": rate(wins + ties), "outcomes": outcomes}
+    return {
+        "n": total,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate": rate(wins),
+        "tie_rate": rate(ties),
+        "lose_rate": rate(losses),
+        "win_tie_rate": rate(wins + ties),
+        "outcomes": outcomes,
+    }

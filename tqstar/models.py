@@ -96,8 +96,10 @@ def resolve_source(model_cfg, synthetic_dir: str | Path | None = None) -> tuple[
     gguf_file = model_cfg.get("gguf_file")
     if source.startswith("synthetic:"):
         if synthetic_dir is None:
-            raise ConfigError(f"{config_key(model_cfg, 'name_or_path')}={source!r} needs the synthetic task's folder "
-                              "(tqstar decode resolves it; in Python pass synthetic_dir=tqstar.synthetic.ensure_built())")
+            raise ConfigError(
+                f"{config_key(model_cfg, 'name_or_path')}={source!r} needs the synthetic task's folder "
+                "(tqstar decode resolves it; in Python pass synthetic_dir=tqstar.synthetic.ensure_built())"
+            )
         folder = Path(synthetic_dir) / source.split(":", 1)[1]
         if not folder.is_dir():
             raise ConfigError(f"{config_key(model_cfg, 'name_or_path')}={source!r}: the synthetic task has no model '{folder.name}'")
@@ -114,8 +116,9 @@ def resolve_source(model_cfg, synthetic_dir: str | Path | None = None) -> tuple[
     return source, gguf_file
 
 
-def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
-                   key: str = "name_or_path"):
+def load_tokenizer(
+    source: str, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False, key: str = "name_or_path"
+):
     """A tokenizer with a pad token and left padding (decoder-only batches are left padded)."""
     from transformers import AutoTokenizer
 
@@ -149,8 +152,9 @@ def tokenizer_for(model_cfg, synthetic_dir: str | Path | None = None):
     """The tokenizer of a `model` config without loading its weights (e.g. to measure prompts before
     the models load); `load_model` reuses it."""
     source, gguf_file = resolve_source(model_cfg, synthetic_dir)
-    return _cached_tokenizer(source, gguf_file, model_cfg.get("revision"), bool(model_cfg.get("trust_remote_code", False)),
-                             config_key(model_cfg, "name_or_path"))
+    return _cached_tokenizer(
+        source, gguf_file, model_cfg.get("revision"), bool(model_cfg.get("trust_remote_code", False)), config_key(model_cfg, "name_or_path")
+    )
 
 
 def _dequantize_gguf() -> dict:

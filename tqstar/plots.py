@@ -46,8 +46,15 @@ def _method_colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(dict.fromkeys(methods))}
 
 
-def plot_reward_bars(df, path: str | Path, value: str = "reward_mean", err: str | None = "reward_stderr",
-                     label: str = "label", title: str | None = None, ylabel: str | None = None) -> Path:
+def plot_reward_bars(
+    df,
+    path: str | Path,
+    value: str = "reward_mean",
+    err: str | None = "reward_stderr",
+    label: str = "label",
+    title: str | None = None,
+    ylabel: str | None = None,
+) -> Path:
     """One bar per run (coloured by method) with standard-error bars."""
     plt = _pyplot()
     path = Path(path)
@@ -58,8 +65,7 @@ def plot_reward_bars(df, path: str | Path, value: str = "reward_mean", err: str 
     xs = list(range(len(records)))
     heights = [float(r[value]) for r in records]
     errors = [float(r[err]) if err and _finite(r.get(err)) else 0.0 for r in records]
-    ax.bar(xs, heights, yerr=errors, capsize=4, color=[colors[str(r.get("method", ""))] for r in records],
-           edgecolor="black", linewidth=0.6)
+    ax.bar(xs, heights, yerr=errors, capsize=4, color=[colors[str(r.get("method", ""))] for r in records], edgecolor="black", linewidth=0.6)
     ax.set_xticks(xs)
     crowded = len(records) > 3  # slanted labels only when they would collide
     ax.set_xticklabels([str(r[label]) for r in records], rotation=30 if crowded else 0, ha="right" if crowded else "center")
@@ -74,9 +80,19 @@ def plot_reward_bars(df, path: str | Path, value: str = "reward_mean", err: str 
     return path
 
 
-def plot_frontier(df, x: str, y: str, label_cols: Sequence[str], path: str | Path, xerr: str | None = None,
-                  yerr: str | None = None, group: str = "method", title: str | None = None,
-                  xlabel: str | None = None, ylabel: str | None = None) -> Path:
+def plot_frontier(
+    df,
+    x: str,
+    y: str,
+    label_cols: Sequence[str],
+    path: str | Path,
+    xerr: str | None = None,
+    yerr: str | None = None,
+    group: str = "method",
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+) -> Path:
     """One point per run: `y` against `x`, points of one `group` (method) joined in order of x and
     each annotated with the values of `label_cols` (e.g. ["method", "alpha"] or ["label"])."""
     plt = _pyplot()
@@ -87,10 +103,18 @@ def plot_frontier(df, x: str, y: str, label_cols: Sequence[str], path: str | Pat
     for name, color in colors.items():
         points = sorted((r for r in records if str(r.get(group, "")) == name), key=lambda r: float(r[x]))
         xs, ys = [float(r[x]) for r in points], [float(r[y]) for r in points]
-        ax.errorbar(xs, ys,
-                    xerr=[float(r[xerr]) if xerr and _finite(r.get(xerr)) else 0.0 for r in points],
-                    yerr=[float(r[yerr]) if yerr and _finite(r.get(yerr)) else 0.0 for r in points],
-                    fmt="o-" if len(points) > 1 else "o", color=color, capsize=3, label=name, markersize=6, linewidth=1.2)
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[float(r[xerr]) if xerr and _finite(r.get(xerr)) else 0.0 for r in points],
+            yerr=[float(r[yerr]) if yerr and _finite(r.get(yerr)) else 0.0 for r in points],
+            fmt="o-" if len(points) > 1 else "o",
+            color=color,
+            capsize=3,
+            label=name,
+            markersize=6,
+            linewidth=1.2,
+        )
         for r in points:
             text = " ".join(piece for piece in (_format_label(c, r.get(c)) for c in label_cols) if piece)
             ax.annotate(text, (float(r[x]), float(r[y])), textcoords="offset points", xytext=(5, 5), fontsize=8)

@@ -47,8 +47,13 @@ def optimum_reward(rewards_by_prompt: Sequence[Sequence[float]], beta: float) ->
         per_prompt.append(sum(w * r for w, r in zip(weights, rewards)))
         ess.append(1.0 / sum(w * w for w in weights))
     mean, se = mean_and_stderr(per_prompt)
-    return {"mean": mean, "se": se, "prompts": len(per_prompt), "samples_per_prompt": _samples(rewards_by_prompt),
-            "effective_samples_mean": mean_and_stderr(ess)[0]}
+    return {
+        "mean": mean,
+        "se": se,
+        "prompts": len(per_prompt),
+        "samples_per_prompt": _samples(rewards_by_prompt),
+        "effective_samples_mean": mean_and_stderr(ess)[0],
+    }
 
 
 def optimum_kl(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
@@ -62,8 +67,9 @@ def optimum_kl(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dic
     return {"mean": mean, "se": se, "prompts": len(per_prompt), "samples_per_prompt": _samples(rewards_by_prompt)}
 
 
-def sample_kl(policy_logprobs: Sequence[Sequence[float]], sft_logprobs: Sequence[Sequence[float]],
-              prompt_of: Sequence[int] | None = None) -> dict:
+def sample_kl(
+    policy_logprobs: Sequence[Sequence[float]], sft_logprobs: Sequence[Sequence[float]], prompt_of: Sequence[int] | None = None
+) -> dict:
     """(b) KL(rho || pi_sft) per response from responses sampled from rho: the mean of sum_t (log rho - log pi_sft).
 
     With `prompt_of` (the prompt index of each response) the s.e. is across prompts (several samples
@@ -81,8 +87,9 @@ def sample_reward(rewards: Sequence[float], prompt_of: Sequence[int] | None = No
     return {"mean": mean, "se": se, "responses": len(rewards), "prompts": len(groups)}
 
 
-def implied_reward_slope(log_ratios: Sequence[float], rewards: Sequence[float], beta: float,
-                         prompt_of: Sequence[int] | None = None) -> dict:
+def implied_reward_slope(
+    log_ratios: Sequence[float], rewards: Sequence[float], beta: float, prompt_of: Sequence[int] | None = None
+) -> dict:
     """(c) Slope of beta · log(rho_bl/pi_sft)(y|x) regressed on r(x,y), with an intercept per prompt
     (log Z(x) differs by prompt): 1 at the optimum. Also the correlation of the two, within prompts."""
     prompt_of = list(prompt_of) if prompt_of is not None else [0] * len(rewards)
@@ -104,8 +111,12 @@ def implied_reward_slope(log_ratios: Sequence[float], rewards: Sequence[float], 
     slope = sum(x * y for x, y in zip(xs, ys)) / sxx
     dof = max(len(xs) - len(by_prompt) - 1, 1)
     residual = sum((y - slope * x) ** 2 for x, y in zip(xs, ys)) / dof
-    return {"slope": slope, "se": math.sqrt(residual / sxx), "correlation": (sum(x * y for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)) if syy else None,
-            "responses": len(rewards)}
+    return {
+        "slope": slope,
+        "se": math.sqrt(residual / sxx),
+        "correlation": (sum(x * y for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)) if syy else None,
+        "responses": len(rewards),
+    }
 
 
 def _group(values: list[float], prompt_of: Sequence[int] | None) -> list[list[float]]:

@@ -33,11 +33,19 @@ def to_frame(runs: Sequence[RunLike], reference: RunLike | None):
     records = []
     for run in runs:
         decoder = run.cfg.decoder
-        records.append({
-            "label": run.label, "method": run.method, "alpha": decoder.get("alpha"), "top_k": decoder.get("top_k"),
-            "selection": decoder.get("selection"), "is_reference": run is reference, **run.metrics,
-            "reward_name": run.settings.get("reward"), "run": run.given or str(run.path),
-        })
+        records.append(
+            {
+                "label": run.label,
+                "method": run.method,
+                "alpha": decoder.get("alpha"),
+                "top_k": decoder.get("top_k"),
+                "selection": decoder.get("selection"),
+                "is_reference": run is reference,
+                **run.metrics,
+                "reward_name": run.settings.get("reward"),
+                "run": run.given or str(run.path),
+            }
+        )
     return pd.DataFrame.from_records(records)
 
 
@@ -88,8 +96,12 @@ def table_rows(df) -> list[list[str]]:
 
 def write_markdown(rows: list[list[str]], path: Path, title: str) -> None:
     escape = lambda cell: cell.replace("|", "\\|")  # noqa: E731
-    lines = [f"# {title}", "", "| " + " | ".join(map(escape, rows[0])) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        "| " + " | ".join(map(escape, rows[0])) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|",
+    ]
     lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows[1:]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -111,7 +123,7 @@ def print_table(console, rows: list[list[str]], title: str) -> None:
         if _natural_width(rows) <= width or header not in rows[0]:
             continue
         i = rows[0].index(header)
-        rows = [row[:i] + row[i + 1:] for row in rows]
+        rows = [row[:i] + row[i + 1 :] for row in rows]
         dropped.append(header)
     table = Table(title=title)
     for i, header in enumerate(rows[0]):
@@ -134,6 +146,15 @@ def write_plots(df, folder: Path, reward_names: Sequence[str]) -> list[Path]:
 
     written = [plot_reward_bars(df, folder / "reward.png", title=f"Mean reward ({', '.join(reward_names)})")]
     x = "kl" if df["kl"].notna().all() else "sft_nll_per_token"
-    written.append(plot_frontier(df, x=x, y="reward_mean", label_cols=["label"], path=folder / "frontier.png",
-                                 yerr="reward_stderr", title="Reward vs distance from the SFT model"))
+    written.append(
+        plot_frontier(
+            df,
+            x=x,
+            y="reward_mean",
+            label_cols=["label"],
+            path=folder / "frontier.png",
+            yerr="reward_stderr",
+            title="Reward vs distance from the SFT model",
+        )
+    )
     return written

@@ -24,9 +24,9 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
+from .config import config_hash
 from .errors import ConfigError
 from .files import read_json, write_json_atomic
-from .config import config_hash
 
 GENERATIONS = "generations.jsonl"
 RUN_JSON = "run.json"
@@ -188,7 +188,9 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFolder]:
         if (path / CONFIG).is_file():
             found.append(RunFolder(path))
             continue
-        found.extend(RunFolder(p.parent) for p in sorted(path.rglob(CONFIG)) if (p.parent / RUN_JSON).exists() or (p.parent / GENERATIONS).exists())
+        found.extend(
+            RunFolder(p.parent) for p in sorted(path.rglob(CONFIG)) if (p.parent / RUN_JSON).exists() or (p.parent / GENERATIONS).exists()
+        )
     return found
 
 
@@ -267,7 +269,12 @@ def merge_shards(paths: Iterable[str | Path]) -> RunFolder:
             for key, value in (shard.status().get("counters") or {}).items():
                 counters[key] = counters.get(key, 0) + value
         first = shards[0].status()
-        target.update_status(**{k: first.get(k) for k in ("tqstar_version", "git_commit", "versions", "device", "seed", "method")},
-                             status="completed", rows=len(rows), num_prompts=len(rows), counters=counters,
-                             merged_from=[str(s.path) for s in shards])
+        target.update_status(
+            **{k: first.get(k) for k in ("tqstar_version", "git_commit", "versions", "device", "seed", "method")},
+            status="completed",
+            rows=len(rows),
+            num_prompts=len(rows),
+            counters=counters,
+            merged_from=[str(s.path) for s in shards],
+        )
     return target

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
 from .config import compose, conf_dir, did_you_mean, group_options, validate
+from .errors import ConfigError
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -131,7 +131,7 @@ def run_points(points: list[list[str]], folder: Path, spec: SweepSpec, console=N
     executor = _executor(spec, folder)
     pending = list(points)
     while pending:  # the local executor has no parallelism cap of its own: submit `jobs` at a time
-        wave, pending = (pending[: spec.jobs], pending[spec.jobs:]) if spec.executor == "local" else (pending, [])
+        wave, pending = (pending[: spec.jobs], pending[spec.jobs :]) if spec.executor == "local" else (pending, [])
         jobs = [executor.submit(run_point, point, str(folder)) for point in wave]
         if console:
             console.print(f"submitted {len(jobs)} job(s) to the {spec.executor} executor; logs in {folder / 'submitit'}")
@@ -139,16 +139,23 @@ def run_points(points: list[list[str]], folder: Path, spec: SweepSpec, console=N
             try:
                 results.append(job.result())
             except Exception as exc:  # noqa: BLE001
-                results.append({"point": point, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"})
+                results.append(
+                    {"point": point, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"}
+                )
     return results
 
 
 def _point_columns(cfg) -> dict[str, Any]:
     d = cfg.decoder
     return {
-        "method": str(d.method), "transfer": str(d.transfer) if d.method == "tqstar" else "", "alpha": float(d.alpha),
-        "top_k": int(d.top_k), "selection": str(d.selection), "rollout_len": int(d.rollout.max_new_tokens),
-        "rollout_num": int(d.rollout.num), "max_new_tokens": int(d.max_new_tokens),
+        "method": str(d.method),
+        "transfer": str(d.transfer) if d.method == "tqstar" else "",
+        "alpha": float(d.alpha),
+        "top_k": int(d.top_k),
+        "selection": str(d.selection),
+        "rollout_len": int(d.rollout.max_new_tokens),
+        "rollout_num": int(d.rollout.num),
+        "max_new_tokens": int(d.max_new_tokens),
     }
 
 
@@ -240,22 +247,46 @@ def plot_sweep(table, folder: Path) -> list[Path]:
     if distance:
         from .plots import plot_frontier
 
-        xlabel = {"kl": "KL(decoder || SFT) estimate per response",
-                  "sft_logprob_per_token": "log p_SFT per token (higher = closer to SFT)"}[distance]
-        written.append(plot_frontier(table, x=distance, y=reward, label_cols=["alpha"], path=folder / "frontier.png",
-                                     yerr=stderr, group="method", title="reward against distance from the SFT model",
-                                     xlabel=xlabel, ylabel="mean target reward"))
+        xlabel = {
+            "kl": "KL(decoder || SFT) estimate per response",
+            "sft_logprob_per_token": "log p_SFT per token (higher = closer to SFT)",
+        }[distance]
+        written.append(
+            plot_frontier(
+                table,
+                x=distance,
+                y=reward,
+                label_cols=["alpha"],
+                path=folder / "frontier.png",
+                yerr=stderr,
+                group="method",
+                title="reward against distance from the SFT model",
+                xlabel=xlabel,
+                ylabel="mean target reward",
+            )
+        )
     return written
 
 
-def run_sweep(overrides: Sequence[str], name: str | None = None, executor: str | None = None, jobs: int | None = None,
-              slurm: dict | None = None, console=None):
+def run_sweep(
+    overrides: Sequence[str],
+    name: str | None = None,
+    executor: str | None = None,
+    jobs: int | None = None,
+    slurm: dict | None = None,
+    console=None,
+):
     """Expand, run (skipping finished points), aggregate. Returns the results table."""
     spec = SweepSpec(grid=list(overrides))
     if name:
         named = load_named_sweep(name)
-        spec = SweepSpec(grid=list(named.get("grid", [])) + list(overrides), name=name, executor=named.get("executor", "inline"),
-                         jobs=int(named.get("jobs", 2)), slurm=dict(named.get("slurm") or {}))
+        spec = SweepSpec(
+            grid=list(named.get("grid", [])) + list(overrides),
+            name=name,
+            executor=named.get("executor", "inline"),
+            jobs=int(named.get("jobs", 2)),
+            slurm=dict(named.get("slurm") or {}),
+        )
     if executor:
         spec.executor = executor
     if jobs:
@@ -276,8 +307,14 @@ def run_sweep(overrides: Sequence[str], name: str | None = None, executor: str |
         console.print(f"sweep {folder} : {len(points)} point(s), executor {spec.executor}")
     results = run_points(points, folder, spec, console)
     failed = [r for r in results if "error" in r]
-    summary = {"grid": spec.grid, "points": points, "executor": spec.executor, "results": results,
-               "seconds": round(time.perf_counter() - started, 2), "failed": len(failed)}
+    summary = {
+        "grid": spec.grid,
+        "points": points,
+        "executor": spec.executor,
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 2),
+        "failed": len(failed),
+    }
     (folder / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = aggregate(folder, points, console)
     if console:

@@ -45,8 +45,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _synthetic_rows(dataset_cfg, synthetic_dir) -> tuple[list[dict], str]:
     split = str(dataset_cfg.get("split", "test"))
     if synthetic_dir is None:
-        raise ConfigError("dataset=synthetic needs the synthetic task's folder (tqstar decode resolves it; "
-                          "in Python pass synthetic_dir=tqstar.synthetic.ensure_built())")
+        raise ConfigError(
+            "dataset=synthetic needs the synthetic task's folder (tqstar decode resolves it; "
+            "in Python pass synthetic_dir=tqstar.synthetic.ensure_built())"
+        )
     path = Path(synthetic_dir) / "prompts" / f"{split}.jsonl"
     if not path.exists():
         raise ConfigError(f"dataset.split={split!r} is not allowed for the synthetic task; allowed: train, test")
@@ -73,7 +75,7 @@ def select(rows: list[dict], dataset_cfg) -> list[dict]:
         random.Random(int(dataset_cfg.get("shuffle_seed", 0))).shuffle(rows)
     offset = int(dataset_cfg.get("offset") or 0)
     limit = dataset_cfg.get("limit")
-    rows = rows[offset:] if limit is None else rows[offset:offset + int(limit)]
+    rows = rows[offset:] if limit is None else rows[offset : offset + int(limit)]
     rows = [{**row, "position": position} for position, row in enumerate(rows)]
     shard = dataset_cfg.get("shard")
     if shard:
@@ -85,7 +87,7 @@ def select(rows: list[dict], dataset_cfg) -> list[dict]:
 def _token_counts(tokenizer, texts: list[str], chunk: int = 512) -> list[int]:
     counts: list[int] = []
     for start in range(0, len(texts), chunk):
-        counts.extend(len(ids) for ids in tokenizer(texts[start:start + chunk])["input_ids"])
+        counts.extend(len(ids) for ids in tokenizer(texts[start : start + chunk])["input_ids"])
     return counts
 
 
@@ -119,6 +121,7 @@ def load_prompts(dataset_cfg, tokenizer=None, synthetic_dir=None) -> PromptSet:
         usable = kept
     prompts = [Prompt(str(row["id"]), row["prompt"], row["position"]) for row in usable]
     if not prompts:
-        raise ConfigError(f"dataset {source} has no prompts to decode after selection "
-                          f"({total} rows, {len(rows)} selected, skipped: {skipped or 'none'})")
+        raise ConfigError(
+            f"dataset {source} has no prompts to decode after selection ({total} rows, {len(rows)} selected, skipped: {skipped or 'none'})"
+        )
     return PromptSet(prompts, source, skipped)

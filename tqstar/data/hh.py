@@ -25,7 +25,7 @@ def wrap(instruction: str) -> str:
 def prompt_of_dialogue(dialogue: str) -> str | None:
     """The prompt of a whole HH conversation: the text up to and including its last Assistant marker."""
     cut = dialogue.rfind(ASSISTANT)
-    return None if cut == -1 else dialogue[:cut + len(ASSISTANT)]
+    return None if cut == -1 else dialogue[: cut + len(ASSISTANT)]
 
 
 def last_human_turn(prompt: str) -> str:
@@ -45,7 +45,7 @@ def to_messages(prompt: str) -> list[dict] | None:
         marker = HUMAN if rest.startswith(HUMAN) else ASSISTANT if rest.startswith(ASSISTANT) else None
         if marker is None:
             return None
-        rest = rest[len(marker):]
+        rest = rest[len(marker) :]
         ends = [i for i in (rest.find(HUMAN), rest.find(ASSISTANT)) if i != -1]
         end = min(ends) if ends else len(rest)
         messages.append({"role": roles[marker], "content": rest[:end].strip()})

@@ -28,10 +28,19 @@ from .hh import prompt_of_dialogue, wrap
 FORMATS = ("raw", "hh", "dialogue")
 PACKAGED_DIR = Path(__file__).resolve().parent
 # How a local file is read (datasets builder per suffix).
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-                 ".jsonl.gz": "json", ".json.gz": "json", ".csv.gz": "csv"}
-DOWNLOAD_HINT = ("download it on a machine with network (huggingface-cli download {id} --repo-type dataset --local-dir DIR, "
-                 "or datasets' save_to_disk), copy DIR here and set dataset.path=DIR")
+FILE_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".csv.gz": "csv",
+}
+DOWNLOAD_HINT = (
+    "download it on a machine with network (huggingface-cli download {id} --repo-type dataset --local-dir DIR, "
+    "or datasets' save_to_disk), copy DIR here and set dataset.path=DIR"
+)
 
 
 def _builder_for(path: Path) -> str | None:
@@ -54,7 +63,9 @@ def resolve_path(raw) -> tuple[str, str]:
     path = Path(text).expanduser()
     if path.is_file():
         if _builder_for(path) is None:
-            raise ConfigError(f"dataset.path={text!r} is not allowed: a .jsonl, .json, .csv or .parquet file (optionally .gz), a folder, or a hub id")
+            raise ConfigError(
+                f"dataset.path={text!r} is not allowed: a .jsonl, .json, .csv or .parquet file (optionally .gz), a folder, or a hub id"
+            )
         return str(path), "file"
     if path.is_dir():
         return str(path), "folder"
@@ -107,8 +118,10 @@ def _diagnose_file(path: Path, builder: str) -> str | None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return (f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                        "re-save the file as UTF-8")
+                return (
+                    f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "re-save the file as UTF-8"
+                )
             if builder == "json" and path.name.lower().endswith((".jsonl", ".jsonl.gz")) and line.strip():
                 try:
                     value = json.loads(line)
@@ -174,8 +187,9 @@ def _load_table(dataset_cfg):
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             return _pick_split(datasets.load_from_disk(location), split, location), f"{location}:{split}"
     try:
-        table = datasets.load_dataset(location, data_dir=data_dir, split=split,
-                                      revision=dataset_cfg.get("revision") if kind == "hub" else None)
+        table = datasets.load_dataset(
+            location, data_dir=data_dir, split=split, revision=dataset_cfg.get("revision") if kind == "hub" else None
+        )
     except ValueError as exc:
         message = _first_line(exc)
         if "split" in message.lower():
@@ -187,8 +201,12 @@ def _load_table(dataset_cfg):
         hint = DOWNLOAD_HINT.format(id=location)
         if hub_offline() or "ConnectionError" in type(exc).__name__ or "couldn't reach" in str(exc).lower():
             reason = "this machine is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub cannot be reached"
-            raise ConfigError(f"dataset.path={location!r} is not a local file or folder and {reason}, and it is not in the local cache; {hint}") from exc
-        raise ConfigError(f"dataset.path={location!r}: cannot load it from the hub ({type(exc).__name__}: {_first_line(exc)}); {hint}") from exc
+            raise ConfigError(
+                f"dataset.path={location!r} is not a local file or folder and {reason}, and it is not in the local cache; {hint}"
+            ) from exc
+        raise ConfigError(
+            f"dataset.path={location!r}: cannot load it from the hub ({type(exc).__name__}: {_first_line(exc)}); {hint}"
+        ) from exc
     suffix = f"/{data_dir}" if data_dir else ""
     return table, f"{location}{suffix}:{split}"
 

@@ -83,8 +83,16 @@ class Decoder:
     (indirect transfer only). The baseline model must share the SFT tokenizer.
     """
 
-    def __init__(self, sft_model, tokenizer, reward: Callable | Reward | None = None, baseline_model=None,
-                 baseline_reward: Callable | Reward | None = None, settings: DecoderSettings | None = None, **overrides):
+    def __init__(
+        self,
+        sft_model,
+        tokenizer,
+        reward: Callable | Reward | None = None,
+        baseline_model=None,
+        baseline_reward: Callable | Reward | None = None,
+        settings: DecoderSettings | None = None,
+        **overrides,
+    ):
         if settings is None:
             settings = DecoderSettings(**overrides)
         elif overrides:
@@ -124,8 +132,9 @@ class Decoder:
         return self.sft if role == "sft" else self.baseline
 
     # ------------------------------------------------------------------ public
-    def decode(self, prompts: Sequence[str], indices: Sequence[int] | None = None,
-               reward_prompts: Sequence[str] | None = None) -> list[Generation]:
+    def decode(
+        self, prompts: Sequence[str], indices: Sequence[int] | None = None, reward_prompts: Sequence[str] | None = None
+    ) -> list[Generation]:
         """Decode prompts in batches of `batch_size`.
 
         `indices` (default 0..n-1) seed each prompt's sampling, so a prompt's result does not depend
@@ -154,16 +163,22 @@ class Decoder:
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
-    def _token_loop(self, prompts: list[str], indices: list[int], reward_prompts: list[str], selection: str | None = None,
-                    temperature: float | None = None) -> list[Generation]:
+    def _token_loop(
+        self,
+        prompts: list[str],
+        indices: list[int],
+        reward_prompts: list[str],
+        selection: str | None = None,
+        temperature: float | None = None,
+    ) -> list[Generation]:
         s = self.settings
         selection, temperature = selection or s.selection, temperature or s.temperature
         batch = _Batch(self, prompts, indices, reward_prompts)
         for t in range(s.max_new_tokens):
-            proposal = batch.propose(top_k=s.top_k if self.estimate else None)                          # 1. propose
+            proposal = batch.propose(top_k=s.top_k if self.estimate else None)  # 1. propose
             values, details = self.estimate(batch.value_context(proposal, t)) if self.estimate else (None, None)  # 2. value
-            scores = proposal.scores if values is None else proposal.scores + s.alpha * values          # 3. score
-            pick, policy = select(scores, batch.generators(), selection, temperature)                   # 4. select
+            scores = proposal.scores if values is None else proposal.scores + s.alpha * values  # 3. score
+            pick, policy = select(scores, batch.generators(), selection, temperature)  # 4. select
             if not batch.append(proposal, pick, policy, trace=(t, values, scores, details), last=t == s.max_new_tokens - 1):  # 5. append
                 break
         return batch.results(keep_policy=selection == "sample")
@@ -210,8 +225,9 @@ class Decoder:
         samples = []
         for start in range(0, len(repeated), s.max_batch_rows):
             window = slice(start, start + s.max_batch_rows)
-            samples += self._token_loop(repeated[window], sample_indices[window], repeated_reward_prompts[window],
-                                        selection="sample", temperature=s.temperature)
+            samples += self._token_loop(
+                repeated[window], sample_indices[window], repeated_reward_prompts[window], selection="sample", temperature=s.temperature
+            )
         rewards = self.score(self.reward, repeated_reward_prompts, [g.response for g in samples])
         results = []
         for b in range(len(prompts)):
@@ -277,8 +293,11 @@ class _Batch:
         candidates = proposal.ids.tolist()
         indices = [self.indices[i] for i in self.active]
         return ValueContext(
-            settings=d.settings, prompts=[self.reward_prompts[i] for i in self.active], prefixes=prefixes,
-            candidates=candidates, text=d.response_text,
+            settings=d.settings,
+            prompts=[self.reward_prompts[i] for i in self.active],
+            prefixes=prefixes,
+            candidates=candidates,
+            text=d.response_text,
             reward=lambda p, r: d.score(d.reward, p, r),
             baseline_reward=(lambda p, r: d.score(d.baseline_reward, p, r)) if d.baseline_reward is not None else None,
             rollouts=lambda: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t),
@@ -292,8 +311,12 @@ class _Batch:
         chosen = proposal.token(pick)
         if self.sft_stream is not None:  # the proposer is not pi_sft: its log-prob is the policy's
             policy = proposal.logprob(pick) if policy is None else policy
-            chosen_sft = torch.log_softmax(self.sft_stream.logits, dim=-1).gather(
-                1, chosen[:, None].to(self.sft_stream.logits.device)).squeeze(1).to(chosen.device)
+            chosen_sft = (
+                torch.log_softmax(self.sft_stream.logits, dim=-1)
+                .gather(1, chosen[:, None].to(self.sft_stream.logits.device))
+                .squeeze(1)
+                .to(chosen.device)
+            )
         else:
             chosen_sft = proposal.logprob(pick)
         t, values, scores, details = trace
@@ -342,9 +365,15 @@ class _Batch:
         results = []
         for i, prompt in enumerate(self.prompts):
             text = cut_at_stop(d.response_text(self.generated[i]), s.stop_strings)
-            results.append(Generation(
-                prompt=prompt, response=text, token_ids=self.generated[i], sft_logprobs=self.sft_logprobs[i],
-                policy_logprobs=self.policy_logprobs[i] if (keep_policy or self.sft_stream is not None) else None,
-                stop_reason=self.stop_reason[i], trace=self.traces[i] if s.trace else None,
-            ))
+            results.append(
+                Generation(
+                    prompt=prompt,
+                    response=text,
+                    token_ids=self.generated[i],
+                    sft_logprobs=self.sft_logprobs[i],
+                    policy_logprobs=self.policy_logprobs[i] if (keep_policy or self.sft_stream is not None) else None,
+                    stop_reason=self.stop_reason[i],
+                    trace=self.traces[i] if s.trace else None,
+                )
+            )
         return results

@@ -62,8 +62,9 @@ class KVStream:
         tokens = tokens.to(self.mask.device)
         ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        out, self.cache = _forward(self.model, self.cache, input_ids=tokens[:, None], attention_mask=self.mask,
-                                   position_ids=self.next_position[:, None])
+        out, self.cache = _forward(
+            self.model, self.cache, input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None]
+        )
         self.next_position = self.next_position + 1
         self.logits = out.logits[:, -1, :].float()
         self.tokens_fed += tokens.shape[0]

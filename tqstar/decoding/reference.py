@@ -16,8 +16,9 @@ from .values import q_from_rollouts
 
 
 @torch.no_grad()
-def reference_decode(prompt: str, sft_model, tokenizer, reward, settings: DecoderSettings, baseline_model=None,
-                     baseline_reward=None) -> tuple[str, list[int]]:
+def reference_decode(
+    prompt: str, sft_model, tokenizer, reward, settings: DecoderSettings, baseline_model=None, baseline_reward=None
+) -> tuple[str, list[int]]:
     """Decode one prompt; returns (response text, generated token ids)."""
     s = settings
     assert s.selection == "greedy" and s.rollout_selection == "greedy", "the oracle is greedy only"
@@ -43,10 +44,16 @@ def reference_decode(prompt: str, sft_model, tokenizer, reward, settings: Decode
                 values = torch.tensor(reward([prompt] * len(candidates), [text_of(generated + [z]) for z in candidates]))
             else:
                 rows = torch.tensor([prompt_ids + generated + [z] for z in candidates for _ in range(s.rollout_num)], device=device)
-                out = rollout_model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=s.rollout_max_new_tokens,
-                                             do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                out = rollout_model.generate(
+                    input_ids=rows,
+                    attention_mask=torch.ones_like(rows),
+                    max_new_tokens=s.rollout_max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
                 texts = []
-                for row in out[:, len(prompt_ids) + len(generated):].tolist():
+                for row in out[:, len(prompt_ids) + len(generated) :].tolist():
                     if row[0] == eos:  # the candidate ends the response: nothing to roll out
                         row = row[:1]
                     elif eos in row[1:]:  # row[0] is the candidate itself

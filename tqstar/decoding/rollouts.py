@@ -36,8 +36,12 @@ class RolloutRunner:
         noise = None
         if s.rollout_selection == "sample":
             # One noise table per (prompt, step): draws do not depend on chunking or batch makeup.
-            noise = torch.cat([torch.rand((k * n, L), generator=torch.Generator().manual_seed(
-                (s.seed * 1_000_003 + indices[b]) * 10_007 + t)) for b in range(B)])
+            noise = torch.cat(
+                [
+                    torch.rand((k * n, L), generator=torch.Generator().manual_seed((s.seed * 1_000_003 + indices[b]) * 10_007 + t))
+                    for b in range(B)
+                ]
+            )
         continuations: list[list[int]] = [[] for _ in range(total)]
         start = 0
         while start < total:
@@ -63,7 +67,7 @@ class RolloutRunner:
         """Roll out global rows `rows` (prompt b, candidate i, rollout j) from a fork of the prefix cache."""
         s = self.settings
         k, n, L = len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
-        tails = {r: prefixes[r // (k * n)][-self.stops.tail_tokens:] + [candidates[r // (k * n)][(r // n) % k]] for r in rows}
+        tails = {r: prefixes[r // (k * n)][-self.stops.tail_tokens :] + [candidates[r // (k * n)][(r // n) % k]] for r in rows}
         # A candidate that ends the response (EOS, or completes a stop string) has nothing to roll out.
         alive = [r for r in rows if not (self.stops.is_eos(tails[r][-1]) or self.stops.hits_stop(tails[r]))]
         if not alive:

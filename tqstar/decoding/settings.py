@@ -23,7 +23,7 @@ def config_key(name: str) -> str:
     """The config key of a field: rollout_num -> decoder.rollout.num, alpha -> decoder.alpha."""
     for block in NESTED:
         if name.startswith(block + "_"):
-            return f"decoder.{block}.{name[len(block) + 1:]}"
+            return f"decoder.{block}.{name[len(block) + 1 :]}"
     return f"decoder.{name}"
 
 
@@ -53,8 +53,12 @@ class DecoderSettings:
         def bad(key: str, allowed: str) -> ConfigError:
             return ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed: {allowed}")
 
-        for key, allowed in (("method", METHOD_NAMES), ("selection", SELECTIONS), ("rollout_selection", SELECTIONS),
-                             ("transfer", TRANSFERS)):
+        for key, allowed in (
+            ("method", METHOD_NAMES),
+            ("selection", SELECTIONS),
+            ("rollout_selection", SELECTIONS),
+            ("transfer", TRANSFERS),
+        ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed; {did_you_mean(getattr(self, key), allowed)}")
         for key in _INTEGERS:
@@ -75,12 +79,16 @@ class DecoderSettings:
     def _refuse_no_ops(self) -> None:
         """Settings that would silently change nothing (or only the cost) are refused with one line."""
         if self.spec.uses_rollouts and self.rollout_num > 1 and self.rollout_selection == "greedy":
-            raise ConfigError(f"decoder.rollout.num={self.rollout_num} with decoder.rollout.selection=greedy rolls out the same "
-                              f"continuation {self.rollout_num} times (same Q, {self.rollout_num}x the cost); "
-                              "use decoder.rollout.selection=sample, or decoder.rollout.num=1")
+            raise ConfigError(
+                f"decoder.rollout.num={self.rollout_num} with decoder.rollout.selection=greedy rolls out the same "
+                f"continuation {self.rollout_num} times (same Q, {self.rollout_num}x the cost); "
+                "use decoder.rollout.selection=sample, or decoder.rollout.num=1"
+            )
         if self.self_normalize and self.needs_baseline_reward and self.rollout_num == 1:
-            raise ConfigError("decoder.self_normalize=true with decoder.rollout.num=1: sum(w r) / sum(w) over one rollout is r "
-                              "itself (direct transfer); use decoder.rollout.num >= 2 with decoder.rollout.selection=sample")
+            raise ConfigError(
+                "decoder.self_normalize=true with decoder.rollout.num=1: sum(w r) / sum(w) over one rollout is r "
+                "itself (direct transfer); use decoder.rollout.num >= 2 with decoder.rollout.selection=sample"
+            )
 
     @classmethod
     def from_config(cls, decoder_cfg: Any) -> "DecoderSettings":
@@ -95,8 +103,10 @@ class DecoderSettings:
         unknown = sorted(set(data) - set(known))
         if unknown:
             key = unknown[0]
-            raise ConfigError(f"unknown config key '{config_key(key)}'; "
-                              f"{did_you_mean(config_key(key).rsplit('.', 1)[-1], [config_key(k).rsplit('.', 1)[-1] for k in known])}")
+            raise ConfigError(
+                f"unknown config key '{config_key(key)}'; "
+                f"{did_you_mean(config_key(key).rsplit('.', 1)[-1], [config_key(k).rsplit('.', 1)[-1] for k in known])}"
+            )
         return cls(**data)
 
     @property

@@ -42,6 +42,7 @@ class ValueContext:
 
 # ----------------------------------------------------------------------------- formulas
 
+
 def mean_q(rewards: torch.Tensor) -> torch.Tensor:
     """(B, k, n) rollout rewards -> (B, k): the plain Monte-Carlo mean."""
     return rewards.mean(-1)
@@ -68,6 +69,7 @@ def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_r
 
 # ----------------------------------------------------------------------------- estimators
 
+
 def partial_reward(ctx: ValueContext):
     B, k = ctx.shape
     prompts = [ctx.prompts[b] for b in range(B) for _ in range(k)]
@@ -82,8 +84,12 @@ def from_rollouts(ctx: ValueContext):
     (B, k), n = ctx.shape, s.rollout_num
     continuations = ctx.rollouts()
     prompts = [ctx.prompts[b] for b in range(B) for _ in range(k * n)]
-    responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j])
-                 for b in range(B) for i in range(k) for j in range(n)]
+    responses = [
+        ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j])
+        for b in range(B)
+        for i in range(k)
+        for j in range(n)
+    ]
     rewards = torch.tensor(ctx.reward(prompts, responses), dtype=torch.float64).view(B, k, n)
     details = {"rewards": rewards}
     baseline_rewards = None

@@ -72,8 +72,14 @@ def _build_hf(cfg, default_device: str, stops: list[str]) -> Reward:
         raise load_error(source, exc, key, "reward model") from exc
     model.to(device).eval()
     return HFClassifierReward(
-        model, tokenizer, label=cfg.get("label"), template=str(cfg.get("template") or "{prompt}{response}"),
-        batch_size=int(cfg.get("batch_size") or 16), max_length=cfg.get("max_length"),
-        overflow=str(cfg.get("overflow") or "truncate_left"), skip_value=cfg.get("skip_value"),
-        stop_strings=stops, name=source,
+        model,
+        tokenizer,
+        label=cfg.get("label"),
+        template=str(cfg.get("template") or "{prompt}{response}"),
+        batch_size=int(cfg.get("batch_size") or 16),
+        max_length=cfg.get("max_length"),
+        overflow=str(cfg.get("overflow") or "truncate_left"),
+        skip_value=cfg.get("skip_value"),
+        stop_strings=stops,
+        name=source,
     )

@@ -29,9 +29,20 @@ class HFClassifierReward(Reward):
     - 'error' stops with a message naming the length and the limit.
     """
 
-    def __init__(self, model, tokenizer, *, label=None, template: str = "{prompt}{response}", batch_size: int = 16,
-                 max_length: int | None = None, overflow: str = "truncate_left", skip_value: float | None = None,
-                 stop_strings: Sequence[str] = (), name: str = "hf"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        label=None,
+        template: str = "{prompt}{response}",
+        batch_size: int = 16,
+        max_length: int | None = None,
+        overflow: str = "truncate_left",
+        skip_value: float | None = None,
+        stop_strings: Sequence[str] = (),
+        name: str = "hf",
+    ):
         super().__init__(stop_strings)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         if overflow not in OVERFLOW_POLICIES:
@@ -67,7 +78,9 @@ class HFClassifierReward(Reward):
         labels = [str(config.id2label[i]) for i in range(num_labels)] if getattr(config, "id2label", None) else []
         if label is None:
             if num_labels != 1:
-                raise ConfigError(f"reward model {name!r} has {num_labels} outputs ({', '.join(labels)}); set reward.label to one of them (a name or an index)")
+                raise ConfigError(
+                    f"reward model {name!r} has {num_labels} outputs ({', '.join(labels)}); set reward.label to one of them (a name or an index)"
+                )
             return 0
         if isinstance(label, int) and not isinstance(label, bool):
             if not 0 <= label < num_labels:
@@ -89,12 +102,16 @@ class HFClassifierReward(Reward):
             if n <= self.max_length:
                 keep.append(i)
             elif self.overflow == "error":
-                raise ConfigError(f"reward input of {n} tokens exceeds {self.name}'s limit of {self.max_length}; "
-                                  "set reward.overflow=truncate_left or reward.overflow=skip")
+                raise ConfigError(
+                    f"reward input of {n} tokens exceeds {self.name}'s limit of {self.max_length}; "
+                    "set reward.overflow=truncate_left or reward.overflow=skip"
+                )
             elif self.overflow == "skip":
                 if self.skip_value is None:
-                    raise ConfigError(f"reward input of {n} tokens exceeds {self.name}'s limit of {self.max_length} and "
-                                      "reward.overflow=skip with reward.skip_value=null; set reward.skip_value to a number")
+                    raise ConfigError(
+                        f"reward input of {n} tokens exceeds {self.name}'s limit of {self.max_length} and "
+                        "reward.overflow=skip with reward.skip_value=null; set reward.skip_value to a number"
+                    )
                 scores[i] = self.skip_value
                 self.skipped += 1
             else:
@@ -102,9 +119,10 @@ class HFClassifierReward(Reward):
                 self.truncated += 1
         device = next(self.model.parameters()).device
         for start in range(0, len(keep), self.batch_size):
-            rows = keep[start:start + self.batch_size]
-            batch = self.tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
-                                   max_length=self.max_length).to(device)
+            rows = keep[start : start + self.batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+            ).to(device)
             with torch.no_grad():
                 logits = self.model(**batch).logits
             for i, value in zip(rows, logits[:, self.label_index].float().cpu().tolist()):

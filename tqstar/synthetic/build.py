@@ -67,11 +67,11 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn())
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+            )
             self._progress.__enter__()
         return self
 
@@ -150,8 +150,7 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     corpus = generate_corpus(seed, params.n_corpus, prefix="train")
     seen = {d.prompt for d in corpus}
     test = generate_prompts(seed, params.n_test_prompts, prefix="test", exclude=seen)
-    train = generate_prompts(seed, params.n_train_prompts, prefix="train",
-                             exclude={p["prompt"] for p in test})
+    train = generate_prompts(seed, params.n_train_prompts, prefix="train", exclude={p["prompt"] for p in test})
     write_jsonl(out / "corpus.jsonl", (d.to_dict() for d in corpus))
     write_jsonl(out / "prompts" / "train.jsonl", train)
     write_jsonl(out / "prompts" / "test.jsonl", test)
@@ -161,9 +160,7 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     # 2. tokenizer (every prompt is covered, so no <unk> in any split)
     t0 = time.perf_counter()
     up = bar.task("tokenizer", 1)
-    tok_texts = tokenizer_texts(corpus) + tokenizer_texts(
-        [Dialogue(id=p["id"], prompt=p["prompt"], response="") for p in train + test]
-    )
+    tok_texts = tokenizer_texts(corpus) + tokenizer_texts([Dialogue(id=p["id"], prompt=p["prompt"], response="") for p in train + test])
     tokenizer = train_tokenizer(tok_texts)
     up(completed=1)
     seconds["tokenizer"] = time.perf_counter() - t0
@@ -179,10 +176,10 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     # 4. preference samples (once, through the engine), labelled by both rewards, and the pairs
     t0 = time.perf_counter()
     pair_prompts = [p["prompt"] for p in train[: params.n_pair_prompts]]
-    samples = sample_preference_data(model, tokenizer, pair_prompts, params, seed,
-                                     update=bar.task("sampling preference data", len(pair_prompts)))
-    write_jsonl(out / "dpo_data" / "samples.jsonl",
-                ({"prompt": pair_prompts[s["prompt_index"]], **s} for s in samples))
+    samples = sample_preference_data(
+        model, tokenizer, pair_prompts, params, seed, update=bar.task("sampling preference data", len(pair_prompts))
+    )
+    write_jsonl(out / "dpo_data" / "samples.jsonl", ({"prompt": pair_prompts[s["prompt_index"]], **s} for s in samples))
     pairs = preference_pairs(pair_prompts, samples, params)
     for name, rows in pairs.items():
         write_jsonl(out / "dpo_data" / f"{name}.jsonl", rows)
@@ -194,16 +191,18 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     for name, label in (("dpo", "DPO (target reward)"), ("dpo_bl", "DPO (baseline reward)")):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=out) as work:
-            dpo_stats[name] = train_dpo(out / "sft", pairs[name], out / name, params, seed, Path(work),
-                                        update=bar.task(label, None))
+            dpo_stats[name] = train_dpo(out / "sft", pairs[name], out / name, params, seed, Path(work), update=bar.task(label, None))
         seconds[name] = time.perf_counter() - t0
 
     # 6. evaluation: greedy decoding on the test prompts
     t0 = time.perf_counter()
     test_prompts = [p["prompt"] for p in test]
-    evaluation = {name: evaluate_folder(out / name, test_prompts, params.eval_max_new_tokens,
-                                        update=bar.task(f"evaluating {name}", len(test_prompts)))
-                  for name in MODEL_NAMES}
+    evaluation = {
+        name: evaluate_folder(
+            out / name, test_prompts, params.eval_max_new_tokens, update=bar.task(f"evaluating {name}", len(test_prompts))
+        )
+        for name in MODEL_NAMES
+    }
     seconds["evaluate"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
 
@@ -218,8 +217,7 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
         "models": {name: name for name in MODEL_NAMES},
         "prompts": {"train": "prompts/train.jsonl", "test": "prompts/test.jsonl"},
         "stop_strings": list(STOP_STRINGS),
-        "rewards": {"target": "tqstar.synthetic.rewards:target_reward",
-                    "baseline": "tqstar.synthetic.rewards:baseline_reward"},
+        "rewards": {"target": "tqstar.synthetic.rewards:target_reward", "baseline": "tqstar.synthetic.rewards:baseline_reward"},
         "sizes": {
             "vocab_size": vocab_size_of(tokenizer),
             "n_params": n_params,
@@ -233,18 +231,29 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
             "samples_finished": sum(s["finished"] for s in samples),
             **{f"{name}_pairs": len(pairs[name]) for name in PAIR_REWARDS},
         },
-        "training": {"sft_final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), **{
-            f"{k}_{m}": v for k, st in dpo_stats.items() for m, v in st.items()}},
+        "training": {
+            "sft_final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+            **{f"{k}_{m}": v for k, st in dpo_stats.items() for m, v in st.items()},
+        },
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "eval": evaluation,
-        "eval_settings": {"decoding": "greedy", "max_new_tokens": params.eval_max_new_tokens,
-                          "stop": ["</s>", *STOP_STRINGS], "prompts": "prompts/test.jsonl"},
+        "eval_settings": {
+            "decoding": "greedy",
+            "max_new_tokens": params.eval_max_new_tokens,
+            "stop": ["</s>", *STOP_STRINGS],
+            "prompts": "prompts/test.jsonl",
+        },
         "versions": _versions(),
     }
 
 
-def ensure_built(seed: int = 0, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                 params: BuildParams | None = None, num_threads: int | None = None) -> Path:
+def ensure_built(
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    params: BuildParams | None = None,
+    num_threads: int | None = None,
+) -> Path:
     """Build the synthetic task for ``seed`` unless a complete build is cached; return its folder.
 
     ``params`` overrides the recipe (part of the cache key); ``num_threads`` sets torch's CPU

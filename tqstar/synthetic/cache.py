@@ -55,8 +55,7 @@ def _keyed_versions() -> dict:
 
 
 def build_key(seed: int, params: BuildParams) -> str:
-    blob = json.dumps({"version": VERSION, "seed": int(seed), "params": params.to_dict(),
-                       "libraries": _keyed_versions()}, sort_keys=True)
+    blob = json.dumps({"version": VERSION, "seed": int(seed), "params": params.to_dict(), "libraries": _keyed_versions()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 

@@ -84,10 +84,21 @@ GREETINGS = (
 )
 
 CLOSERS = {
-    "pos": ("I would recommend it.", "You will love it.", "I had a great time.", "I would go again.",
-            "It was worth it.", "I really enjoyed it."),
-    "neg": ("I would not recommend it.", "It was a waste of time.", "I would skip it.",
-            "I would not go again.", "I was not happy with it."),
+    "pos": (
+        "I would recommend it.",
+        "You will love it.",
+        "I had a great time.",
+        "I would go again.",
+        "It was worth it.",
+        "I really enjoyed it.",
+    ),
+    "neg": (
+        "I would not recommend it.",
+        "It was a waste of time.",
+        "I would skip it.",
+        "I would not go again.",
+        "I was not happy with it.",
+    ),
     "neu": ("It depends on what you like.", "You could try it and see.", "Some people like it."),
 }
 PLACES = ("near the station", "in the city center", "on the main street", "next to the river", "close to the school")
@@ -182,14 +193,24 @@ def sample_prompt(rng: random.Random) -> tuple[str, dict]:
     return prompt, {"topic": topic, "topic_phrase": tp, "hint": hint}
 
 
-def _fill(rng: random.Random, template: str, topic_phrase: str, aspects: tuple[str, ...], a: str, b: str | None = None,
-          opener: bool = True) -> str:
+def _fill(
+    rng: random.Random, template: str, topic_phrase: str, aspects: tuple[str, ...], a: str, b: str | None = None, opener: bool = True
+) -> str:
     x, y = rng.sample(aspects, 2)
     return template.format(
         o=rng.choice(OPENERS) if opener else "",
-        t=topic_phrase, x=x, y=y, xv=_be(x), yv=_be(y), i=rng.choice(INTENSIFIERS),
-        a=a, b=b if b is not None else a,
-        p=rng.choice(PLACES), d=rng.choice(DURATIONS), w=rng.choice(OPEN_TIMES), v=rng.choice(VISIT_TIMES),
+        t=topic_phrase,
+        x=x,
+        y=y,
+        xv=_be(x),
+        yv=_be(y),
+        i=rng.choice(INTENSIFIERS),
+        a=a,
+        b=b if b is not None else a,
+        p=rng.choice(PLACES),
+        d=rng.choice(DURATIONS),
+        w=rng.choice(OPEN_TIMES),
+        v=rng.choice(VISIT_TIMES),
         n=rng.choice(NEU_ADJ),
     )
 

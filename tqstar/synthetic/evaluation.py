@@ -17,8 +17,7 @@ def summary(xs: list[float]) -> dict:
     return {"mean": None if mean is None else round(mean, 4), "se": None if se is None else round(se, 4), "n": len(xs)}
 
 
-def evaluate_folder(folder: Path, prompts: list[str], max_new_tokens: int,
-                    update: Callable[..., None] = lambda **k: None) -> dict:
+def evaluate_folder(folder: Path, prompts: list[str], max_new_tokens: int, update: Callable[..., None] = lambda **k: None) -> dict:
     """Greedy decoding of one saved model on ``prompts``: rewards (mean, s.e.), lengths, samples."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,8 +26,9 @@ def evaluate_folder(folder: Path, prompts: list[str], max_new_tokens: int,
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, selection="greedy",
-                    batch_size=EVAL_BATCH_PROMPTS, update=update)
+    outs = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, selection="greedy", batch_size=EVAL_BATCH_PROMPTS, update=update
+    )
     responses = [o["response"] for o in outs]
     return {
         "target_reward": summary(target_reward(prompts, responses)),

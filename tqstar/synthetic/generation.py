@@ -12,9 +12,19 @@ from typing import Callable
 from .params import STOP_STRINGS
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, selection: str = "greedy",
-             temperature: float = 1.0, samples_per_prompt: int = 1, batch_size: int = 64, seed: int = 0,
-             update: Callable[..., None] = lambda **k: None) -> list[dict]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    selection: str = "greedy",
+    temperature: float = 1.0,
+    samples_per_prompt: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    update: Callable[..., None] = lambda **k: None,
+) -> list[dict]:
     """``samples_per_prompt`` responses per prompt (prompt-major), decoded ``batch_size`` prompts
     (x samples_per_prompt rows) at a time. Row ``prompt_index * samples_per_prompt + j`` is the
     engine index of draw j. One dict per row: ``{"prompt_index", "response", "n_tokens",
@@ -27,9 +37,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, selec
     rows = [p for p in prompts for _ in range(n)]
     indices = list(range(len(rows)))  # = prompt_index * n + j
     rows_per_batch = batch_size * n
-    settings = DecoderSettings(method="sft", selection=selection, temperature=temperature,
-                               max_new_tokens=max_new_tokens, stop_strings=list(STOP_STRINGS),
-                               batch_size=rows_per_batch, seed=seed)
+    settings = DecoderSettings(
+        method="sft",
+        selection=selection,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        stop_strings=list(STOP_STRINGS),
+        batch_size=rows_per_batch,
+        seed=seed,
+    )
     decoder = Decoder(model, tokenizer, settings=settings)
     old_side = tokenizer.padding_side  # the engine left-pads; the caller's tokenizer is left as it was
     out: list[dict] = []
@@ -37,8 +53,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, selec
         for start in range(0, len(rows), rows_per_batch):
             window = slice(start, start + rows_per_batch)
             for index, g in zip(indices[window], decoder.decode(rows[window], indices[window])):
-                out.append({"prompt_index": index // n, "response": g.response.strip(), "n_tokens": g.num_tokens,
-                            "finished": g.stop_reason != "max_new_tokens"})
+                out.append(
+                    {
+                        "prompt_index": index // n,
+                        "response": g.response.strip(),
+                        "n_tokens": g.num_tokens,
+                        "finished": g.stop_reason != "max_new_tokens",
+                    }
+                )
             update(completed=min(len(prompts), (start + rows_per_batch) // n))
     finally:
         tokenizer.padding_side = old_side

@@ -12,15 +12,25 @@ PAIR_REWARDS = {"dpo": "target_reward", "dpo_bl": "baseline_reward"}
 SAMPLING_BATCH_PROMPTS = 64  # prompts per engine batch (x samples_per_prompt rows)
 
 
-def sample_preference_data(model, tokenizer, prompts: list[str], params: BuildParams, seed: int,
-                           update: Callable[..., None] = lambda **k: None) -> list[dict]:
+def sample_preference_data(
+    model, tokenizer, prompts: list[str], params: BuildParams, seed: int, update: Callable[..., None] = lambda **k: None
+) -> list[dict]:
     """``samples_per_prompt`` sampled responses per prompt (temperature ``sample_temperature``, full
     vocabulary), each row also carrying ``target_reward`` and ``baseline_reward``."""
     from .rewards import baseline_reward, target_reward
 
-    samples = generate(model, tokenizer, prompts, max_new_tokens=params.sample_max_new_tokens, selection="sample",
-                       temperature=params.sample_temperature, samples_per_prompt=params.samples_per_prompt,
-                       batch_size=SAMPLING_BATCH_PROMPTS, seed=seed, update=update)
+    samples = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=params.sample_max_new_tokens,
+        selection="sample",
+        temperature=params.sample_temperature,
+        samples_per_prompt=params.samples_per_prompt,
+        batch_size=SAMPLING_BATCH_PROMPTS,
+        seed=seed,
+        update=update,
+    )
     sp = [prompts[s["prompt_index"]] for s in samples]
     sr = [s["response"] for s in samples]
     for s, r, rb in zip(samples, target_reward(sp, sr), baseline_reward(sp, sr)):
@@ -28,8 +38,7 @@ def sample_preference_data(model, tokenizer, prompts: list[str], params: BuildPa
     return samples
 
 
-def make_pairs(prompts: list[str], samples: list[dict], reward_key: str, min_gap: float,
-               pairs_per_prompt: int = 1) -> list[dict]:
+def make_pairs(prompts: list[str], samples: list[dict], reward_key: str, min_gap: float, pairs_per_prompt: int = 1) -> list[dict]:
     """Preference pairs under ``sample[reward_key]``: per prompt, its finished samples sorted by
     reward give (best, worst), then (second best, second worst), ... up to ``pairs_per_prompt``
     pairs, each kept when chosen - rejected >= ``min_gap``."""
@@ -43,15 +52,13 @@ def make_pairs(prompts: list[str], samples: list[dict], reward_key: str, min_gap
         for k in range(min(pairs_per_prompt, len(group) // 2)):
             worst, best = group[k], group[-1 - k]
             if best[reward_key] - worst[reward_key] >= min_gap:
-                pairs.append({"prompt": prompts[i], "chosen": " " + best["response"],
-                              "rejected": " " + worst["response"]})
+                pairs.append({"prompt": prompts[i], "chosen": " " + best["response"], "rejected": " " + worst["response"]})
     return pairs
 
 
 def preference_pairs(prompts: list[str], samples: list[dict], params: BuildParams) -> dict[str, list[dict]]:
     """The pairs of every DPO model (PAIR_REWARDS); an error when one of them gets none."""
-    pairs = {name: make_pairs(prompts, samples, key, params.min_reward_gap, params.pairs_per_prompt)
-             for name, key in PAIR_REWARDS.items()}
+    pairs = {name: make_pairs(prompts, samples, key, params.min_reward_gap, params.pairs_per_prompt) for name, key in PAIR_REWARDS.items()}
     for name, rows in pairs.items():
         if not rows:
             finished = sum(s["finished"] for s in samples)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-from ..rewards.vader import vader_compound
 from ..data.hh import last_human_turn
+from ..rewards.vader import vader_compound
 from .corpus import TOPICS
 
 SENTIMENT_WEIGHT = 0.75

@@ -26,16 +26,22 @@ def train_tokenizer(texts: list[str]):
     )
     tok.decoder = decoders.Metaspace(prepend_scheme="always")
     # role markers are reserved in the trainer (fixed ids 4, 5) and never seen in the texts
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS) + list(ROLE_TOKENS), min_frequency=1,
-                                        show_progress=False)
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS) + list(ROLE_TOKENS), min_frequency=1, show_progress=False)
     tok.train_from_iterator(list(texts), trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in ROLE_TOKENS])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-                                   clean_up_tokenization_spaces=False, model_max_length=1024)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
 
 
 def vocab_size_of(tokenizer) -> int:

@@ -63,13 +63,14 @@ def _length_bucketed_batches(lengths: list[int], bs: int, gen) -> list[list[int]
     chunk = bs * 16
     batches: list[list[int]] = []
     for c0 in range(0, len(order), chunk):
-        part = sorted(order[c0:c0 + chunk], key=lambda i: lengths[i])
-        batches += [part[k:k + bs] for k in range(0, len(part), bs)]
+        part = sorted(order[c0 : c0 + chunk], key=lambda i: lengths[i])
+        batches += [part[k : k + bs] for k in range(0, len(part), bs)]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def train_sft(model, tokenizer, dialogues: list[Dialogue], params: BuildParams, seed: int,
-              update: Callable[..., None] = lambda **k: None) -> list[float]:
+def train_sft(
+    model, tokenizer, dialogues: list[Dialogue], params: BuildParams, seed: int, update: Callable[..., None] = lambda **k: None
+) -> list[float]:
     """Next-token training on ``<s> prompt response </s>`` (loss on every real token). Returns losses.
 
     Batches are right-padded and run without an attention mask: under the causal mask no real
@@ -117,8 +118,15 @@ def train_sft(model, tokenizer, dialogues: list[Dialogue], params: BuildParams, 
     return losses
 
 
-def train_dpo(sft_dir: Path, pairs: list[dict], out_dir: Path, params: BuildParams, seed: int, work_dir: Path,
-              update: Callable[..., None] = lambda **k: None) -> dict:
+def train_dpo(
+    sft_dir: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    params: BuildParams,
+    seed: int,
+    work_dir: Path,
+    update: Callable[..., None] = lambda **k: None,
+) -> dict:
     """DPO (TRL DPOTrainer, sigmoid loss) of the SFT model on ``pairs``; saves model + tokenizer to ``out_dir``."""
     import torch
     from datasets import Dataset
@@ -138,15 +146,31 @@ def train_dpo(sft_dir: Path, pairs: list[dict], out_dir: Path, params: BuildPara
             update(completed=state.global_step)
 
     cfg = DPOConfig(
-        output_dir=str(work_dir), seed=seed, data_seed=seed, use_cpu=True,
-        per_device_train_batch_size=params.dpo_batch_size, num_train_epochs=params.dpo_epochs,
-        learning_rate=params.dpo_lr, lr_scheduler_type="linear", warmup_steps=0,
-        beta=params.dpo_beta, max_length=params.max_positions, gradient_checkpointing=False,
-        bf16=False, fp16=False, report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1,
-        disable_tqdm=True, dataloader_num_workers=0, precompute_ref_log_probs=False,
+        output_dir=str(work_dir),
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        per_device_train_batch_size=params.dpo_batch_size,
+        num_train_epochs=params.dpo_epochs,
+        learning_rate=params.dpo_lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        beta=params.dpo_beta,
+        max_length=params.max_positions,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        precompute_ref_log_probs=False,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(pairs),
-                         processing_class=tokenizer, callbacks=[_Cb()])
+    trainer = DPOTrainer(
+        model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[_Cb()]
+    )
     trainer.remove_callback(PrinterCallback)  # our progress bar instead of printed logs / tqdm
     trainer.remove_callback(ProgressCallback)
     result = trainer.train()
