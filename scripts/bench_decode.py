@@ -122,7 +122,7 @@ def load_setting(name: str, device: str, dtype: str, prompt_count: int):
 
         task = ensure_built()
         sft = load_model(OmegaConf.create({"name_or_path": "synthetic:sft", "dtype": dtype, "device": device}), device, task)
-        baseline = load_model(OmegaConf.create({"name_or_path": "synthetic:dpo", "dtype": dtype, "device": device}), device, task)
+        baseline = load_model(OmegaConf.create({"name_or_path": "synthetic:rho0.1", "dtype": dtype, "device": device}), device, task)
         data = load_prompts(OmegaConf.create({"name": "synthetic", "split": "test", "limit": prompt_count}), synthetic_dir=task)
         prompts = [p.text for p in data.prompts]
         knobs = dict(top_k=10, rollout_max_new_tokens=20, max_new_tokens=32)

@@ -61,10 +61,10 @@ CASES = {
 }
 
 
-def fingerprint(task_dir: Path, out: Path, limit: int, tokens: int, tqstar: str) -> dict:
+def fingerprint(task_dir: Path, out: Path, limit: int, tokens: int, tqstar: str, baseline_direct: str, baseline_bl: str) -> dict:
     results = {}
     for name, extra in CASES.items():
-        baseline = "dpo_bl" if "@bl" in extra else "dpo"
+        baseline = baseline_bl if "@bl" in extra else baseline_direct
         overrides = [o for o in extra if o != "@bl"] + [
             "model@sft=hf",
             f"sft.name_or_path={task_dir / 'sft'}",
@@ -96,7 +96,9 @@ def fingerprint(task_dir: Path, out: Path, limit: int, tokens: int, tqstar: str)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task-dir", type=Path, required=True, help="a built synthetic task folder (holds sft/, dpo/, dpo_bl/, prompts/)")
+    parser.add_argument("--task-dir", type=Path, required=True, help="a built synthetic task folder (holds sft/, the baselines, prompts/)")
+    parser.add_argument("--baseline", default="rho0.1", help="folder of the direct-transfer baseline in the task (v3/v4 builds: dpo)")
+    parser.add_argument("--baseline-bl", default="rho_bl", help="folder of the indirect-transfer baseline (v3/v4 builds: dpo_bl)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the fingerprints (JSON)")
     parser.add_argument("--compare", type=Path, help="an earlier fingerprint file: exit 1 on any difference")
     parser.add_argument("--limit", type=int, default=8, help="prompts per method")
@@ -104,7 +106,7 @@ def main() -> int:
     parser.add_argument("--tqstar", default=str(Path(sys.executable).with_name("tqstar")), help="the tqstar command")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = fingerprint(args.task_dir.expanduser(), Path(tmp), args.limit, args.tokens, args.tqstar)
+        results = fingerprint(args.task_dir.expanduser(), Path(tmp), args.limit, args.tokens, args.tqstar, args.baseline, args.baseline_bl)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     if args.compare:
         before = json.loads(args.compare.read_text())

@@ -104,3 +104,13 @@ def hydra_clean():
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def full_build_cache(tmp_path_factory):
+    """A cache folder holding the default synthetic build of seed 0, built once per test session (slow tests)."""
+    from tqstar.synthetic import ensure_built
+
+    folder = tmp_path_factory.mktemp("synthetic-cache")
+    ensure_built(seed=0, cache_dir=folder, progress=False)
+    return folder

@@ -102,5 +102,5 @@ def test_paths_are_checked_before_any_model_loads(tmp_path, monkeypatch):
     cfg = compose(["decoder=sft", "sft=hf", f"sft.name_or_path={missing}", f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(ConfigError, match=r"sft.name_or_path=.*path does not exist"):
         run_decode(cfg)
-    with pytest.raises(ConfigError, match=r"the synthetic task has no model 'dpoo'; did you mean 'dpo'"):
-        run_decode(compose(["model@baseline=synthetic_dpo", "baseline.name_or_path=synthetic:dpoo"]))
+    with pytest.raises(ConfigError, match=r"the synthetic task has no model 'rho0.11'; did you mean 'rho0.1'"):
+        run_decode(compose(["model@baseline=synthetic_rho", "baseline.name_or_path=synthetic:rho0.11"]))

@@ -323,3 +323,72 @@ def test_report_renders_without_importing_evaluate(tmp_path):
     assert rows == [["run", "n", "reward"], ["sft (ref)", "2", "0.500 ± 0.250"]]
     report.write_markdown(rows, tmp_path / "t.md", "title")
     assert (tmp_path / "t.md").read_text(encoding="utf-8").splitlines()[2:4] == ["| run | n | reward |", "|---|---:|---:|"]
+
+
+# Per prompt: (reward recorded by decode, trace steps as (q, chosen)); prompt 3 has no trace.
+TRACES = [
+    (0.5, [([1.0, 0.25, 0.5], 0), ([0.0, 2.0], 1)]),  # spreads 0.75, 2.0 -> 1.375; gaps 0.5, 1.5 -> 1.0
+    (-1.0, [([0.5, 0.5], 1)]),  # spread 0.0; gap 1.5
+    (2.0, [([-1.0, 1.0, 3.0], 0)]),  # spread 4.0; gap -3.0
+    (0.25, None),
+]
+
+
+def add_trace(run: Path) -> None:
+    """Give a hand-made run the decoder.trace=true rows decode writes (engine.trace_rows), with TRACES' numbers."""
+    rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    for row, (reward, steps) in zip(rows, TRACES):
+        row["reward"] = reward
+        if steps is not None:
+            row["trace"] = [
+                {
+                    "t": t,
+                    "candidates": list(range(len(q))),
+                    "tokens": [f"w{i}" for i in range(len(q))],
+                    "logprobs": [-1.0] * len(q),
+                    "q": q,
+                    "scores": [-1.0 + v for v in q],
+                    "chosen": chosen,
+                    "rollout_rewards": [[v, v] for v in q],
+                }
+                for t, (q, chosen) in enumerate(steps)
+            ]
+    (run / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_trace_diagnostics_q_spread_and_optimism_gap(tmp_path, hydra_clean):
+    traced = make_run(tmp_path, "traced", ["decoder=tqstar", "decoder.trace=true"], GOOD)
+    add_trace(traced)
+    plain = make_run(tmp_path, "plain", ["decoder=sft"], BAD)
+    evaluate_runs([traced, plain], overrides=[*NO_COHERENCE, "plots=false"])
+
+    rows = [json.loads(line) for line in (traced / "metrics_per_prompt.jsonl").read_text().splitlines()]
+    assert [r["q_spread"] for r in rows] == [1.375, 0.0, 4.0, None]
+    assert [r["optimism_gap"] for r in rows] == [1.0, 1.5, -3.0, None]
+    metrics = read_metrics(traced)["metrics"]
+    stderr = lambda values: math.sqrt(sum((v - sum(values) / 3) ** 2 for v in values) / 2 / 3)  # noqa: E731
+    assert metrics["q_spread"] == pytest.approx(5.375 / 3, rel=1e-12)
+    assert metrics["q_spread_stderr"] == pytest.approx(stderr([1.375, 0.0, 4.0]), rel=1e-12)
+    assert metrics["optimism_gap"] == pytest.approx(-0.5 / 3, rel=1e-12)
+    assert metrics["optimism_gap_stderr"] == pytest.approx(stderr([1.0, 1.5, -3.0]), rel=1e-12)
+
+    # A run without a trace: None everywhere, blank in the table.
+    rows = [json.loads(line) for line in (plain / "metrics_per_prompt.jsonl").read_text().splitlines()]
+    assert {(r["q_spread"], r["optimism_gap"]) for r in rows} == {(None, None)}
+    metrics = read_metrics(plain)["metrics"]
+    assert [metrics[k] for k in ("q_spread", "q_spread_stderr", "optimism_gap", "optimism_gap_stderr")] == [None] * 4
+    table = (tmp_path / "comparison" / "comparison.md").read_text().splitlines()
+    header = [cell.strip() for cell in table[2].strip("|").split("|")]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in table[4:]}
+    spread, optimism = header.index("Q spread"), header.index("optimism")
+    assert cells["tqstar α=1"][spread] == f"{5.375 / 3:.3f} ± {stderr([1.375, 0.0, 4.0]):.3f}"
+    assert cells["tqstar α=1"][optimism].startswith("-0.167 ± ")
+    assert cells["sft"][spread] == cells["sft"][optimism] == "–"
+
+
+def test_runs_without_a_trace_show_no_trace_columns(tmp_path, hydra_clean):
+    run = make_run(tmp_path, "plain", ["decoder=tqstar"], GOOD)
+    df = evaluate_runs([run], overrides=[*NO_COHERENCE, "plots=false"])
+    assert df["q_spread"].isna().all() and df["optimism_gap"].isna().all()
+    header = (run / "comparison" / "comparison.md").read_text().splitlines()[2]
+    assert "Q spread" not in header and "optimism" not in header

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tqstar.config import compose, group_options, validate
+from tqstar.synthetic import BuildParams
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def test_smollm2_offline_needs_nothing_from_the_network():
 
 def test_synthetic_indirect_is_the_authors_indirect_setting():
     cfg = validate(compose(["experiment=synthetic_indirect"]))
-    assert cfg.baseline.name_or_path == "synthetic:dpo_bl"
+    assert cfg.baseline.name_or_path == "synthetic:rho_bl" and cfg.decoder.beta_bl == BuildParams().baseline_reward_beta
     assert (cfg.decoder.method, cfg.decoder.transfer, cfg.decoder.rollout.max_new_tokens) == ("tqstar", "indirect", 5)
     assert cfg.dataset.name == "synthetic"
 
@@ -96,3 +97,17 @@ def test_show_config_prints_the_authors_setup():
     assert result.exit_code == 0, result.output
     for text in ("lomahony/eleuther-pythia6.9b-hh-dpo", "usvsnsp/pythia-6.9b-rm-full-hh-rlhf", "Dahoas/full-hh-rlhf", "device: cuda:1"):
         assert text in result.output
+
+
+def test_hh_pythia_release_changes_only_the_model_roles():
+    """The authors' release proposes and rolls out with the DPO model: sft == baseline == DPO, all else hh_pythia."""
+    from omegaconf import OmegaConf
+
+    release = validate(compose(["experiment=hh_pythia_release"]))
+    paper = validate(compose(["experiment=hh_pythia"]))
+    dpo = "lomahony/eleuther-pythia6.9b-hh-dpo"
+    assert release.sft.name_or_path == release.baseline.name_or_path == paper.baseline.name_or_path == dpo
+    assert release.sft == release.baseline == paper.baseline
+    assert release.experiment_name == "hh_pythia_release"
+    rest = lambda cfg: {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("sft", "experiment_name")}  # noqa: E731
+    assert rest(release) == rest(paper)

@@ -124,3 +124,66 @@ def test_shard_and_merge_equals_the_unsplit_run(tiny, hydra_clean):
     assert json.loads((merged.path / "run.json").read_text())["status"] == "completed"
     with pytest.raises(ConfigError, match="do not cover"):
         merge_shards(shards[:2])
+
+
+def test_arms_are_a_union_of_grids_with_the_shared_grid_last():
+    from tqstar.sweep import expand_arms
+
+    arms = {"sft": ["decoder=sft"], "tqstar": ["decoder=tqstar", "decoder.alpha=1,2"], "again": ["decoder=sft"]}
+    points = expand_arms(["dataset.limit=4", "synthetic.seed=0,1"], arms)
+    assert [(arm, point) for arm, point in points] == [
+        ("sft", ["decoder=sft", "dataset.limit=4", "synthetic.seed=0"]),
+        ("sft", ["decoder=sft", "dataset.limit=4", "synthetic.seed=1"]),
+        ("tqstar", ["decoder=tqstar", "decoder.alpha=1", "dataset.limit=4", "synthetic.seed=0"]),
+        ("tqstar", ["decoder=tqstar", "decoder.alpha=1", "dataset.limit=4", "synthetic.seed=1"]),
+        ("tqstar", ["decoder=tqstar", "decoder.alpha=2", "dataset.limit=4", "synthetic.seed=0"]),
+        ("tqstar", ["decoder=tqstar", "decoder.alpha=2", "dataset.limit=4", "synthetic.seed=1"]),
+    ]  # the duplicate arm adds nothing
+    # a shared (e.g. command-line) override replaces the arm's value of the same key
+    assert expand_arms(["decoder.alpha=5"], {"t": ["decoder=tqstar", "decoder.alpha=1,2"]}) == [
+        ("t", ["decoder=tqstar", "decoder.alpha=5"])
+    ]
+    assert expand_arms(["decoder.alpha=1,2"], None) == [("", ["decoder.alpha=1"]), ("", ["decoder.alpha=2"])]
+
+
+def test_across_seeds_reports_the_spread_over_build_seeds():
+    import pandas as pd
+
+    from tqstar.sweep import across_seeds
+
+    table = pd.DataFrame(
+        {
+            "arm": ["cd"] * 3 + ["sft"] * 3,
+            "method": ["cd"] * 3 + ["sft"] * 3,
+            "alpha": [1.0] * 6,
+            "top_k": [10] * 6,
+            "seed": [0, 1, 2] * 2,
+            "reward_mean": [0.5, 0.7, 0.9, 0.1, 0.1, 0.4],
+        }
+    )
+    out = across_seeds(table).set_index("arm")
+    assert out.loc["cd", "seeds"] == 3
+    assert out.loc["cd", "reward_mean"] == pytest.approx(0.7)
+    assert out.loc["cd", "reward_mean_se_seeds"] == pytest.approx(0.2 / 3**0.5)
+    assert (out.loc["cd", "reward_mean_min"], out.loc["cd", "reward_mean_max"]) == (0.5, 0.9)
+    assert out.loc["sft", "reward_mean"] == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_transfer_study_quick_end_to_end(full_build_cache, tmp_path, hydra_clean):
+    """Every kind of arm of the transfer study (greedy, sampled over alpha, rungs, indirect, exact-Q*) runs,
+    aggregates and plots; a rerun finds every point done."""
+    from tqstar.sweep import load_named_sweep
+
+    overrides = [f"synthetic.cache_dir={full_build_cache}", f"output_dir={tmp_path}"]
+    table = run_sweep(overrides, name="transfer_study_quick")
+    arms = set(load_named_sweep("transfer_study_quick")["arms"])
+    assert set(table["arm"]) == arms and table["reward_mean"].notna().all()
+    assert sorted(table.loc[table["arm"] == "tqstar", "baseline"]) == ["synthetic:rho0.1", "synthetic:rho1"]
+    folder = tmp_path / "sweeps" / "transfer_study_quick"
+    assert (folder / "results.csv").is_file() and (folder / "frontier.png").is_file()
+    again = run_sweep(overrides, name="transfer_study_quick")
+    assert len(again) == len(table)
+    assert json.loads((folder / "sweep.json").read_text())["results"] and all(
+        r["new_rows"] == 0 for r in json.loads((folder / "sweep.json").read_text())["results"]
+    )

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tqstar.synthetic import build, cache, pairs
+from tqstar.synthetic import build, cache, distill, training
 from tqstar.synthetic import tokenizer as T
 from tqstar.synthetic.corpus import (
     ASSISTANT,
@@ -19,7 +19,7 @@ from tqstar.synthetic.corpus import (
     generate_prompts,
     tokenizer_texts,
 )
-from tqstar.synthetic.params import MODEL_NAMES, VERSION, BuildParams
+from tqstar.synthetic.params import DEFAULT_BASELINE, MODEL_NAMES, VERSION, BuildParams
 from tqstar.synthetic.rewards import baseline_reward, on_topic, target_reward
 
 # ----------------------------------------------------------------------------- corpus
@@ -163,32 +163,48 @@ def test_rewards_check_lengths():
 # ----------------------------------------------------------------------------- build helpers
 
 
-def test_make_pairs_best_vs_worst():
-    prompts = ["p0", "p1", "p2"]
+def test_weighted_rows_are_softmax_of_reward_over_beta_per_prompt():
+    prompts = ["p0", "p1"]
     samples = [
-        {"prompt_index": 0, "response": "a", "finished": True, "r": 0.9},
-        {"prompt_index": 0, "response": "b", "finished": True, "r": -0.5},
-        {"prompt_index": 0, "response": "c", "finished": False, "r": -0.9},  # unfinished: ignored
+        {"prompt_index": 0, "response": "a", "finished": True, "r": 1.0},
+        {"prompt_index": 0, "response": "b", "finished": True, "r": 0.0},
+        {"prompt_index": 0, "response": "c", "finished": False, "r": 5.0},  # unfinished: left out
         {"prompt_index": 1, "response": "d", "finished": True, "r": 0.3},
-        {"prompt_index": 1, "response": "e", "finished": True, "r": 0.32},  # gap too small
-        {"prompt_index": 2, "response": "f", "finished": True, "r": 0.0},
+        {"prompt_index": 1, "response": "e", "finished": True, "r": -9.0},  # weight ~e^-18.6: dropped
     ]
-    made = pairs.make_pairs(prompts, samples, "r", min_gap=0.1)
-    assert made == [{"prompt": "p0", "chosen": " a", "rejected": " b"}]
+    rows = distill.weighted_rows(prompts, samples, "r", beta=0.5, min_weight=1e-3)
+    e = math.exp(2.0)
+    assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "a"), ("p0", "b"), ("p1", "d")]
+    assert [r["weight"] for r in rows] == pytest.approx([e / (e + 1), 1 / (e + 1), 1.0])
+    flat = distill.weighted_rows(prompts, samples, "r", beta=1e6, min_weight=0.0)
+    assert [r["weight"] for r in flat] == pytest.approx([0.5, 0.5, 0.5, 0.5], abs=1e-4)  # beta -> inf: the SFT samples as they are
 
 
-def test_make_pairs_several_per_prompt():
-    samples = [{"prompt_index": 0, "response": t, "finished": True, "r": r} for t, r in zip("abcdef", (0.1, 0.9, -0.8, 0.5, -0.1, 0.3))]
-    made = pairs.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=2)
-    assert [(p["chosen"], p["rejected"]) for p in made] == [(" b", " c"), (" d", " e")]
-    assert len(pairs.make_pairs(["p"], samples, "r", min_gap=0.1, pairs_per_prompt=9)) == 3
+def test_weighted_training_masks_the_prompt_and_follows_the_weights(corpus_and_tokenizer):
+    """Weighted MLE moves the model towards the heavy response and away from none of the prompt tokens."""
+    import torch
+
+    corpus, tok = corpus_and_tokenizer
+    params = BuildParams(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, distill_epochs=150, distill_lr=1e-2)
+    model = training.make_model(tok, params, seed=0)
+    prompt = corpus[0].prompt
+    good, bad = "great", "awful"
+    rows = [{"prompt": prompt, "response": good, "weight": 0.9}, {"prompt": prompt, "response": bad, "weight": 0.1}]
+    training.train_weighted(model, tok, rows, params, seed=0)
+    ids = tok([prompt])["input_ids"][0]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+    next_id = {w: tok([f"{prompt} {w}"])["input_ids"][0][len(ids)] for w in (good, bad)}  # the response's first token
+    assert next_id[good] != next_id[bad] and tok.unk_token_id not in next_id.values()
+    p_good, p_bad = (logprobs[next_id[w]].exp().item() for w in (good, bad))
+    assert p_good + p_bad > 0.9 and p_good / p_bad == pytest.approx(9.0, rel=0.3)
 
 
 def test_cache_key_and_location(tmp_path, monkeypatch):
     p = BuildParams()
     assert cache.task_dir(0, tmp_path) == cache.task_dir(0, tmp_path)
     assert cache.task_dir(0, tmp_path) != cache.task_dir(1, tmp_path)
-    assert cache.task_dir(0, tmp_path, p) != cache.task_dir(0, tmp_path, BuildParams(dpo_beta=0.2))
+    assert cache.task_dir(0, tmp_path, p) != cache.task_dir(0, tmp_path, BuildParams(ladder_betas=(1.0, 0.2)))
     name = cache.task_dir(0, tmp_path).name
     assert name.startswith(f"v{VERSION}-") and len(name.split("-")[1]) == 8
     assert cache.task_dir(0, tmp_path).parent == tmp_path / "synthetic"
@@ -259,7 +275,7 @@ def test_importing_the_package_is_cheap_and_stays_in_its_layer():
     code = (
         "import sys\n"
         "import tqstar.synthetic\n"
-        "from tqstar.synthetic import build, cache, evaluation, generation, pairs, params, tokenizer, training\n"
+        "from tqstar.synthetic import build, cache, distill, evaluation, generation, params, tokenizer, training\n"
         "print(sorted(m for m in ('torch', 'transformers', 'trl', 'tqstar.decode', 'tqstar.models', "
         "'tqstar.decoding.engine') if m in sys.modules))\n"
     )
@@ -276,16 +292,22 @@ def test_generate_through_engine_is_seeded_and_batch_independent(corpus_and_toke
     prompts = [d.prompt for d in corpus[:5]]
     kwargs = dict(max_new_tokens=6, selection="sample", samples_per_prompt=3, seed=7)
     rows = generate(model, tok, prompts, batch_size=64, **kwargs)
-    assert rows == generate(model, tok, prompts, batch_size=2, **kwargs)  # draws follow the row index
+    other = generate(model, tok, prompts, batch_size=2, **kwargs)
+
+    def drawn(rs):
+        return [{k: v for k, v in r.items() if "logprob" not in k} for r in rs]
+
+    assert drawn(rows) == drawn(other)  # draws follow the row index; log-probs agree up to padding's rounding
+    assert [r["sft_logprob"] for r in rows] == pytest.approx([r["sft_logprob"] for r in other], abs=1e-4)
     assert [r["prompt_index"] for r in rows] == [i for i in range(5) for _ in range(3)]
     assert rows != generate(model, tok, prompts, batch_size=64, **{**kwargs, "seed": 8})
     for r in rows:
-        assert set(r) == {"prompt_index", "response", "n_tokens", "finished"}
+        assert set(r) == {"prompt_index", "response", "n_tokens", "finished", "sft_logprob", "logprob"}
         assert 1 <= r["n_tokens"] <= 6
         assert r["finished"] or r["n_tokens"] == 6  # unfinished only when max_new_tokens ran out
         assert HUMAN not in r["response"] and r["response"] == r["response"].strip()
     greedy = generate(model, tok, prompts, max_new_tokens=6)
-    assert len(greedy) == 5 and greedy == generate(model, tok, prompts, max_new_tokens=6, batch_size=1)
+    assert len(greedy) == 5 and drawn(greedy) == drawn(generate(model, tok, prompts, max_new_tokens=6, batch_size=1))
     assert tok.padding_side == "right"  # the engine's left padding does not leak out
 
 
@@ -310,12 +332,15 @@ def test_tiny_build_end_to_end(tmp_path):
         num_layers=1,
         num_heads=2,
         sft_epochs=3,
-        n_pair_prompts=16,
+        n_distill_prompts=16,
         samples_per_prompt=4,
         sample_max_new_tokens=48,
-        dpo_epochs=1,
-        dpo_batch_size=8,
+        ladder_betas=(1.0, 0.1),
+        distill_epochs=1,
+        distill_batch_size=8,
         eval_max_new_tokens=8,
+        premise_sft_samples=4,
+        premise_policy_samples=2,
     )
     folder = build.ensure_built(seed=1, cache_dir=tmp_path, progress=False, params=params)
     manifest = cache.load_manifest(folder)
@@ -323,7 +348,8 @@ def test_tiny_build_end_to_end(tmp_path):
     assert manifest["version"] == VERSION and manifest["key"] == folder.name.split("-")[1]
     assert set(manifest["versions"]) == {"python", *cache.KEYED_LIBRARIES}
     assert manifest["sizes"]["samples"] == 16 * 4
-    for name in MODEL_NAMES:
+    assert params.model_names == ("sft", "rho1", "rho0.1", "rho_bl") and set(manifest["premise"]) == set(params.model_names)
+    for name in params.model_names:
         tok = AutoTokenizer.from_pretrained(folder / name)
         model = AutoModelForCausalLM.from_pretrained(folder / name)
         assert model.get_input_embeddings().num_embeddings >= T.vocab_size_of(tok)
@@ -331,15 +357,16 @@ def test_tiny_build_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_build(tmp_path, monkeypatch):
+def test_full_build(full_build_cache, monkeypatch):
+    """The default recipe, built once per test session (conftest.full_build_cache) and checked here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = build.ensure_built(seed=0, cache_dir=tmp_path, progress=False)
-    assert folder == cache.task_dir(0, tmp_path)
+    folder = cache.task_dir(0, full_build_cache)
+    assert cache.is_built(folder)
     for name in MODEL_NAMES:
         assert (folder / name / "config.json").is_file()
         assert (folder / name / "tokenizer.json").is_file()
-    for name in ("corpus.jsonl", "dpo_data/samples.jsonl", "dpo_data/dpo.jsonl", "dpo_data/dpo_bl.jsonl"):
+    for name in ("corpus.jsonl", "distill_data/samples.jsonl"):
         assert (folder / name).is_file()
     test = [json.loads(line) for line in (folder / "prompts" / "test.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (folder / "prompts" / "train.jsonl").read_text().splitlines()]
@@ -348,17 +375,21 @@ def test_full_build(tmp_path, monkeypatch):
 
     m = cache.load_manifest(folder)
     assert m["seed"] == 0 and m["params"] == BuildParams().to_dict()
-    assert set(m["seconds"]) >= {"corpus", "tokenizer", "sft", "sample_pairs", "dpo", "dpo_bl", "evaluate", "total"}
-    ev = m["eval"]
-    assert _clearly_higher(ev["dpo"]["target_reward"], ev["sft"]["target_reward"])
-    assert _clearly_higher(ev["dpo_bl"]["baseline_reward"], ev["sft"]["baseline_reward"])
+    assert set(m["seconds"]) >= {"corpus", "tokenizer", "sft", "samples", *MODEL_NAMES[1:], "evaluate", "premise", "total"}
+    ev, checks = m["eval"], m["premise"]
     assert ev["sft"]["finished_frac"] > 0.9
+    # the strongest rung is clearly aligned, in sampled (T=1) reward; rho_bl likewise for r_bl
+    assert _clearly_higher(checks[DEFAULT_BASELINE]["sampled_reward"], checks["sft"]["target_reward"])
+    assert _clearly_higher(checks["rho_bl"]["sampled_reward"], checks["sft"]["baseline_reward"])
+    for name in MODEL_NAMES[1:]:
+        c = checks[name]
+        assert c["kl"]["mean"] > 0 and c["optimum_kl"]["mean"] > 0 and c["implied_reward_slope"]["slope"] is not None
 
     # all three share one vocabulary; the models load through the plain HF path
     toks = [AutoTokenizer.from_pretrained(folder / n) for n in MODEL_NAMES]
-    assert toks[0].get_vocab() == toks[1].get_vocab() == toks[2].get_vocab()
+    assert all(t.get_vocab() == toks[0].get_vocab() for t in toks)
     model = AutoModelForCausalLM.from_pretrained(folder / "sft")
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
 
     monkeypatch.setattr(build, "_build", _no_build)  # cached: a second call cannot rebuild
-    assert build.ensure_built(seed=0, cache_dir=tmp_path, progress=False) == folder
+    assert build.ensure_built(seed=0, cache_dir=full_build_cache, progress=False) == folder

@@ -141,20 +141,44 @@ def prepare_synthetic(
 
 
 def _prepare_synthetic(overrides: list[str]) -> None:
-    import json
+    from rich.table import Table
 
     from .config import compose
-    from .synthetic.build import ensure_built
+    from .synthetic import ensure_built, load_manifest
 
     cfg = compose(overrides)
     folder = ensure_built(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = load_manifest(folder)
     console = _console()
-    console.print(f"synthetic task: {folder}")
-    for key in ("evaluation", "eval", "rewards"):
-        if key in manifest:
-            console.print_json(data=manifest[key])
-            break
+    console.print(f"synthetic task: {folder} (built in {manifest['seconds']['total']:.0f} s)")
+    premise = manifest.get("premise") or {}
+    table = Table(title="baselines against rho*_beta on the held-out prompts (sampled, T=1)")
+    for column in ("model", "reward, beta", "sampled reward", "E_rho*[r] (IS)", "KL to SFT", "KL(rho*‖SFT)", "implied slope", "greedy r"):
+        table.add_column(column, justify="right")
+
+    def pm(stat):
+        return (
+            ""
+            if not stat or stat.get("mean") is None
+            else f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat.get("se") is not None else "")
+        )
+
+    for name, evaluation in manifest["eval"].items():
+        check = premise.get(name, {})
+        if name == "sft":
+            cells = ["", pm(check.get("target_reward")), "", "0", "", ""]
+        else:
+            slope = check.get("implied_reward_slope") or {}
+            cells = [
+                f"{'r' if check.get('reward') == 'target_reward' else 'r_bl'}, {check.get('beta', 0):g}",
+                pm(check.get("sampled_reward")),
+                pm(check.get("optimum_reward")),
+                pm(check.get("kl")),
+                pm(check.get("optimum_kl")),
+                "" if slope.get("slope") is None else f"{slope['slope']:.2f} ± {slope['se']:.2f}",
+            ]
+        table.add_row(name, *cells, pm(evaluation["target_reward"]))
+    console.print(table)
 
 
 @app.command()

@@ -10,6 +10,14 @@ This module computes (metrics from `tqstar.metrics`, `tqstar.embedder`, `tqstar.
 Every metric sees the same response: the recorded one cut at the first evaluate stop string
 (`stop_strings` of conf/evaluate.yaml, "Human:" among them) or the run's own decoder.stop_strings.
 Nothing here depends on time or order of evaluation, so evaluating a run twice gives the same file.
+
+Two diagnostics of the value estimates read the per-token trace of a run decoded with
+decoder.trace=true (None, shown blank, for a run or row without one); each is the mean over a
+prompt's steps, then mean and standard error over prompts. `q_spread` is how far apart the k
+candidates' values are at a step, max(q) - min(q): near zero, Q barely reorders the proposer's top-k.
+`optimism_gap` is the Q of the chosen candidate, q[chosen], minus the reward decode recorded for the
+final response (the row's `reward`, not the one recomputed here): positive, the value estimates
+promised more than the response got.
 """
 
 from __future__ import annotations
@@ -255,6 +263,18 @@ def _kl_kind(run: Run) -> str | None:
     return None
 
 
+def trace_diagnostics(row: dict) -> tuple[float | None, float | None]:
+    """(q_spread, optimism_gap) of one generations row: per-step max(q) - min(q) and q[chosen] minus the
+    row's recorded `reward`, each averaged over the steps of its trace; None without a trace (or reward)."""
+    trace = row.get("trace")
+    if not trace:
+        return None, None
+    spreads = [max(step["q"]) - min(step["q"]) for step in trace if step.get("q")]
+    final = row.get("reward")
+    gaps = [] if final is None else [step["q"][int(step["chosen"])] - float(final) for step in trace if step.get("q")]
+    return mean_or_none(spreads), mean_or_none(gaps)
+
+
 def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embedder | None) -> None:
     """Per-prompt values and aggregates of one run (no files written here)."""
     stops = _stop_strings(ecfg, run)
@@ -275,6 +295,7 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     per_prompt = []
     for row, response, reward, baseline, coherent in zip(run.rows, responses, reward_values, baseline_values, coherence_values):
         kl = kl_estimate(row.get("policy_logprobs"), row.get("sft_logprobs")) if kl_kind == "logprobs" else None
+        q_spread, optimism_gap = trace_diagnostics(row)
         per_prompt.append(
             {
                 "index": row.get("index"),
@@ -285,6 +306,8 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
                 "coherence": coherent,
                 "sft_logprob_per_token": sft_logprob_per_token(row.get("sft_logprobs")),
                 "kl": kl,
+                "q_spread": q_spread,
+                "optimism_gap": optimism_gap,
                 "num_tokens": row.get("num_tokens"),
                 "num_chars": len(response),
                 "seconds": row.get("seconds"),
@@ -298,6 +321,8 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     coherence_mean, coherence_stderr = mean_and_stderr(column("coherence"))
     logprob_mean, logprob_stderr = mean_and_stderr(column("sft_logprob_per_token"))
     kl_mean, kl_stderr = mean_and_stderr(column("kl"))
+    q_spread_mean, q_spread_stderr = mean_and_stderr(column("q_spread"))
+    optimism_mean, optimism_stderr = mean_and_stderr(column("optimism_gap"))
     if kl_kind == "best_of_n_bound":
         kl_mean, kl_stderr = best_of_n_kl(int(run.cfg.decoder.n)), None
     tokens = [p["num_tokens"] for p in per_prompt if p["num_tokens"] is not None]
@@ -319,6 +344,10 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "kl": kl_mean,
         "kl_stderr": kl_stderr,
         "kl_source": kl_kind,
+        "q_spread": q_spread_mean,
+        "q_spread_stderr": q_spread_stderr,
+        "optimism_gap": optimism_mean,
+        "optimism_gap_stderr": optimism_stderr,
         "tokens_mean": mean_or_none(tokens),
         "chars_mean": mean_or_none(column("num_chars")),
         "seconds_per_response": mean_or_none(seconds),

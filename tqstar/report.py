@@ -61,6 +61,8 @@ TABLE_COLUMNS = [  # (header, how to render a row)
     ("coherence", lambda r: _num(r.get("coherence"), 3)),
     ("SFT logp/tok", lambda r: _num(r.get("sft_logprob_per_token"), 3)),
     ("KL", lambda r: _num(r.get("kl"), 3) + (" (bound)" if r.get("kl_source") == "best_of_n_bound" else "")),
+    ("Q spread", lambda r: _pm(r.get("q_spread"), r.get("q_spread_stderr"))),  # traced runs only
+    ("optimism", lambda r: _pm(r.get("optimism_gap"), r.get("optimism_gap_stderr"))),
     ("tokens", lambda r: _num(r.get("tokens_mean"), 1)),
     ("chars", lambda r: _num(r.get("chars_mean"), 0)),
     ("s/resp", lambda r: _num(r.get("seconds_per_response"), 3)),
@@ -106,7 +108,7 @@ def write_markdown(rows: list[list[str]], path: Path, title: str) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-DROP_FIRST = ("chars", "tok/s", "rep-2/3/4", "s/resp", "r_bl", "tokens", "judge w/t/l %")  # on a narrow terminal
+DROP_FIRST = ("chars", "tok/s", "rep-2/3/4", "s/resp", "Q spread", "optimism", "r_bl", "tokens", "judge w/t/l %")  # on a narrow terminal
 
 
 def _natural_width(rows: list[list[str]]) -> int:

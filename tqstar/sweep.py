@@ -21,14 +21,16 @@ from omegaconf import OmegaConf
 
 from .config import compose, conf_dir, did_you_mean, group_options, validate
 from .errors import ConfigError
+from .methods import METHODS
 
 EXECUTORS = ("inline", "local", "slurm")
 
 
 @dataclass
 class SweepSpec:
-    grid: list[str]  # overrides, some with several values
+    grid: list[str]  # overrides, some with several values (applied to every arm)
     name: str | None = None
+    arms: dict[str, list[str]] = field(default_factory=dict)  # name -> a grid of its own; points = union over arms
     executor: str = "inline"
     jobs: int = 2  # local: processes at once
     slurm: dict = field(default_factory=dict)  # partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...
@@ -55,14 +57,35 @@ def expand_grid(overrides: Sequence[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes.values())]
 
 
+def expand_arms(grid: Sequence[str], arms: dict[str, list[str]] | None) -> list[tuple[str, list[str]]]:
+    """(arm, point) for every point: without arms, the grid's product (arm ""); with arms, the union
+    over arms of the product of the arm's own overrides and then the shared grid (so a command-line
+    override wins over both). Points that compose the same overrides twice are kept once."""
+    if not arms:
+        return [("", point) for point in expand_grid(grid)]
+    seen: set[tuple[str, ...]] = set()
+    out: list[tuple[str, list[str]]] = []
+    for arm, overrides in arms.items():
+        for point in expand_grid(list(overrides) + list(grid)):
+            key = tuple(sorted(point))
+            if key not in seen:
+                seen.add(key)
+                out.append((arm, point))
+    return out
+
+
 def load_named_sweep(name: str) -> dict:
     path = conf_dir() / "sweep" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"no named sweep '{name}'; {did_you_mean(name, group_options('sweep'))}")
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    unknown = set(data) - {"grid", "executor", "jobs", "slurm", "description"}
+    allowed = ("grid", "arms", "executor", "jobs", "slurm", "description")
+    unknown = set(data) - set(allowed)
     if unknown:
-        raise ConfigError(f"conf/sweep/{name}.yaml: unknown key(s) {sorted(unknown)}; allowed: grid, executor, jobs, slurm, description")
+        raise ConfigError(f"conf/sweep/{name}.yaml: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
+    arms = data.get("arms") or {}
+    if not isinstance(arms, dict) or not all(isinstance(v, list) for v in arms.values()):
+        raise ConfigError(f"conf/sweep/{name}.yaml: arms must map a name to a list of overrides")
     return data
 
 
@@ -70,9 +93,9 @@ def sweep_id(grid: Sequence[str]) -> str:
     return "sweep-" + hashlib.sha256("\n".join(grid).encode()).hexdigest()[:8]
 
 
-def sweep_folder(grid: Sequence[str], name: str | None) -> tuple[Path, list[list[str]]]:
+def sweep_folder(grid: Sequence[str], name: str | None, arms: dict[str, list[str]] | None = None) -> tuple[Path, list[list[str]]]:
     """The sweep's folder (placed by the grid's own output_dir, if it sets one) and its points."""
-    points = expand_grid(grid)
+    points = [point for _, point in expand_arms(grid, arms)]
     if not points:
         raise ConfigError("the sweep grid is empty")
     first = compose(points[0])
@@ -147,7 +170,10 @@ def run_points(points: list[list[str]], folder: Path, spec: SweepSpec, console=N
 
 def _point_columns(cfg) -> dict[str, Any]:
     d = cfg.decoder
+    synthetic = cfg.get("synthetic")
     return {
+        "seed": int(synthetic.seed) if synthetic is not None and cfg.dataset.name == "synthetic" else None,
+        "baseline": str(cfg.baseline.name_or_path) if METHODS[str(d.method)].needs_baseline else "",
         "method": str(d.method),
         "transfer": str(d.transfer) if d.method == "tqstar" else "",
         "alpha": float(d.alpha),
@@ -159,13 +185,18 @@ def _point_columns(cfg) -> dict[str, Any]:
     }
 
 
-def aggregate(folder: Path, points: list[list[str]], console=None):
-    """results.csv / results.parquet: one row per point, config columns then metrics; table and plots."""
+def aggregate(folder: Path, points: list[list[str]], console=None, arms: dict[str, list[str]] | None = None, grid=None):
+    """results.csv / results.parquet: one row per point, config columns then metrics; table and plots.
+
+    When the points span several synthetic build seeds, also results_across_seeds.csv: per setting
+    (every config column but the seed), the mean over seeds of each point's mean reward with the
+    standard error across seeds, the seeds' minimum and maximum, and how many seeds ran."""
     import pandas as pd
 
     from .evaluate import evaluate_runs
     from .runs import RunFolder
 
+    arm_of = {tuple(point): arm for arm, point in expand_arms(grid, arms)} if arms else {}
     run_paths, config_rows = [], []
     for point in points:
         cfg = point_config(point, folder)
@@ -173,7 +204,7 @@ def aggregate(folder: Path, points: list[list[str]], console=None):
         if run.status().get("status") != "completed":
             continue
         run_paths.append(str(run.path))
-        config_rows.append({"point": " ".join(point), "run": str(run.path), **_point_columns(cfg)})
+        config_rows.append({"arm": arm_of.get(tuple(point), ""), "point": " ".join(point), "run": str(run.path), **_point_columns(cfg)})
     if not run_paths:
         raise ConfigError(f"no completed points in {folder} to aggregate")
     metrics = evaluate_runs(run_paths, console=None, comparison_dir=folder / "evaluation")
@@ -183,10 +214,39 @@ def aggregate(folder: Path, points: list[list[str]], console=None):
     table = configs.merge(metrics.drop(columns=[c for c in ("method", "alpha", "top_k") if c in metrics.columns]), on="run", how="left")
     table.to_csv(folder / "results.csv", index=False)
     table.to_parquet(folder / "results.parquet", index=False)
+    if table["seed"].nunique(dropna=True) > 1:
+        across_seeds(table).to_csv(folder / "results_across_seeds.csv", index=False)
     plot_sweep(table, folder)
     if console:
         print_table(table, console)
     return table
+
+
+SETTING_COLUMNS = ("arm", "baseline", "method", "transfer", "alpha", "top_k", "selection", "rollout_len", "rollout_num", "max_new_tokens")
+ACROSS_SEEDS = ("reward_mean", "kl", "diversity", "coherence", "sft_logprob_per_token", "seconds_per_response")
+
+
+def across_seeds(table):
+    """One row per setting: each metric's mean over seeds, its standard error across seeds, min and max."""
+    import pandas as pd
+
+    from .stats import mean_and_stderr
+
+    keys = [c for c in SETTING_COLUMNS if c in table.columns]
+    rows = []
+    for values, group in table.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        row["seeds"] = int(group["seed"].nunique())
+        for metric in ACROSS_SEEDS:
+            if metric not in group.columns:
+                continue
+            mean, se = mean_and_stderr(group[metric].tolist())
+            row[f"{metric}"], row[f"{metric}_se_seeds"] = mean, se
+            finite = group[metric].dropna()
+            row[f"{metric}_min"] = finite.min() if len(finite) else None
+            row[f"{metric}_max"] = finite.max() if len(finite) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _col(table, *names):
@@ -203,16 +263,33 @@ def print_table(table, console) -> None:
     reward = _col(table, "reward_mean", "reward")
     stderr = _col(table, "reward_stderr", "reward_se")
     extra = [c for c in ("diversity", "coherence", "sft_logprob_per_token", "kl", "mean_tokens", "s_per_response") if c in table.columns]
-    for name in ["method", "alpha", "top_k", reward, *extra]:
+    labels = [
+        c for c in ("arm", "seed", "baseline") if c in table.columns and table[c].astype(str).replace({"None": "", "nan": ""}).ne("").any()
+    ]
+    for name in [*labels, "method", "alpha", "top_k", reward, *extra]:
         if name:
             view.add_column(name, justify="right")
-    for _, row in table.sort_values(["method", "alpha", "top_k"]).iterrows():
-        cells = [str(row["method"]), f"{row['alpha']:g}", str(row["top_k"])]
+    for _, row in table.sort_values([*labels, "method", "alpha", "top_k"], key=lambda c: c.astype(str)).iterrows():
+        cells = [str(row[c]).removeprefix("synthetic:") for c in labels] + [str(row["method"]), f"{row['alpha']:g}", str(row["top_k"])]
         if reward:
             cells.append(f"{row[reward]:.3f}" + (f" ± {row[stderr]:.3f}" if stderr else ""))
         cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in extra]
         view.add_row(*cells)
     console.print(view)
+
+
+def _curves(table):
+    """(frame, reward column, error column) to plot: across seeds when several ran, with a `curve`
+    column naming each line (the arm, else method and k)."""
+    if "seed" in table.columns and table["seed"].nunique(dropna=True) > 1:
+        table, reward, stderr = across_seeds(table), "reward_mean", "reward_mean_se_seeds"
+    else:
+        reward, stderr = _col(table, "reward_mean", "reward"), _col(table, "reward_stderr", "reward_se")
+        table = table.copy()
+    arms = table["arm"].astype(str) if "arm" in table.columns else None
+    by_method = table["method"].astype(str) + " (k=" + table["top_k"].astype(str) + ")"
+    table["curve"] = arms.where(arms != "", by_method) if arms is not None else by_method
+    return table, reward, stderr
 
 
 def plot_sweep(table, folder: Path) -> list[Path]:
@@ -222,18 +299,17 @@ def plot_sweep(table, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reward = _col(table, "reward_mean", "reward")
-    stderr = _col(table, "reward_stderr", "reward_se")
+    table, reward, stderr = _curves(table)
     # KL needs sampled decoding; greedy sweeps use the SFT log-likelihood of the responses instead.
     distance = "kl" if "kl" in table.columns and table["kl"].notna().all() else _col(table, "sft_logprob_per_token")
     written = []
     panels = [(reward, "mean target reward")] + [(c, c) for c in ("diversity", "coherence") if c in table.columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for axis, (column, label) in zip(axes[0], panels):
-        for (method, top_k), group in table.groupby(["method", "top_k"]):
+        for curve, group in table.groupby("curve", sort=False):
             group = group.sort_values("alpha")
             yerr = group[stderr] if (column == reward and stderr) else None
-            axis.errorbar(group["alpha"], group[column], yerr=yerr, marker="o", capsize=3, label=f"{method} (k={top_k})")
+            axis.errorbar(group["alpha"], group[column], yerr=yerr, marker="o", capsize=3, label=str(curve))
         axis.set_xlabel("alpha")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
@@ -259,8 +335,9 @@ def plot_sweep(table, folder: Path) -> list[Path]:
                 label_cols=["alpha"],
                 path=folder / "frontier.png",
                 yerr=stderr,
-                group="method",
-                title="reward against distance from the SFT model",
+                group="curve",
+                title="reward against distance from the SFT model"
+                + (" (mean ± s.e. over build seeds)" if "seeds" in table.columns else ""),
                 xlabel=xlabel,
                 ylabel="mean target reward",
             )
@@ -283,6 +360,7 @@ def run_sweep(
         spec = SweepSpec(
             grid=list(named.get("grid", [])) + list(overrides),
             name=name,
+            arms={str(k): [str(o) for o in v] for k, v in (named.get("arms") or {}).items()},
             executor=named.get("executor", "inline"),
             jobs=int(named.get("jobs", 2)),
             slurm=dict(named.get("slurm") or {}),
@@ -297,18 +375,21 @@ def run_sweep(
         raise ConfigError(f"executor={spec.executor!r} is not allowed; {did_you_mean(spec.executor, EXECUTORS)}")
     if spec.jobs < 1:
         raise ConfigError(f"jobs={spec.jobs} is not allowed: must be >= 1")
-    folder, points = sweep_folder(spec.grid, spec.name)
+    folder, points = sweep_folder(spec.grid, spec.name, spec.arms)
     for point in points:  # every point is checked before anything runs
         point_config(point, folder)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    (folder / "sweep.json").write_text(json.dumps({"grid": spec.grid, "points": points, "executor": spec.executor}, indent=2) + "\n")
+    (folder / "sweep.json").write_text(
+        json.dumps({"grid": spec.grid, "arms": spec.arms, "points": points, "executor": spec.executor}, indent=2) + "\n"
+    )
     if console:
         console.print(f"sweep {folder} : {len(points)} point(s), executor {spec.executor}")
     results = run_points(points, folder, spec, console)
     failed = [r for r in results if "error" in r]
     summary = {
         "grid": spec.grid,
+        "arms": spec.arms,
         "points": points,
         "executor": spec.executor,
         "results": results,
@@ -316,7 +397,7 @@ def run_sweep(
         "failed": len(failed),
     }
     (folder / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = aggregate(folder, points, console)
+    table = aggregate(folder, points, console, spec.arms, spec.grid)
     if console:
         console.print(f"results: {folder / 'results.csv'} ({summary['seconds']:.0f} s)")
         for failure in failed:

@@ -1,46 +1,44 @@
-"""Build (once) and cache the synthetic task: corpus, tokenizer, SFT model, DPO baselines.
+"""Build (once) and cache the synthetic task: corpus, tokenizer, SFT model, baselines checked against rho*_beta.
 
 ``ensure_built(seed)`` returns a folder holding::
 
-    sft/  dpo/  dpo_bl/          HF model folders (config, weights, generation config, tokenizer)
-    prompts/train.jsonl          {"id", "prompt"} per line (DPO pairs are sampled on these)
-    prompts/test.jsonl           held-out prompts (none of them occurs in the SFT corpus)
-    corpus.jsonl                 the SFT dialogues
-    dpo_data/samples.jsonl       the SFT samples on the train prompts, with both rewards
-    dpo_data/dpo.jsonl           the preference pairs of ``dpo`` (target reward) ...
-    dpo_data/dpo_bl.jsonl        ... and of ``dpo_bl`` (baseline reward)
-    manifest.json                written last: seed, parameters, sizes, seconds, evaluation, versions
+    sft/                          the SFT model pi_sft (HF folders: config, weights, generation config, tokenizer)
+    rho1/ rho0.5/ rho0.25/ rho0.1/  baselines of the target reward r, distilled towards rho*_beta (a ladder of beta)
+    rho_bl/                       the indirect-transfer baseline, distilled towards rho*_beta of r_bl
+    prompts/train.jsonl           {"id", "prompt"} per line (the distillation samples are drawn on these)
+    prompts/test.jsonl            held-out prompts (none of them occurs in the SFT corpus)
+    corpus.jsonl                  the SFT dialogues
+    distill_data/samples.jsonl    the SFT samples on the train prompts, with both rewards
+    manifest.json                 written last: seed, parameters, sizes, seconds, evaluation, premise checks, versions
 
-Recipe (v4, BuildParams):
+Recipe (v5, BuildParams):
   1. corpus.py: a seeded HH-format corpus of ``n_corpus`` dialogues; train and test prompts
      drawn apart from it (test prompts never occur in the corpus nor among the train prompts);
   2. tokenizer.py: a WordLevel tokenizer on the corpus and all prompts (no <unk> anywhere);
-  3. training.py: a small Llama (~0.9M parameters at the defaults) trained on
-     ``<s> prompt response </s>``;
-  4. pairs.py: ``samples_per_prompt`` responses per train prompt, sampled once from the SFT model
-     through tqstar.decoding.engine (method "sft", selection "sample", row index
-     prompt_index * samples_per_prompt + j, so draws do not depend on batching), scored by both
-     rewards; (best, worst), (2nd best, 2nd worst), ... pairs under the target reward (``dpo``,
-     direct transfer) and under the baseline reward (``dpo_bl``, indirect transfer);
-  5. training.py: each pair set trained with TRL's DPOTrainer against the SFT model;
-  6. evaluation.py: greedy decoding of sft, dpo, dpo_bl on the test prompts through the same
-     engine, rewards as mean and standard error.
-The manifest's ``seconds`` records each stage's time. Measured once (v4, seed 0, defaults, 2 CPU
-cores shared with other jobs, load average ~4): 576 s in all, of which SFT 494 s, sampling 12.5 s,
-DPO 44 s + 25 s, evaluation 1.2 s.
+  3. training.py: a small Llama (~0.9M parameters at the defaults) trained on ``<s> prompt response </s>``;
+  4. distill.py: ``samples_per_prompt`` responses per train prompt, sampled once from the SFT model at
+     temperature 1 through tqstar.decoding.engine (row index prompt_index * samples_per_prompt + j, so
+     draws do not depend on batching), scored by both rewards;
+  5. training.py: for each beta of ``ladder_betas`` (target reward) and ``baseline_reward_beta`` (r_bl),
+     the SFT model fine-tuned by weighted maximum likelihood on those samples with per-prompt weights
+     softmax(r / beta): reward-weighted distillation, whose optimum is the importance-sampling
+     approximation of rho*_beta ∝ pi_sft · e^{r/beta} (so beta, not a step count, sets the strength);
+  6. evaluation.py: greedy decoding of every model on the test prompts, and the premise checks of
+     each baseline against rho*_beta (sampled reward vs importance-sampled E_{rho*}[r], KL vs
+     KL(rho* || pi_sft), implied-reward slope), written to the manifest's ``premise``.
+The manifest's ``seconds`` records each stage's time.
 
 Where a build lives, its cache key (recipe version, seed, parameters, library versions) and the
 lock / temp-folder / rename that keep it safe: cache.py.
 
 Module order (each imports only from those before it): corpus, rewards, params, tokenizer ->
-cache -> training, generation -> pairs, evaluation -> build.
+cache -> training, generation -> distill -> evaluation -> build.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -49,11 +47,11 @@ from typing import Callable, Iterator
 from ..files import write_jsonl
 from .cache import _versions, build_key, build_once, task_dir
 from .corpus import Dialogue, generate_corpus, generate_prompts, tokenizer_texts
-from .evaluation import evaluate_folder
-from .pairs import PAIR_REWARDS, preference_pairs, sample_preference_data
-from .params import MODEL_NAMES, STOP_STRINGS, VERSION, BuildParams
+from .distill import sample_responses, weighted_rows
+from .evaluation import evaluate_folder, premise_checks
+from .params import DEFAULT_BASELINE, STOP_STRINGS, VERSION, BuildParams
 from .tokenizer import train_tokenizer, vocab_size_of
-from .training import make_model, save_model, train_dpo, train_sft
+from .training import load_saved, make_model, save_model, train_sft, train_weighted
 
 # ----------------------------------------------------------------------------- progress and quiet
 
@@ -129,7 +127,9 @@ def _torch_threads(n: int | None) -> Iterator[None]:
     import torch
 
     old = torch.get_num_threads()
-    torch.set_num_threads(max(1, n or min(4, os.cpu_count() or 1)))
+    # default: $OMP_NUM_THREADS when set (so a thread-count comparison is one environment variable), else min(4, cores)
+    n = n or int(os.environ.get("OMP_NUM_THREADS") or 0) or min(4, os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
     try:
         yield
     finally:
@@ -173,37 +173,49 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     save_model(model, tokenizer, out / "sft")
     seconds["sft"] = time.perf_counter() - t0
 
-    # 4. preference samples (once, through the engine), labelled by both rewards, and the pairs
+    # 4. SFT samples on the train prompts (once, through the engine), scored by both rewards
     t0 = time.perf_counter()
-    pair_prompts = [p["prompt"] for p in train[: params.n_pair_prompts]]
-    samples = sample_preference_data(
-        model, tokenizer, pair_prompts, params, seed, update=bar.task("sampling preference data", len(pair_prompts))
+    distill_prompts = [p["prompt"] for p in train[: params.n_distill_prompts]]
+    samples = sample_responses(
+        model, tokenizer, distill_prompts, params, seed, params.samples_per_prompt, update=bar.task("SFT samples", len(distill_prompts))
     )
-    write_jsonl(out / "dpo_data" / "samples.jsonl", ({"prompt": pair_prompts[s["prompt_index"]], **s} for s in samples))
-    pairs = preference_pairs(pair_prompts, samples, params)
-    for name, rows in pairs.items():
-        write_jsonl(out / "dpo_data" / f"{name}.jsonl", rows)
-    seconds["sample_pairs"] = time.perf_counter() - t0
+    write_jsonl(out / "distill_data" / "samples.jsonl", ({"prompt": distill_prompts[s["prompt_index"]], **s} for s in samples))
+    seconds["samples"] = time.perf_counter() - t0
+
+    # 5. baselines: reward-weighted distillation of the SFT model towards rho*_beta (a ladder for r, one for r_bl)
+    baselines = {name: ("target_reward", beta) for name, beta in params.rungs.items()}
+    baselines["rho_bl"] = ("baseline_reward", params.baseline_reward_beta)
+    distill_stats = {}
+    for name, (key, beta) in baselines.items():
+        t0 = time.perf_counter()
+        rows = weighted_rows(distill_prompts, samples, key, beta, params.min_weight)
+        model = load_saved(out / "sft")
+        losses_b = train_weighted(model, tokenizer, rows, params, seed, update=bar.task(f"distilling {name} (beta={beta:g})", None))
+        save_model(model, tokenizer, out / name)
+        distill_stats[name] = {
+            "reward": key,
+            "beta": beta,
+            "rows": len(rows),
+            "first_loss": round(losses_b[0], 4),
+            "final_loss": round(sum(losses_b[-10:]) / len(losses_b[-10:]), 4),
+        }
+        seconds[name] = time.perf_counter() - t0
     del model
 
-    # 5. DPO baselines
-    dpo_stats = {}
-    for name, label in (("dpo", "DPO (target reward)"), ("dpo_bl", "DPO (baseline reward)")):
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=out) as work:
-            dpo_stats[name] = train_dpo(out / "sft", pairs[name], out / name, params, seed, Path(work), update=bar.task(label, None))
-        seconds[name] = time.perf_counter() - t0
-
-    # 6. evaluation: greedy decoding on the test prompts
+    # 6. evaluation on the test prompts: greedy rewards, and each baseline against rho*_beta
     t0 = time.perf_counter()
     test_prompts = [p["prompt"] for p in test]
+    names = params.model_names
     evaluation = {
         name: evaluate_folder(
             out / name, test_prompts, params.eval_max_new_tokens, update=bar.task(f"evaluating {name}", len(test_prompts))
         )
-        for name in MODEL_NAMES
+        for name in names
     }
     seconds["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    premise = premise_checks(out, test_prompts, baselines, params, seed + 1, task=bar.task)
+    seconds["premise"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
 
     n_tokens = [len(x) for x in tokenizer([d.text for d in corpus])["input_ids"]]
@@ -214,7 +226,9 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
         "seed": seed,
         "params": params.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "models": {name: name for name in MODEL_NAMES},
+        "models": {name: name for name in names},
+        "baselines": {name: {"reward": key, "beta": beta} for name, (key, beta) in baselines.items()},
+        "default_baseline": DEFAULT_BASELINE,
         "prompts": {"train": "prompts/train.jsonl", "test": "prompts/test.jsonl"},
         "stop_strings": list(STOP_STRINGS),
         "rewards": {"target": "tqstar.synthetic.rewards:target_reward", "baseline": "tqstar.synthetic.rewards:baseline_reward"},
@@ -226,17 +240,17 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
             "corpus_tokens_max": max(n_tokens),
             "train_prompts": len(train),
             "test_prompts": len(test),
-            "pair_prompts": len(pair_prompts),
+            "distill_prompts": len(distill_prompts),
             "samples": len(samples),
             "samples_finished": sum(s["finished"] for s in samples),
-            **{f"{name}_pairs": len(pairs[name]) for name in PAIR_REWARDS},
         },
         "training": {
             "sft_final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-            **{f"{k}_{m}": v for k, st in dpo_stats.items() for m, v in st.items()},
+            "distill": distill_stats,
         },
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "eval": evaluation,
+        "premise": premise,
         "eval_settings": {
             "decoding": "greedy",
             "max_new_tokens": params.eval_max_new_tokens,

@@ -1,4 +1,10 @@
-"""Greedy evaluation of a saved model of the synthetic task on held-out prompts."""
+"""Evaluation of the synthetic task's models on held-out prompts: greedy rewards, and the premise checks.
+
+The premise checks (tqstar.premise) measure each baseline against the optimum it was built for,
+rho*_beta ∝ pi_sft · e^{r/beta}: (a) its sampled (T=1) mean reward against a self-normalised
+importance-sampling estimate of E_{rho*_beta}[r] from SFT samples, (b) KL(rho_bl || pi_sft) per
+response against KL(rho*_beta || pi_sft), (c) the slope of beta · log(rho_bl / pi_sft) on r (1 at the optimum).
+"""
 
 from __future__ import annotations
 
@@ -38,3 +44,65 @@ def evaluate_folder(folder: Path, prompts: list[str], max_new_tokens: int, updat
         "finished_frac": round(sum(o["finished"] for o in outs) / len(outs), 4),
         "samples": [{"prompt": p, "response": r} for p, r in list(zip(prompts, responses))[:3]],
     }
+
+
+def _rounded(data):
+    if isinstance(data, float):
+        return round(data, 4)
+    if isinstance(data, dict):
+        return {k: _rounded(v) for k, v in data.items()}
+    return data
+
+
+def premise_checks(
+    folder: Path, prompts: list[str], baselines: dict[str, tuple[str, float]], params, seed: int, task: Callable[..., Callable] = None
+) -> dict:
+    """The three checks for each baseline (``name -> (reward key, beta)``), on ``prompts``.
+
+    SFT samples (``premise_sft_samples`` per prompt) give the importance-sampling estimates of
+    rho*_beta; each baseline is sampled ``premise_policy_samples`` times per prompt with the SFT
+    model scoring the same tokens. ``task(description, total)`` makes a progress callback."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import premise
+    from .distill import rewards_by_prompt, sample_responses
+
+    task = task or (lambda description, total: lambda **k: None)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "sft")
+    sft = AutoModelForCausalLM.from_pretrained(folder / "sft", dtype=torch.float32).eval()
+    sft_rows = sample_responses(
+        sft, tokenizer, prompts, params, seed, params.premise_sft_samples, update=task("premise: SFT samples", len(prompts))
+    )
+    checks: dict[str, dict] = {
+        "sft": {
+            key: premise.sample_reward([r[key] for r in sft_rows], [r["prompt_index"] for r in sft_rows])
+            for key in ("target_reward", "baseline_reward")
+        }
+    }
+    for name, (key, beta) in baselines.items():
+        model = AutoModelForCausalLM.from_pretrained(folder / name, dtype=torch.float32).eval()
+        rows = sample_responses(
+            model,
+            tokenizer,
+            prompts,
+            params,
+            seed,
+            params.premise_policy_samples,
+            update=task(f"premise: {name} samples", len(prompts)),
+            sft_model=sft,
+        )
+        prompt_of = [r["prompt_index"] for r in rows]
+        rewards = [r[key] for r in rows]
+        sft_rewards = rewards_by_prompt(sft_rows, key)
+        checks[name] = {
+            "reward": key,
+            "beta": beta,
+            "sampled_reward": premise.sample_reward(rewards, prompt_of),
+            "optimum_reward": premise.optimum_reward(sft_rewards, beta),
+            "kl": premise.sample_kl([[r["logprob"]] for r in rows], [[r["sft_logprob"]] for r in rows], prompt_of),
+            "optimum_kl": premise.optimum_kl(sft_rewards, beta),
+            "implied_reward_slope": premise.implied_reward_slope([r["logprob"] - r["sft_logprob"] for r in rows], rewards, beta, prompt_of),
+            "finished_frac": sum(r["finished"] for r in rows) / len(rows),
+        }
+    return _rounded(checks)

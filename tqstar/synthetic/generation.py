@@ -24,12 +24,17 @@ def generate(
     batch_size: int = 64,
     seed: int = 0,
     update: Callable[..., None] = lambda **k: None,
+    sft_model=None,
 ) -> list[dict]:
     """``samples_per_prompt`` responses per prompt (prompt-major), decoded ``batch_size`` prompts
     (x samples_per_prompt rows) at a time. Row ``prompt_index * samples_per_prompt + j`` is the
     engine index of draw j. One dict per row: ``{"prompt_index", "response", "n_tokens",
     "finished"}``; ``n_tokens`` counts the final EOS / stop token, ``finished`` is False when the
-    response hit ``max_new_tokens``. ``update(completed=...)`` counts prompts done."""
+    response hit ``max_new_tokens``. ``update(completed=...)`` counts prompts done.
+
+    With ``sft_model``, ``model`` is decoded as the engine's baseline (the SFT model follows along), so
+    each row also has ``sft_logprob``: log pi_sft of the response; ``logprob`` is the decoding
+    model's log-prob of it (None for greedy decoding of the SFT model alone)."""
     from ..decoding.engine import Decoder
     from ..decoding.settings import DecoderSettings
 
@@ -38,7 +43,7 @@ def generate(
     indices = list(range(len(rows)))  # = prompt_index * n + j
     rows_per_batch = batch_size * n
     settings = DecoderSettings(
-        method="sft",
+        method="sft" if sft_model is None else "baseline",
         selection=selection,
         temperature=temperature,
         max_new_tokens=max_new_tokens,
@@ -46,7 +51,10 @@ def generate(
         batch_size=rows_per_batch,
         seed=seed,
     )
-    decoder = Decoder(model, tokenizer, settings=settings)
+    if sft_model is None:
+        decoder = Decoder(model, tokenizer, settings=settings)
+    else:
+        decoder = Decoder(sft_model, tokenizer, baseline_model=model, settings=settings)
     old_side = tokenizer.padding_side  # the engine left-pads; the caller's tokenizer is left as it was
     out: list[dict] = []
     try:
@@ -59,6 +67,8 @@ def generate(
                         "response": g.response.strip(),
                         "n_tokens": g.num_tokens,
                         "finished": g.stop_reason != "max_new_tokens",
+                        "sft_logprob": sum(g.sft_logprobs),
+                        "logprob": None if g.policy_logprobs is None else sum(g.policy_logprobs),
                     }
                 )
             update(completed=min(len(prompts), (start + rows_per_batch) // n))

@@ -10,12 +10,18 @@ from dataclasses import dataclass
 
 from ..data.hh import HUMAN
 
-# Bump whenever the recipe changes what a build writes (a new cache folder). v4: preference
-# samples and the greedy evaluation decode through tqstar.decoding.engine instead of HF generate().
-VERSION = 4
+# Bump whenever the recipe changes what a build writes (a new cache folder). v4: preference samples
+# and the greedy evaluation decode through tqstar.decoding.engine. v5: the baselines are reward-weighted
+# distillations towards rho*_beta (a ladder of betas, and one for r_bl) instead of DPO on best-vs-worst
+# pairs, and the build measures each baseline against rho*_beta (tqstar.premise).
+VERSION = 5
 
-MODEL_NAMES = ("sft", "dpo", "dpo_bl")
 STOP_STRINGS = (HUMAN,)  # a response ends at EOS or at the next human turn
+
+
+def rung_name(beta: float) -> str:
+    """The folder / model name of the baseline distilled towards rho*_beta of the target reward: rho0.25."""
+    return f"rho{beta:g}"
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class BuildParams:
 
     # data
     n_corpus: int = 6000  # SFT dialogues
-    n_train_prompts: int = 512  # prompts/train.jsonl; the first n_pair_prompts get DPO samples
+    n_train_prompts: int = 512  # prompts/train.jsonl; the first n_distill_prompts get samples
     n_test_prompts: int = 128  # prompts/test.jsonl (held out)
     # model (LlamaConfig)
     hidden_size: int = 128
@@ -37,20 +43,35 @@ class BuildParams:
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     sft_warmup_frac: float = 0.05
-    # preference pairs (sampled once, labelled by each reward)
-    n_pair_prompts: int = 512
-    samples_per_prompt: int = 6
-    sample_temperature: float = 1.0
+    # SFT samples on the train prompts (sampled once at temperature 1, scored by both rewards)
+    n_distill_prompts: int = 512
+    samples_per_prompt: int = 16
     sample_max_new_tokens: int = 48
-    min_reward_gap: float = 0.1
-    pairs_per_prompt: int = 2
-    # DPO (TRL)
-    dpo_beta: float = 0.1
-    dpo_lr: float = 1.25e-4
-    dpo_epochs: int = 2
-    dpo_batch_size: int = 32
-    # evaluation (greedy, on the test prompts)
+    # baselines: reward-weighted distillation towards rho*_beta, from the SFT model
+    ladder_betas: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)  # target reward r: the study's knob
+    baseline_reward_beta: float = 0.25  # r_bl: the indirect-transfer baseline rho_bl (presets set decoder.beta_bl to it)
+    distill_epochs: int = 3
+    distill_batch_size: int = 32
+    distill_lr: float = 1e-3
+    min_weight: float = 1e-3  # rows of smaller weight are left out (they would not move the fit)
+    # evaluation on the test prompts: greedy rewards, and the premise checks from samples
     eval_max_new_tokens: int = 64
+    premise_sft_samples: int = 64  # per test prompt: importance-sampling estimates of rho*_beta
+    premise_policy_samples: int = 8  # per test prompt and baseline: sampled reward, KL, implied reward
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-shaped (tuples as lists), so a manifest read back compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def rungs(self) -> dict[str, float]:
+        """Baselines of the target reward: name -> beta."""
+        return {rung_name(beta): float(beta) for beta in self.ladder_betas}
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return ("sft", *self.rungs, "rho_bl")
+
+
+MODEL_NAMES = BuildParams().model_names  # what the default build holds: sft, rho1, rho0.5, rho0.25, rho0.1, rho_bl
+DEFAULT_BASELINE = rung_name(0.1)  # the strongest rung: the default baseline of direct transfer

@@ -1,4 +1,4 @@
-"""Training the synthetic task's models: a small Llama, its SFT loop, and DPO through TRL."""
+"""Training the synthetic task's models: a small Llama, its SFT loop, and reward-weighted distillation."""
 
 from __future__ import annotations
 
@@ -54,6 +54,14 @@ def save_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def load_saved(folder: Path):
+    """A saved model of the task, in float32, ready to train."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
 def _length_bucketed_batches(lengths: list[int], bs: int, gen) -> list[list[int]]:
     """A seeded shuffle into batches of similar lengths (less padding): shuffle, sort within
     chunks of 16 batches, cut, shuffle the batches."""
@@ -68,26 +76,28 @@ def _length_bucketed_batches(lengths: list[int], bs: int, gen) -> list[list[int]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def train_sft(
-    model, tokenizer, dialogues: list[Dialogue], params: BuildParams, seed: int, update: Callable[..., None] = lambda **k: None
+def _fit(
+    model,
+    lengths: list[int],
+    batch_loss: Callable,
+    *,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    warmup_frac: float,
+    seed: int,
+    update: Callable[..., None],
 ) -> list[float]:
-    """Next-token training on ``<s> prompt response </s>`` (loss on every real token). Returns losses.
-
-    Batches are right-padded and run without an attention mask: under the causal mask no real
-    token sees the padding after it, and the padded positions carry no loss, so this is exact
-    (and takes SDPA's fast causal path).
-    """
+    """AdamW over seeded length-bucketed batches with a (warmup +) cosine schedule and gradient
+    clipping at 1; ``batch_loss(indices)`` gives each batch's loss. Returns the losses."""
     import torch
 
-    texts = [d.text for d in dialogues]
-    enc = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
-    lengths = [len(x) for x in enc]
-    n, bs = len(enc), params.sft_batch_size
-    chunk = bs * 16
-    steps_per_epoch = sum(math.ceil(min(chunk, n - c0) / bs) for c0 in range(0, n, chunk))
-    total = steps_per_epoch * params.sft_epochs
-    warmup = max(1, int(total * params.sft_warmup_frac))
-    opt = torch.optim.AdamW(model.parameters(), lr=params.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    n, chunk = len(lengths), batch_size * 16
+    steps_per_epoch = sum(math.ceil(min(chunk, n - c0) / batch_size) for c0 in range(0, n, chunk))
+    total = steps_per_epoch * epochs
+    warmup = max(1, int(total * warmup_frac))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
@@ -96,16 +106,9 @@ def train_sft(
     losses: list[float] = []
     update(completed=0, total=total)
     step = 0
-    for _ in range(params.sft_epochs):
-        for batch_idx in _length_bucketed_batches(lengths, bs, gen):
-            batch = [enc[i] for i in batch_idx]
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            for r, x in enumerate(batch):
-                ids[r, : len(x)] = torch.tensor(x)
-                labels[r, : len(x)] = torch.tensor(x)
-            loss = model(input_ids=ids, labels=labels).loss
+    for _ in range(epochs):
+        for batch_idx in _length_bucketed_batches(lengths, batch_size, gen):
+            loss = batch_loss(batch_idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,70 +121,84 @@ def train_sft(
     return losses
 
 
-def train_dpo(
-    sft_dir: Path,
-    pairs: list[dict],
-    out_dir: Path,
-    params: BuildParams,
-    seed: int,
-    work_dir: Path,
-    update: Callable[..., None] = lambda **k: None,
-) -> dict:
-    """DPO (TRL DPOTrainer, sigmoid loss) of the SFT model on ``pairs``; saves model + tokenizer to ``out_dir``."""
+def train_sft(
+    model, tokenizer, dialogues: list[Dialogue], params: BuildParams, seed: int, update: Callable[..., None] = lambda **k: None
+) -> list[float]:
+    """Next-token training on ``<s> prompt response </s>`` (loss on every real token). Returns losses.
+
+    Batches are right-padded and run without an attention mask: under the causal mask no real
+    token sees the padding after it, and the padded positions carry no loss, so this is exact
+    (and takes SDPA's fast causal path).
+    """
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import DPOConfig, DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
+    enc = [ids + [tokenizer.eos_token_id] for ids in tokenizer([d.text for d in dialogues])["input_ids"]]
 
-    class _Cb(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            update(completed=0, total=state.max_steps)
+    def batch_loss(batch_idx):
+        batch = [enc[i] for i in batch_idx]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for r, x in enumerate(batch):
+            ids[r, : len(x)] = torch.tensor(x)
+            labels[r, : len(x)] = torch.tensor(x)
+        return model(input_ids=ids, labels=labels).loss
 
-        def on_step_end(self, args, state, control, **kw):
-            update(completed=state.global_step)
-
-    cfg = DPOConfig(
-        output_dir=str(work_dir),
+    return _fit(
+        model,
+        [len(x) for x in enc],
+        batch_loss,
+        batch_size=params.sft_batch_size,
+        epochs=params.sft_epochs,
+        lr=params.sft_lr,
+        weight_decay=0.01,
+        warmup_frac=params.sft_warmup_frac,
         seed=seed,
-        data_seed=seed,
-        use_cpu=True,
-        per_device_train_batch_size=params.dpo_batch_size,
-        num_train_epochs=params.dpo_epochs,
-        learning_rate=params.dpo_lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        beta=params.dpo_beta,
-        max_length=params.max_positions,
-        gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        precompute_ref_log_probs=False,
+        update=update,
     )
-    trainer = DPOTrainer(
-        model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[_Cb()]
+
+
+def train_weighted(
+    model, tokenizer, rows: list[dict], params: BuildParams, seed: int, update: Callable[..., None] = lambda **k: None
+) -> list[float]:
+    """Weighted maximum likelihood of responses given prompts (reward-weighted distillation).
+
+    ``rows``: ``{"prompt", "response", "weight"}``. The loss of a batch is
+    sum_r w_r · (-log p(response_r | prompt_r)) / sum_r w_r, the log-likelihood summed over the
+    response tokens and EOS (prompt tokens carry no loss), so its optimum is the weighted empirical
+    distribution of the responses. Same batching as `train_sft`; cosine schedule, no warmup. Returns losses.
+    """
+    import torch
+
+    texts = [Dialogue(id="", prompt=r["prompt"], response=r["response"]).text for r in rows]
+    prompt_lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows])["input_ids"]]
+    enc = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    weights = [float(r["weight"]) for r in rows]
+    lengths = [len(x) for x in enc]
+
+    def batch_loss(batch_idx):
+        width = max(lengths[i] for i in batch_idx)
+        ids = torch.full((len(batch_idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_idx), width), dtype=torch.float32)
+        for r, i in enumerate(batch_idx):
+            ids[r, : lengths[i]] = torch.tensor(enc[i])
+            mask[r, prompt_lengths[i] : lengths[i]] = 1.0  # the response tokens and EOS
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        sequence_nll = -(token_logprobs * mask[:, 1:]).sum(-1)
+        w = torch.tensor([weights[i] for i in batch_idx])
+        return (w * sequence_nll).sum() / w.sum()
+
+    # warmup_frac=0: the first step's factor min(1, 1/1) = 1, so the schedule is the plain cosine of the v5 build
+    return _fit(
+        model,
+        lengths,
+        batch_loss,
+        batch_size=params.distill_batch_size,
+        epochs=params.distill_epochs,
+        lr=params.distill_lr,
+        weight_decay=0.0,
+        warmup_frac=0.0,
+        seed=seed,
+        update=update,
     )
-    trainer.remove_callback(PrinterCallback)  # our progress bar instead of printed logs / tqdm
-    trainer.remove_callback(ProgressCallback)
-    result = trainer.train()
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    trained = trainer.model
-    trained.eval()
-    save_model(trained, tokenizer, out_dir)
-    last = history[-1] if history else {}
-    return {
-        "train_loss": float(result.training_loss),
-        "steps": int(trainer.state.global_step),
-        "final_reward_accuracy": last.get("rewards/accuracies"),
-        "final_reward_margin": last.get("rewards/margins"),
-    }

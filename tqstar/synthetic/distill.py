@@ -1,0 +1,83 @@
+"""The baselines' training data: SFT samples on the train prompts, weighted towards rho*_beta.
+
+rho*_beta(y|x) ∝ pi_sft(y|x) · exp(r(x,y) / beta). Given M responses y_1..y_M ~ pi_sft(.|x), the
+self-normalised weights w_i = e^{r_i/beta} / sum_j e^{r_j/beta} make sum_i w_i δ(y_i) an importance-
+sampling approximation of rho*_beta(.|x); fine-tuning the SFT model by weighted maximum likelihood on
+these rows (reward-weighted distillation) has that distribution as its optimum, for whatever beta is
+chosen: the baseline's strength is set by beta, not by a step count. Each prompt carries total weight
+one, so every prompt counts alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..premise import soft_weights
+from .generation import generate
+from .params import BuildParams
+
+SAMPLING_BATCH_PROMPTS = 64  # prompts per engine batch (x samples_per_prompt rows)
+
+
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    params: BuildParams,
+    seed: int,
+    samples: int,
+    update: Callable[..., None] = lambda **k: None,
+    sft_model=None,
+) -> list[dict]:
+    """``samples`` responses per prompt from ``model`` at temperature 1 (full vocabulary, through the engine),
+    each row also carrying ``target_reward``, ``baseline_reward`` and its summed log-probs (``logprob``;
+    ``sft_logprob`` under ``sft_model`` when given)."""
+    from .rewards import baseline_reward, target_reward
+
+    rows = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=params.sample_max_new_tokens,
+        selection="sample",
+        temperature=1.0,
+        samples_per_prompt=samples,
+        batch_size=SAMPLING_BATCH_PROMPTS,
+        seed=seed,
+        update=update,
+        sft_model=sft_model,
+    )
+    texts = [prompts[r["prompt_index"]] for r in rows]
+    responses = [r["response"] for r in rows]
+    for row, r, rb in zip(rows, target_reward(texts, responses), baseline_reward(texts, responses)):
+        row["target_reward"], row["baseline_reward"] = r, rb
+    return rows
+
+
+def rewards_by_prompt(rows: list[dict], key: str) -> list[list[float]]:
+    """Rewards grouped by prompt index (in prompt order)."""
+    groups: dict[int, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["prompt_index"], []).append(row[key])
+    return [groups[i] for i in sorted(groups)]
+
+
+def weighted_rows(prompts: list[str], samples: list[dict], reward_key: str, beta: float, min_weight: float) -> list[dict]:
+    """``{"prompt", "response", "weight"}`` rows: per prompt, its finished samples weighted by
+    softmax(r / beta); rows below ``min_weight`` are dropped (they would not move the fit)."""
+    by_prompt: dict[int, list[dict]] = {}
+    for s in samples:
+        if s["finished"] and s["response"]:
+            by_prompt.setdefault(s["prompt_index"], []).append(s)
+    rows = []
+    for i in sorted(by_prompt):
+        group = by_prompt[i]
+        for s, w in zip(group, soft_weights([s[reward_key] for s in group], beta)):
+            if w >= min_weight:
+                rows.append({"prompt": prompts[i], "response": s["response"], "weight": w})
+    if not rows:
+        raise RuntimeError(
+            f"synthetic build: no finished samples to distil (of {len(samples)}, none ended within "
+            f"sample_max_new_tokens); train the SFT model longer or raise sample_max_new_tokens"
+        )
+    return rows
