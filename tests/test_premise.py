@@ -75,13 +75,13 @@ def test_soft_weights_are_stable_for_tiny_beta():
     assert weights[0] == pytest.approx(1.0) and sum(weights) == pytest.approx(1.0)
 
 
-def toy_model(tokenizer):
+def toy_model(tokenizer, first_words=FIRST, second_words=SECOND):
     ids = tokenizer.convert_tokens_to_ids
     eos = tokenizer.eos_token_id
-    transitions = {ids(ASSISTANT): {ids(w): p for w, p in FIRST.items()}}
-    for first, nxt in SECOND.items():
+    transitions = {ids(ASSISTANT): {ids(w): p for w, p in first_words.items()}}
+    for first, nxt in second_words.items():
         transitions[ids(first)] = {ids(w): p for w, p in nxt.items()}
-    for word in ("great", "awful"):
+    for word in {w for nxt in second_words.values() for w in nxt}:
         transitions[ids(word)] = {eos: 0.999999}
     vocab_size = max(tokenizer.get_vocab().values()) + 1
     return ToyLM(vocab_size, transitions, default={eos: 0.999999}), f"{HUMAN} hotel{ASSISTANT}"
@@ -123,3 +123,78 @@ def test_the_exact_q_preset_is_indirect_transfer_from_the_sft_model(hydra_clean)
     assert cfg.baseline_reward.function == "tqstar.rewards.base:zero_reward"
     d = cfg.decoder
     assert (d.transfer, d.self_normalize, d.rollout.selection) == ("indirect", True, "sample") and d.rollout.num >= 16
+
+
+# A toy where the optimum and a mean-value decoder disagree: 'the' is a gamble (love +1 with p .3, hate -1),
+# 'a' is safe ('it', 0). The mean prefers 'a' (0 > -0.4); rho*_beta at beta = 0.25 prefers 'the' (p ~ .94).
+GAMBLE_FIRST = {"the": 0.5, "a": 0.5}
+GAMBLE_SECOND = {"the": {"love": 0.3, "hate": 0.7}, "a": {"it": 1.0}}
+SOFT_BETA = 0.25
+
+
+@pytest.mark.parametrize("value", ["soft", "mean"])
+def test_soft_value_decoder_samples_the_closed_form_optimum(value, tokenizer):
+    """decoder.value=soft with SFT rollouts (cd), alpha = 1/beta, sampled selection draws responses from
+    rho*_beta itself: frequencies, mean reward and KL match the closed form within sampling error.
+    The same decoder with the mean value (CD's) does not: it is not the optimum of the KL-regularised objective."""
+    toy, prompt = toy_model(tokenizer, GAMBLE_FIRST, GAMBLE_SECOND)
+    settings = DecoderSettings(
+        method="cd",
+        value=value,
+        beta=SOFT_BETA,
+        alpha=1 / SOFT_BETA,
+        selection="sample",
+        top_k=2,
+        rollout_num=100,
+        rollout_selection="sample",
+        rollout_max_new_tokens=3,
+        max_new_tokens=3,
+        batch_size=50,
+        max_batch_rows=20000,
+    )
+    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, settings=settings)
+    n = 400
+    generations = decoder.decode([prompt] * n)
+    sft = {(a, b): GAMBLE_FIRST[a] * GAMBLE_SECOND[a][b] for a in GAMBLE_SECOND for b in GAMBLE_SECOND[a]}
+    reward = {y: positive_words_reward([""], [" ".join(y)])[0] for y in sft}
+    assert reward == {("the", "love"): 1.0, ("the", "hate"): -1.0, ("a", "it"): 0.0}
+    z = sum(p * math.exp(reward[y] / SOFT_BETA) for y, p in sft.items())
+    optimum = {y: p * math.exp(reward[y] / SOFT_BETA) / z for y, p in sft.items()}
+    expected = sum(optimum[y] * reward[y] for y in sft)
+    kl = sum(optimum[y] * math.log(optimum[y] / sft[y]) for y in sft)
+    counts = {}
+    for g in generations:
+        words = tuple(g.response.split())
+        counts[words] = counts.get(words, 0) + 1
+    matches = all(abs(counts.get(y, 0) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 0.02 for y, p in optimum.items())
+    assert matches == (value == "soft"), counts
+    if value == "mean":
+        return
+    assert set(counts) <= set(optimum)
+    rewards = [reward[tuple(g.response.split())] for g in generations]
+    mean = sum(rewards) / n
+    se = (sum((r - mean) ** 2 for r in rewards) / (n - 1) / n) ** 0.5
+    assert abs(mean - expected) < 4 * se + 0.01
+    # the recorded log-probs give KL(decoder || pi_sft) per response, which is KL(rho* || pi_sft) here
+    per_response = [sum(g.policy_logprobs) - sum(g.sft_logprobs) for g in generations]
+    kl_mean = sum(per_response) / n
+    kl_se = (sum((v - kl_mean) ** 2 for v in per_response) / (n - 1) / n) ** 0.5
+    assert abs(kl_mean - kl) < 4 * kl_se + 0.02
+
+
+def test_soft_value_is_the_log_mean_exp_and_is_refused_where_undefined():
+    import torch
+
+    from tqstar.decoding.values import soft_q
+    from tqstar.errors import ConfigError
+
+    rewards = torch.tensor([[[1.0, 0.0, -1.0]]], dtype=torch.float64)
+    expected = 0.5 * math.log((math.exp(2) + 1 + math.exp(-2)) / 3)
+    assert soft_q(rewards, 0.5).item() == pytest.approx(expected)
+    assert soft_q(torch.tensor([[[1000.0, 999.0]]], dtype=torch.float64), 0.01).item() == pytest.approx(
+        1000 + 0.01 * math.log((1 + math.exp(-100)) / 2)
+    )
+    with pytest.raises(ConfigError, match="decoder.value=soft needs rollouts"):
+        DecoderSettings(method="args", value="soft")
+    with pytest.raises(ConfigError, match="transfer=indirect"):
+        DecoderSettings(method="tqstar", value="soft", transfer="indirect")

@@ -75,6 +75,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 METHOD_NAMES = tuple(METHODS)
 SELECTIONS = ("greedy", "sample")
+VALUES = ("mean", "soft")  # how rollout rewards become Q: their mean, or the soft value beta log mean e^{r/beta}
 TRANSFERS = ("direct", "indirect")
 
 

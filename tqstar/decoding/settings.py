@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..methods import METHOD_NAMES, SELECTIONS, TRANSFERS, MethodSpec, spec
+from ..methods import METHOD_NAMES, SELECTIONS, TRANSFERS, VALUES, MethodSpec, spec
 
 # Nested config blocks flattened into fields: decoder.rollout.num -> rollout_num.
 NESTED = ("rollout",)
 _INTEGERS = ("top_k", "max_new_tokens", "batch_size", "max_batch_rows", "n", "rollout_max_new_tokens", "rollout_num")
-_POSITIVE = ("temperature", "rollout_temperature", "beta_bl")
+_POSITIVE = ("temperature", "rollout_temperature", "beta_bl", "beta")
 
 
 def config_key(name: str) -> str:
@@ -43,6 +43,8 @@ class DecoderSettings:
     transfer: str = "direct"  # tqstar: direct | indirect
     beta_bl: float = 2.0
     self_normalize: bool = False
+    value: str = "mean"  # rollout methods: Q = mean rollout reward | soft: beta * log mean exp(r / beta)
+    beta: float = 1.0  # value=soft: the KL coefficient of the target optimum rho*_beta (sample with alpha = 1/beta)
     n: int = 8  # best_of_n samples
     rollout_max_new_tokens: int = 20
     rollout_num: int = 1
@@ -58,6 +60,7 @@ class DecoderSettings:
             ("selection", SELECTIONS),
             ("rollout_selection", SELECTIONS),
             ("transfer", TRANSFERS),
+            ("value", VALUES),
         ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed; {did_you_mean(getattr(self, key), allowed)}")
@@ -84,6 +87,12 @@ class DecoderSettings:
                 f"continuation {self.rollout_num} times (same Q, {self.rollout_num}x the cost); "
                 "use decoder.rollout.selection=sample, or decoder.rollout.num=1"
             )
+        if self.value == "soft" and not self.spec.uses_rollouts:
+            raise ConfigError(
+                f"decoder.value=soft needs rollouts, and decoder.method={self.method!r} has none; use decoder=cd (SFT rollouts) or tqstar"
+            )
+        if self.value == "soft" and self.needs_baseline_reward:
+            raise ConfigError("decoder.value=soft with decoder.transfer=indirect is not defined here; use transfer=direct, or value=mean")
         if self.self_normalize and self.needs_baseline_reward and self.rollout_num == 1:
             raise ConfigError(
                 "decoder.self_normalize=true with decoder.rollout.num=1: sum(w r) / sum(w) over one rollout is r "

@@ -11,6 +11,10 @@ reference oracle shares.
 - transfer (TQ*): rollout_mean for direct transfer; for indirect transfer the importance-weighted
   mean with w_ij = exp((r_ij - r_bl_ij) / beta_bl): mean_j(w r), or sum_j w r / sum_j w when
   self-normalised.
+- decoder.value=soft (any rollout method): the soft value V_i = beta log mean_j exp(r_ij / beta), the
+  log-mean-exp of the rollout rewards. With SFT rollouts, alpha = 1/beta and sampled selection, the
+  decoder draws from rho*_beta(z | s) ∝ pi_sft(z | s) E[e^{r/beta} | s, z] up to the top-k cut and
+  Monte-Carlo error: the exact optimum of the KL-regularised objective (experiment=synthetic_optimal).
 """
 
 from __future__ import annotations
@@ -60,8 +64,16 @@ def importance_q(rewards: torch.Tensor, baseline_rewards: torch.Tensor, beta_bl:
     return (weights * rewards).mean(-1)
 
 
+def soft_q(rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, k, n) -> (B, k): beta * log mean_j exp(r_j / beta), computed stably (logsumexp)."""
+    n = rewards.shape[-1]
+    return beta * (torch.logsumexp(rewards / beta, dim=-1) - torch.log(torch.tensor(float(n), dtype=rewards.dtype)))
+
+
 def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_rewards: torch.Tensor | None) -> torch.Tensor:
     """Q (B, k) from (B, k, n) rollout rewards, by the method's estimator."""
+    if settings.value == "soft":
+        return soft_q(rewards, settings.beta)
     if settings.spec.value == "transfer" and settings.transfer == "indirect":
         return importance_q(rewards, baseline_rewards, settings.beta_bl, settings.self_normalize)
     return mean_q(rewards)
