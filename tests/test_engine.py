@@ -332,3 +332,44 @@ def test_tqstar_with_the_sft_model_as_baseline_is_cd(rollout_selection, sft_mode
     cd = make_decoder(sft_model, tokenizer, method="cd", **knobs).decode(PROMPTS)
     assert [g.token_ids for g in tqstar] == [g.token_ids for g in cd]
     assert [[step["q"] for step in g.trace] for g in tqstar] == [[step["q"] for step in g.trace] for g in cd]
+
+
+def never_ending_toy(tokenizer):
+    """'the' (p .6) or 'a' (p .3) after every token, never EOS: rollouts always run their full length."""
+    ids = tokenizer.convert_tokens_to_ids
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    return ToyLM(vocab_size, {}, default={ids("the"): 0.6, ids("a"): 0.3})
+
+
+@pytest.mark.parametrize(
+    "method,expected",
+    [
+        # one prompt of P tokens, k=2, L=3, two response tokens (the second step feeds nothing: it is the last)
+        ("sft", lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 0}),
+        ("baseline", lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": P + 1, "rollout_tokens": 0, "reward_calls": 0}),
+        ("args", lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 2 + 2}),
+        # cd rolls out the SFT model from the proposer's own cache: 2 candidates x 3 tokens per step, in sft's count
+        ("cd", lambda P: {"sft_forward_tokens": P + 1 + 2 * 6, "baseline_forward_tokens": 0, "rollout_tokens": 12, "reward_calls": 4}),
+        (
+            "tqstar",
+            lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": P + 1 + 2 * 6, "rollout_tokens": 12, "reward_calls": 4},
+        ),
+        # best-of-2: two sampled responses of two tokens each (P + 1 fed each), both ranked by the reward
+        ("best_of_n", lambda P: {"sft_forward_tokens": 2 * (P + 1), "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 2}),
+    ],
+)
+def test_costs_match_a_hand_count_and_add_up(method, expected, tokenizer):
+    toy, other = never_ending_toy(tokenizer), never_ending_toy(tokenizer)  # two objects: separate caches
+    prompt = f"{HUMAN} hotel{ASSISTANT}"
+    P = len(tokenizer(prompt)["input_ids"])
+    settings = DecoderSettings(method=method, top_k=2, rollout_max_new_tokens=3, max_new_tokens=2, n=2)
+    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=other, settings=settings)
+    (generation,) = decoder.decode([prompt])
+    assert generation.num_tokens == 2
+    want = {**expected(P), "reward_tokens": 0}  # a Python reward reads no tokens
+    assert generation.cost == want
+    assert decoder.counters == want  # one prompt: the run's counters are its cost
+    # several prompts in one batch: the per-response costs add up to the counters
+    batch = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=other, settings=settings)
+    generations = batch.decode([prompt, f"{HUMAN} the movie was bad{ASSISTANT}", prompt])
+    assert {k: sum(g.cost[k] for g in generations) for k in want} == batch.counters

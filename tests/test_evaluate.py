@@ -392,3 +392,48 @@ def test_runs_without_a_trace_show_no_trace_columns(tmp_path, hydra_clean):
     assert df["q_spread"].isna().all() and df["optimism_gap"].isna().all()
     header = (run / "comparison" / "comparison.md").read_text().splitlines()[2]
     assert "Q spread" not in header and "optimism" not in header
+
+
+def test_paired_differences_and_gold_reward_against_the_reference(runs, hydra_clean):
+    """Δ reward vs the reference is the mean of per-prompt differences (hand computation); a gold reward
+    given as a callable scores every run in its own columns."""
+    from typer.testing import CliRunner
+
+    from tqstar.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(runs["sft"]),
+            str(runs["tqstar"]),
+            "--reference",
+            str(runs["sft"]),
+            "--gold-reward",
+            "zero",
+            *[arg for o in NO_COHERENCE for arg in ("-s", o)],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    tq = read_metrics(runs["tqstar"])["metrics"]
+    good, bad = ([vader_compound([cut(r)])[0] for r in side] for side in (GOOD, BAD))
+    differences = [g - b for g, b in zip(good, bad)]
+    mean = sum(differences) / 4
+    assert tq["reward_diff_vs_reference"] == pytest.approx(mean)
+    assert tq["reward_diff_vs_reference_stderr"] == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in differences) / 3 / 4))
+    assert tq["gold_reward_mean"] == 0.0 and tq["gold_reward_diff_vs_reference"] == 0.0  # the zero reward as gold
+    assert read_metrics(runs["tqstar"])["settings"]["gold_reward"] == "tqstar.rewards.base:zero_reward"
+    lo, hi = tq["win_rate_ci"]
+    assert lo == hi == 100.0  # every prompt a win: every resample is too
+
+
+def test_cost_columns_come_from_the_rows(runs, hydra_clean):
+    path = runs["tqstar"]
+    rows = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["cost"] = {"sft_forward_tokens": 10 * (i + 1), "baseline_forward_tokens": 100, "flops": 1e6 * (i + 1)}
+    (path / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate_runs([path], overrides=NO_COHERENCE)
+    m = read_metrics(path)["metrics"]
+    assert m["forward_tokens_per_response"] == pytest.approx((10 + 20 + 30 + 40) / 4 + 100)
+    assert m["flops_per_response"] == pytest.approx(2.5e6)

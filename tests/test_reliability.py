@@ -214,3 +214,22 @@ def test_fuzz_prompts_round_trip_through_decode_and_write(text, tokenizer, sft_m
     row = {"prompt_id": "x", "prompt": prompt, "response": generation.response, "token_ids": generation.token_ids}
     run.append(row)
     assert run.read_rows() == [row]
+
+
+def test_response_costs_add_up_to_the_run_counters(setup, hydra_clean):
+    """Every row records its cost; the run's counters are their sums; FLOPs = 2 x parameters x tokens."""
+    from tqstar.config import compose
+    from tqstar.decode import run_decode
+
+    tmp_path, overrides = setup
+    result = run_decode(compose([*overrides, "dataset.limit=5"]))
+    status = result.run.status()
+    counters, sizes = status["counters"], status["parameters"]
+    assert sizes["sft"] > 0 and sizes["baseline"] > 0 and sizes["reward"] == 0  # VADER is no network
+    assert "0 FLOPs" in status["flops_note"]
+    for key in ("sft_forward_tokens", "baseline_forward_tokens", "rollout_tokens", "reward_calls", "reward_tokens", "flops"):
+        assert counters[key] == sum(row["cost"][key] for row in result.rows), key
+    for row in result.rows:
+        cost = row["cost"]
+        assert cost["flops"] == 2 * (sizes["sft"] * cost["sft_forward_tokens"] + sizes["baseline"] * cost["baseline_forward_tokens"])
+        assert cost["rollout_tokens"] > 0 and cost["reward_calls"] > row["num_tokens"]  # k candidates a step, plus the final score

@@ -217,6 +217,9 @@ def evaluate(
     comparison_dir: Optional[str] = typer.Option(
         None, "--comparison-dir", "-o", help="Where the table and plots go (default: <common parent of the runs>/comparison)"
     ),
+    gold_reward: Optional[str] = typer.Option(
+        None, "--gold-reward", "-g", help="Also score every run with this reward config (vader, hf, a callable...): gold columns"
+    ),
 ) -> None:
     """Reward, diversity, coherence, KL and win-tie for run folders; one comparison table.
 
@@ -226,7 +229,8 @@ def evaluate(
     def body():
         from .evaluate import evaluate_runs
 
-        evaluate_runs(runs, overrides=list(overrides or []), reference=reference, console=_console(), comparison_dir=comparison_dir)
+        gold = [f"reward@gold_reward={gold_reward}"] if gold_reward else []
+        evaluate_runs(runs, overrides=gold + list(overrides or []), reference=reference, console=_console(), comparison_dir=comparison_dir)
 
     _guarded(body)
 

@@ -119,6 +119,35 @@ def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
     return decoder, models["sft"]
 
 
+FLOPS_NOTE = (
+    "flops = 2 x parameters x tokens for each model that reads them (forward passes only): SFT and baseline "
+    "forward tokens (rollouts included) and reward-model tokens; a reward that is not a network (VADER, a Python "
+    "function) counts 0 FLOPs"
+)
+
+
+def model_sizes(decoder) -> dict:
+    """Parameter counts behind the FLOPs estimate: {'sft', 'baseline', 'reward'} (0 for a reward that is no network)."""
+
+    def count(model) -> int:
+        return sum(p.numel() for p in model.parameters()) if model is not None else 0
+
+    return {"sft": count(decoder.sft), "baseline": count(decoder.baseline), "reward": int(decoder.reward.num_parameters)}
+
+
+def response_cost(engine_cost: dict, final_reward_tokens: int, sizes: dict) -> dict:
+    """A response's cost: the engine's counts plus the final scoring of the response, and its FLOPs."""
+    cost = dict(engine_cost)
+    cost["reward_calls"] = cost.get("reward_calls", 0) + 1
+    cost["reward_tokens"] = cost.get("reward_tokens", 0) + int(final_reward_tokens)
+    cost["flops"] = 2 * (
+        sizes["sft"] * cost.get("sft_forward_tokens", 0)
+        + sizes["baseline"] * cost.get("baseline_forward_tokens", 0)
+        + sizes["reward"] * cost["reward_tokens"]
+    )
+    return cost
+
+
 def _format(prompt: str, sft) -> str:
     from .models import format_prompt
 
@@ -153,18 +182,22 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
             run.update_status(device=str(sft.device))
             todo = [(prompt.index, prompt) for prompt in prompt_set.prompts if prompt.id not in done]
             counters = dict(previous.get("counters") or {})
-            run.update_status(num_prompts=len(prompt_set), skipped=prompt_set.skipped, dataset=prompt_set.source)
+            sizes = model_sizes(decoder)
+            run.update_status(
+                num_prompts=len(prompt_set), skipped=prompt_set.skipped, dataset=prompt_set.source, parameters=sizes, flops_note=FLOPS_NOTE
+            )
             task = progress.add_task("decoding", total=len(prompt_set), completed=len(prompt_set) - len(todo)) if progress else None
             new_rows = 0
             batch = int(cfg.decoder.batch_size)
             for start in range(0, len(todo), batch):
                 chunk = todo[start : start + batch]
                 texts = [_format(p.text, sft) for _, p in chunk]
-                before = dict(decoder.counters)
                 raw = [p.text for _, p in chunk]  # the reward sees the prompt as written, the models the formatted one
                 generations = decoder.decode(texts, [index for index, _ in chunk], reward_prompts=raw)
                 rewards = decoder.reward(raw, [g.response for g in generations])
-                for (index, prompt), generation, reward in zip(chunk, generations, rewards):
+                final_tokens = decoder.reward.last_tokens if decoder.reward.num_parameters else None
+                for number, ((index, prompt), generation, reward) in enumerate(zip(chunk, generations, rewards)):
+                    cost = response_cost(generation.cost, final_tokens[number] if final_tokens else 0, sizes)
                     row = {
                         "index": index,
                         "prompt_id": prompt.id,
@@ -179,6 +212,7 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                         "policy_logprobs": None
                         if generation.policy_logprobs is None
                         else [round(v, 6) for v in generation.policy_logprobs],
+                        "cost": cost,
                     }
                     if generation.extra:
                         row.update(generation.extra)
@@ -187,9 +221,8 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                     run.append(row)
                     rows.append(row)
                     new_rows += 1
-                for key, value in decoder.counters.items():
-                    counters[key] = counters.get(key, 0) + value - before.get(key, 0)
-                counters["reward_calls"] = counters.get("reward_calls", 0) + len(rewards)
+                    for key, value in cost.items():  # the run's counters are the sum of its responses' costs
+                        counters[key] = counters.get(key, 0) + value
                 run.update_status(counters=counters, rows=len(rows))
                 if task is not None:
                     progress.advance(task, len(chunk))

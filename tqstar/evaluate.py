@@ -37,7 +37,7 @@ from .embedder import Embedder, coherence
 from .errors import ConfigError
 from .judge import LLMJudge
 from .methods import METHODS
-from .metrics import best_of_n_kl, diversity_scores, kl_estimate, sft_logprob_per_token, win_tie
+from .metrics import best_of_n_kl, bootstrap_rates, diversity_scores, kl_estimate, paired_difference, sft_logprob_per_token, win_tie
 from .report import print_table, table_rows, to_frame, write_markdown, write_plots
 from .rewards.base import cut_at_stop
 from .runs import CONFIG, GENERATIONS, METRICS, RunFolder, find_runs, write_json_atomic
@@ -275,6 +275,13 @@ def trace_diagnostics(row: dict) -> tuple[float | None, float | None]:
     return mean_or_none(spreads), mean_or_none(gaps)
 
 
+def _forward_tokens(cost: dict | None) -> int | None:
+    """Tokens the policy models read for a response (SFT and baseline, rollouts included)."""
+    if not cost:
+        return None
+    return int(cost.get("sft_forward_tokens", 0)) + int(cost.get("baseline_forward_tokens", 0))
+
+
 def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embedder | None) -> None:
     """Per-prompt values and aggregates of one run (no files written here)."""
     stops = _stop_strings(ecfg, run)
@@ -287,13 +294,17 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     reward_values = rewards.score(reward_cfg, prompts, responses)
     baseline_cfg = _reward_cfg(ecfg, run, "baseline_reward")
     baseline_values = rewards.score(baseline_cfg, prompts, responses) if baseline_cfg is not None else [None] * len(prompts)
+    gold_cfg = ecfg.get("gold_reward")  # a judge other than the guide: every run is scored by it too
+    gold_values = rewards.score(gold_cfg, prompts, responses) if gold_cfg is not None else [None] * len(prompts)
     # ARGS scores an empty response as " ": same diversity, and the embedder gets a real input.
     texts = [response if response else " " for response in responses]
     coherence_values = coherence(prompts, texts, embedder) if embedder is not None else [None] * len(prompts)
     kl_kind = _kl_kind(run)
 
     per_prompt = []
-    for row, response, reward, baseline, coherent in zip(run.rows, responses, reward_values, baseline_values, coherence_values):
+    for row, response, reward, baseline, gold, coherent in zip(
+        run.rows, responses, reward_values, baseline_values, gold_values, coherence_values
+    ):
         kl = kl_estimate(row.get("policy_logprobs"), row.get("sft_logprobs")) if kl_kind == "logprobs" else None
         q_spread, optimism_gap = trace_diagnostics(row)
         per_prompt.append(
@@ -302,6 +313,7 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
                 "prompt_id": row["prompt_id"],
                 "reward": reward,
                 "baseline_reward": baseline,
+                "gold_reward": gold,
                 **diversity_scores(response),
                 "coherence": coherent,
                 "sft_logprob_per_token": sft_logprob_per_token(row.get("sft_logprobs")),
@@ -311,6 +323,9 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
                 "num_tokens": row.get("num_tokens"),
                 "num_chars": len(response),
                 "seconds": row.get("seconds"),
+                # cost of the response (decode's per-row record; runs decoded before it have none)
+                "flops": (row.get("cost") or {}).get("flops"),
+                "forward_tokens": _forward_tokens(row.get("cost")),
             }
         )
     run.per_prompt = per_prompt
@@ -318,6 +333,7 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     column = lambda key: [p[key] for p in per_prompt]  # noqa: E731
     reward_mean, reward_stderr = mean_and_stderr(column("reward"))
     baseline_mean, baseline_stderr = mean_and_stderr(column("baseline_reward"))
+    gold_mean, gold_stderr = mean_and_stderr(column("gold_reward"))
     coherence_mean, coherence_stderr = mean_and_stderr(column("coherence"))
     logprob_mean, logprob_stderr = mean_and_stderr(column("sft_logprob_per_token"))
     kl_mean, kl_stderr = mean_and_stderr(column("kl"))
@@ -335,6 +351,8 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "reward_stderr": reward_stderr,
         "baseline_reward_mean": baseline_mean,
         "baseline_reward_stderr": baseline_stderr,
+        "gold_reward_mean": gold_mean,
+        "gold_reward_stderr": gold_stderr,
         **{key: mean_or_none(column(key)) for key in ("rep_2", "rep_3", "rep_4", "diversity")},
         "coherence": coherence_mean,
         "coherence_stderr": coherence_stderr,
@@ -355,11 +373,14 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "decode_seconds": (run.status.get("timings") or {}).get("decode_seconds"),
         **{key: counters.get(key) for key in ("sft_forward_tokens", "baseline_forward_tokens", "rollout_tokens", "reward_calls")},
         "rollout_tokens_per_response": (counters["rollout_tokens"] / n) if counters.get("rollout_tokens") is not None and n else None,
+        "forward_tokens_per_response": mean_or_none(column("forward_tokens")),
+        "flops_per_response": mean_or_none(column("flops")),
     }
     run.settings = {
         "reward": rewards.describe(reward_cfg),
         "reward_config": OmegaConf.to_container(reward_cfg, resolve=True),
         "baseline_reward": rewards.describe(baseline_cfg) if baseline_cfg is not None else None,
+        "gold_reward": rewards.describe(gold_cfg) if gold_cfg is not None else None,
         "stop_strings": stops,
         "diversity": DIVERSITY_CONVENTION,
         "coherence_model": embedder.name if embedder is not None else None,
@@ -412,10 +433,19 @@ def compare_to_reference(runs: list[Run], reference: Run, ecfg: DictConfig, rewa
         else:  # one judge for both sides: the reference's reward scores this run's responses too
             values = rewards.score(reference_cfg, [run.rows[i]["prompt"] for i, _ in pairs], [run.responses[i] for i, _ in pairs])
         result = win_tie(values, ref_values, margin)
-        for (i, _), outcome in zip(pairs, result.pop("outcomes")):
+        outcomes = result.pop("outcomes")
+        for (i, _), outcome in zip(pairs, outcomes):
             run.per_prompt[i]["win_vs_reference"] = outcome
         run.metrics.update({key: result[key] for key in ("win_rate", "tie_rate", "lose_rate", "win_tie_rate")})
+        run.metrics.update(bootstrap_rates(outcomes, seed=int(ecfg.win_tie.bootstrap_seed), n_boot=int(ecfg.win_tie.bootstrap)))
         run.metrics["win_tie_n"] = result["n"]
+        diff, diff_se = paired_difference(values, ref_values)
+        run.metrics["reward_diff_vs_reference"], run.metrics["reward_diff_vs_reference_stderr"] = diff, diff_se
+        if run.metrics.get("gold_reward_mean") is not None:
+            gold = paired_difference(
+                [run.per_prompt[i]["gold_reward"] for i, _ in pairs], [reference.per_prompt[j]["gold_reward"] for _, j in pairs]
+            )
+            run.metrics["gold_reward_diff_vs_reference"], run.metrics["gold_reward_diff_vs_reference_stderr"] = gold
         run.settings["win_tie"] = {"reference": str(reference.path), "by": RewardBank.describe(reference_cfg), "margin": margin}
         if judge is not None:
             _judge_run(run, reference, pairs, judge, ecfg)

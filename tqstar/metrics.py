@@ -20,6 +20,8 @@ import math
 import re
 from typing import Any, Sequence
 
+from .stats import mean_and_stderr
+
 # ---------------------------------------------------------------------------------------------
 # Word tokenizer: an offline port of nltk.word_tokenize (nltk 3.10; Apache 2.0)
 # ---------------------------------------------------------------------------------------------
@@ -253,3 +255,28 @@ def win_tie(values: Sequence[float], reference: Sequence[float], margin: float =
         "win_tie_rate": rate(wins + ties),
         "outcomes": outcomes,
     }
+
+
+def bootstrap_rates(outcomes: Sequence[int], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals (in percent) of the win, tie and lose rates of paired outcomes
+    (+1 / 0 / -1), resampling the prompts with replacement: {'win_rate_ci': [lo, hi], ...}."""
+    import numpy as np
+
+    values = np.asarray(outcomes)
+    if values.size == 0:
+        return {f"{name}_ci": [None, None] for name in ("win_rate", "tie_rate", "lose_rate")}
+    rng = np.random.default_rng(seed)
+    samples = values[rng.integers(0, values.size, size=(n_boot, values.size))]
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for name, outcome in (("win_rate", 1), ("tie_rate", 0), ("lose_rate", -1)):
+        rates = 100.0 * (samples == outcome).mean(axis=1)
+        out[f"{name}_ci"] = [float(np.percentile(rates, tail)), float(np.percentile(rates, 100 - tail))]
+    return out
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of value - reference over paired prompts."""
+    if len(values) != len(reference):
+        raise ValueError(f"paired_difference needs paired values, got {len(values)} and {len(reference)}")
+    return mean_and_stderr([float(v) - float(r) for v, r in zip(values, reference)])

@@ -54,6 +54,8 @@ TABLE_COLUMNS = [  # (header, how to render a row)
     ("n", lambda r: f"{int(r['num_prompts'])}"),
     ("reward", lambda r: _pm(r.get("reward_mean"), r.get("reward_stderr"))),
     ("r_bl", lambda r: _pm(r.get("baseline_reward_mean"), r.get("baseline_reward_stderr"))),
+    ("gold", lambda r: _pm(r.get("gold_reward_mean"), r.get("gold_reward_stderr"))),
+    ("Δ reward vs ref", lambda r: _pm(r.get("reward_diff_vs_reference"), r.get("reward_diff_vs_reference_stderr"))),
     ("win/tie/lose %", lambda r: _wtl(r, "")),
     ("judge w/t/l %", lambda r: _wtl(r, "judge_")),
     ("diversity", lambda r: _num(r.get("diversity"), 3)),
@@ -67,6 +69,8 @@ TABLE_COLUMNS = [  # (header, how to render a row)
     ("chars", lambda r: _num(r.get("chars_mean"), 0)),
     ("s/resp", lambda r: _num(r.get("seconds_per_response"), 3)),
     ("tok/s", lambda r: _num(r.get("tokens_per_second"), 1)),
+    ("fwd tok/resp", lambda r: _num(r.get("forward_tokens_per_response"), 0)),
+    ("FLOPs/resp", lambda r: "–" if _missing(r.get("flops_per_response")) else f"{float(r['flops_per_response']):.2e}"),
 ]
 
 
@@ -108,7 +112,7 @@ def write_markdown(rows: list[list[str]], path: Path, title: str) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-DROP_FIRST = ("chars", "tok/s", "rep-2/3/4", "s/resp", "Q spread", "optimism", "r_bl", "tokens", "judge w/t/l %")  # on a narrow terminal
+DROP_FIRST = ("chars", "tok/s", "fwd tok/resp", "rep-2/3/4", "s/resp", "Q spread", "optimism", "r_bl", "tokens", "judge w/t/l %")  # on a narrow terminal
 
 
 def _natural_width(rows: list[list[str]]) -> int:

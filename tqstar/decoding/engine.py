@@ -43,6 +43,9 @@ class Generation:
     seconds: float = 0.0
     trace: list[dict] | None = None
     extra: dict = field(default_factory=dict)
+    # What this response cost: forward tokens per model role, rollout tokens, reward calls and tokens
+    # (COST_KEYS); a batch's shared passes are charged to the prompt each row belongs to.
+    cost: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +65,9 @@ class Proposal:
 
     def logprob(self, pick: torch.Tensor) -> torch.Tensor:
         return self.logprobs.gather(1, pick[:, None]).squeeze(1)
+
+
+COST_KEYS = ("sft_forward_tokens", "baseline_forward_tokens", "rollout_tokens", "reward_calls", "reward_tokens")
 
 
 def _as_reward(reward: Any, stop_strings: Sequence[str]) -> Reward | None:
@@ -114,7 +120,7 @@ class Decoder:
             tokenizer.pad_token = tokenizer.eos_token
         self.stops = StopChecker(tokenizer, s.stop_strings)
         self.device = next(sft_model.parameters()).device
-        self.counters = {"sft_forward_tokens": 0, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 0}
+        self.counters = dict.fromkeys(COST_KEYS, 0)
         self.rollouts = RolloutRunner(s, self.stops, self.counters)
         self.estimate = ESTIMATORS[spec.value] if spec.value else None
 
@@ -187,9 +193,25 @@ class Decoder:
     def response_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def score(self, reward: Reward, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(
+        self,
+        reward: Reward,
+        prompts: list[str],
+        responses: list[str],
+        owners: Sequence[int] | None = None,
+        charge: Callable[[int, str, int], None] | None = None,
+    ) -> list[float]:
+        """reward(prompts, responses), counted: one call per pair (and the tokens a reward model read),
+        charged to `owners[i]` through `charge(owner, key, amount)` when given."""
         values = reward(prompts, responses)
+        tokens = reward.last_tokens if reward.num_parameters else None
         self.counters["reward_calls"] += len(values)
+        self.counters["reward_tokens"] += sum(tokens) if tokens else 0
+        if charge is not None:
+            for i, owner in enumerate(owners):
+                charge(owner, "reward_calls", 1)
+                if tokens:
+                    charge(owner, "reward_tokens", tokens[i])
         return values
 
     def count_forward(self, stream: KVStream, tokens: int) -> None:
@@ -228,12 +250,17 @@ class Decoder:
             samples += self._token_loop(
                 repeated[window], sample_indices[window], repeated_reward_prompts[window], selection="sample", temperature=s.temperature
             )
-        rewards = self.score(self.reward, repeated_reward_prompts, [g.response for g in samples])
+
+        def charge(owner: int, key: str, amount: int) -> None:
+            samples[owner].cost[key] = samples[owner].cost.get(key, 0) + amount
+
+        rewards = self.score(self.reward, repeated_reward_prompts, [g.response for g in samples], range(len(samples)), charge)
         results = []
         for b in range(len(prompts)):
             group = list(range(b * s.n, (b + 1) * s.n))
             best = max(group, key=lambda i: (rewards[i], -i))
             chosen = samples[best]
+            chosen.cost = {key: sum(samples[i].cost.get(key, 0) for i in group) for key in COST_KEYS}  # all n samples
             chosen.extra = {"best_of_n_rewards": [rewards[i] for i in group], "best_of_n_chosen": best - group[0]}
             results.append(chosen)
         return results
@@ -251,14 +278,17 @@ class _Batch:
         encoded = d.tokenizer(prompts, return_tensors="pt", padding=True)
         input_ids, mask = encoded["input_ids"].to(d.device), encoded["attention_mask"].to(d.device)
         proposer = d.model(spec.proposer)
+        self.cost: list[dict] = [dict.fromkeys(COST_KEYS, 0) for _ in prompts]
+        self.active = list(range(len(prompts)))
+        prompt_tokens = mask.sum(-1).tolist()
         self.stream = KVStream.prefill(proposer, input_ids, mask, role=spec.proposer)
-        d.count_forward(self.stream, self.stream.tokens_fed)
+        self._count_prefill(self.stream, prompt_tokens)
         # Rows record log pi_sft of every chosen token; when another model proposes (decoder=baseline),
         # the SFT model follows along one token per step to score them.
         self.sft_stream = None
         if proposer is not d.sft:
             self.sft_stream = KVStream.prefill(d.sft, input_ids, mask, role="sft")
-            d.count_forward(self.sft_stream, self.sft_stream.tokens_fed)
+            self._count_prefill(self.sft_stream, prompt_tokens)
         self.rollout_stream = None
         if spec.rollout is not None:
             # One model object as SFT and baseline (e.g. a preset that shares a checkpoint) shares one cache.
@@ -267,14 +297,22 @@ class _Batch:
                 self.rollout_stream = self.stream
             else:
                 self.rollout_stream = KVStream.prefill(rollout_model, input_ids, mask, role=spec.rollout)
-                d.count_forward(self.rollout_stream, self.rollout_stream.tokens_fed)
+                self._count_prefill(self.rollout_stream, prompt_tokens)
         self._generators = [torch.Generator().manual_seed(s.seed * 1_000_003 + index) for index in indices]
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.sft_logprobs: list[list[float]] = [[] for _ in prompts]
         self.policy_logprobs: list[list[float]] = [[] for _ in prompts]
         self.traces: list[list[dict]] = [[] for _ in prompts]
         self.stop_reason = ["max_new_tokens"] * len(prompts)
-        self.active = list(range(len(prompts)))
+
+    def _count_prefill(self, stream: KVStream, prompt_tokens: list[int]) -> None:
+        self.decoder.count_forward(stream, stream.tokens_fed)
+        for i, tokens in enumerate(prompt_tokens):
+            self.cost[i][f"{stream.role}_forward_tokens"] += int(tokens)
+
+    def charge(self, row: int, key: str, amount: int) -> None:
+        """Add to the cost of the prompt in active row `row`."""
+        self.cost[self.active[row]][key] += amount
 
     def generators(self) -> list[torch.Generator]:
         return [self._generators[i] for i in self.active]
@@ -298,9 +336,11 @@ class _Batch:
             prefixes=prefixes,
             candidates=candidates,
             text=d.response_text,
-            reward=lambda p, r: d.score(d.reward, p, r),
-            baseline_reward=(lambda p, r: d.score(d.baseline_reward, p, r)) if d.baseline_reward is not None else None,
-            rollouts=lambda: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t),
+            reward=lambda p, r, owners: d.score(d.reward, p, r, owners, self.charge),
+            baseline_reward=(lambda p, r, owners: d.score(d.baseline_reward, p, r, owners, self.charge))
+            if d.baseline_reward is not None
+            else None,
+            rollouts=lambda: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t, self.charge),
             device=proposal.ids.device,
         )
 
@@ -351,6 +391,8 @@ class _Batch:
         for stream in self._streams():
             stream.step(chosen)
             d.count_forward(stream, len(self.active))
+            for row in range(len(self.active)):
+                self.charge(row, f"{stream.role}_forward_tokens", 1)
         return True
 
     def _streams(self) -> list[KVStream]:
@@ -374,6 +416,7 @@ class _Batch:
                     policy_logprobs=self.policy_logprobs[i] if (keep_policy or self.sft_stream is not None) else None,
                     stop_reason=self.stop_reason[i],
                     trace=self.traces[i] if s.trace else None,
+                    cost=self.cost[i],
                 )
             )
         return results

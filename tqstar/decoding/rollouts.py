@@ -28,8 +28,10 @@ class RolloutRunner:
         self.chunk_rows = settings.max_batch_rows  # halved on out-of-memory, then kept
         self.oom_retries = 0
 
-    def run(self, parent: KVStream, prefixes, candidates, indices, t) -> list[list[int]]:
-        """Continue [prefix, z_i] for rollout.max_new_tokens tokens, rollout.num times per candidate."""
+    def run(self, parent: KVStream, prefixes, candidates, indices, t, charge=None) -> list[list[int]]:
+        """Continue [prefix, z_i] for rollout.max_new_tokens tokens, rollout.num times per candidate.
+        `charge(b, key, amount)` (optional) receives each prompt row's rollout and forward tokens."""
+        self.charge = charge or (lambda b, key, amount: None)
         s = self.settings
         B, k, n, L = len(candidates), len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
         total = B * k * n
@@ -80,9 +82,12 @@ class RolloutRunner:
         # cache, which costs more than carrying a few finished rows for the remaining steps.
         members, done = alive, [False] * len(alive)
         fed = generated = 0
+        forward_key = f"{s.spec.rollout}_forward_tokens"
         for step in range(L):
             logits = stream.step(current)
             fed += len(members)
+            for row in members:  # carried finished rows are fed too: they cost a forward like any other
+                self.charge(row // (k * n), forward_key, 1)
             if noise is None:
                 nxt = logits.argmax(-1)
             else:
@@ -94,6 +99,7 @@ class RolloutRunner:
                 continuations[row].append(token)
                 tails[row].append(token)
                 generated += 1
+                self.charge(row // (k * n), "rollout_tokens", 1)
                 done[position] = self.stops.is_eos(token) or self.stops.hits_stop(tails[row])
             finished = sum(done)
             if step == L - 1 or finished == len(members):

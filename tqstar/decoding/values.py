@@ -34,8 +34,10 @@ class ValueContext:
     prefixes: list[list[int]]  # accepted response ids of each active row
     candidates: list[list[int]]  # (B, k) candidate ids
     text: Callable[[list[int]], str]  # response ids -> text
-    reward: Callable[[list[str], list[str]], list[float]]  # the target reward r (counted by the engine)
-    baseline_reward: Callable[[list[str], list[str]], list[float]] | None  # r_bl (indirect transfer)
+    reward: Callable[
+        [list[str], list[str], list[int]], list[float]
+    ]  # r(prompts, responses, owners): owners[i] = row b of pair i, for costs
+    baseline_reward: Callable[[list[str], list[str], list[int]], list[float]] | None  # r_bl (indirect transfer), same signature
     rollouts: Callable[[], list[list[int]]]  # continuations of rows (b, i, j), in that order
     device: torch.device
 
@@ -84,9 +86,10 @@ def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_r
 
 def partial_reward(ctx: ValueContext):
     B, k = ctx.shape
-    prompts = [ctx.prompts[b] for b in range(B) for _ in range(k)]
+    owners = [b for b in range(B) for _ in range(k)]
+    prompts = [ctx.prompts[b] for b in owners]
     responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]]) for b in range(B) for i in range(k)]
-    rewards = ctx.reward(prompts, responses)
+    rewards = ctx.reward(prompts, responses, owners)
     return torch.tensor(rewards, dtype=torch.float32, device=ctx.device).view(B, k), None
 
 
@@ -95,18 +98,19 @@ def from_rollouts(ctx: ValueContext):
     s = ctx.settings
     (B, k), n = ctx.shape, s.rollout_num
     continuations = ctx.rollouts()
-    prompts = [ctx.prompts[b] for b in range(B) for _ in range(k * n)]
+    owners = [b for b in range(B) for _ in range(k * n)]
+    prompts = [ctx.prompts[b] for b in owners]
     responses = [
         ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j])
         for b in range(B)
         for i in range(k)
         for j in range(n)
     ]
-    rewards = torch.tensor(ctx.reward(prompts, responses), dtype=torch.float64).view(B, k, n)
+    rewards = torch.tensor(ctx.reward(prompts, responses, owners), dtype=torch.float64).view(B, k, n)
     details = {"rewards": rewards}
     baseline_rewards = None
     if s.needs_baseline_reward:
-        baseline_rewards = torch.tensor(ctx.baseline_reward(prompts, responses), dtype=torch.float64).view(B, k, n)
+        baseline_rewards = torch.tensor(ctx.baseline_reward(prompts, responses, owners), dtype=torch.float64).view(B, k, n)
         details.update(baseline_rewards=baseline_rewards, weights=importance_weights(rewards, baseline_rewards, s.beta_bl))
     values = q_from_rollouts(s, rewards, baseline_rewards)
     return values.to(torch.float32).to(ctx.device), details

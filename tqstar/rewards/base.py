@@ -26,10 +26,15 @@ class Reward:
 
     name = "reward"
 
+    # Parameters of the network that scores, for FLOPs estimates (2 x parameters x tokens); 0 for a
+    # reward that is not a network (a lexicon, a Python function): its compute is not counted.
+    num_parameters = 0
+
     def __init__(self, stop_strings: Sequence[str] = ()):
         self.stop_strings = list(stop_strings)
         self.calls = 0  # responses scored (one per pair), for run.json counters
         self.batches = 0
+        self.last_tokens: list[int] | None = None  # tokens the model read per pair in the last call (networks only)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         raise NotImplementedError

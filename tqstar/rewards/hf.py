@@ -57,6 +57,7 @@ class HFClassifierReward(Reward):
             raise ConfigError(f"reward.skip_value={skip_value!r} is not allowed: a finite number or null")
         self.template, self.batch_size, self.overflow = template, int(batch_size), overflow
         self.skip_value = None if skip_value is None else float(skip_value)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
         self.truncated = 0  # pairs scored on a left-truncated text
         self.skipped = 0  # pairs given skip_value instead of a score
         self.label_index = self._label_index(model.config, label, name)
@@ -117,6 +118,7 @@ class HFClassifierReward(Reward):
             else:
                 keep.append(i)
                 self.truncated += 1
+        self.last_tokens = [min(n, self.max_length) if (scores[i] is None) else 0 for i, n in enumerate(lengths)]
         device = next(self.model.parameters()).device
         for start in range(0, len(keep), self.batch_size):
             rows = keep[start : start + self.batch_size]
