@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_reliability import ROOT, write_prompts
 
-from tqstar.config import ConfigError, compose
+from tqstar.config import ConfigError, compose, group_options
 from tqstar.sweep import expand_grid, run_sweep, sweep_folder
 
 
@@ -187,3 +187,14 @@ def test_transfer_study_quick_end_to_end(full_build_cache, tmp_path, hydra_clean
     assert json.loads((folder / "sweep.json").read_text())["results"] and all(
         r["new_rows"] == 0 for r in json.loads((folder / "sweep.json").read_text())["results"]
     )
+
+
+@pytest.mark.parametrize("name", group_options("sweep"))
+def test_every_point_of_every_named_sweep_validates(name, tmp_path, hydra_clean):
+    from tqstar.sweep import expand_arms, load_named_sweep, point_config
+
+    named = load_named_sweep(name)
+    points = expand_arms(named.get("grid", []), named.get("arms"))
+    assert points
+    for _, point in points:
+        point_config(point, tmp_path / "sweeps" / name)

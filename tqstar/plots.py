@@ -92,9 +92,11 @@ def plot_frontier(
     title: str | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
+    logx: bool = False,
 ) -> Path:
     """One point per run: `y` against `x`, points of one `group` (method) joined in order of x and
-    each annotated with the values of `label_cols` (e.g. ["method", "alpha"] or ["label"])."""
+    each annotated with the values of `label_cols` (e.g. ["method", "alpha"] or ["label"]); `logx`
+    puts x on a log scale (compute budgets)."""
     plt = _pyplot()
     path = Path(path)
     records = [r for r in df.to_dict("records") if _finite(r.get(x)) and _finite(r.get(y))]
@@ -120,6 +122,8 @@ def plot_frontier(
             ax.annotate(text, (float(r[x]), float(r[y])), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel(xlabel or LABELS.get(x, x))
     ax.set_ylabel(ylabel or LABELS.get(y, y))
+    if logx:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     if records:
         ax.legend(title=group, fontsize=8, title_fontsize=8, loc="best")

@@ -112,7 +112,18 @@ def write_markdown(rows: list[list[str]], path: Path, title: str) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-DROP_FIRST = ("chars", "tok/s", "fwd tok/resp", "rep-2/3/4", "s/resp", "Q spread", "optimism", "r_bl", "tokens", "judge w/t/l %")  # on a narrow terminal
+DROP_FIRST = (
+    "chars",
+    "tok/s",
+    "fwd tok/resp",
+    "rep-2/3/4",
+    "s/resp",
+    "Q spread",
+    "optimism",
+    "r_bl",
+    "tokens",
+    "judge w/t/l %",
+)  # on a narrow terminal
 
 
 def _natural_width(rows: list[list[str]]) -> int:

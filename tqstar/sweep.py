@@ -223,7 +223,7 @@ def aggregate(folder: Path, points: list[list[str]], console=None, arms: dict[st
 
 
 SETTING_COLUMNS = ("arm", "baseline", "method", "transfer", "alpha", "top_k", "selection", "rollout_len", "rollout_num", "max_new_tokens")
-ACROSS_SEEDS = ("reward_mean", "kl", "diversity", "coherence", "sft_logprob_per_token", "seconds_per_response")
+ACROSS_SEEDS = ("reward_mean", "kl", "diversity", "coherence", "sft_logprob_per_token", "seconds_per_response", "flops_per_response")
 
 
 def across_seeds(table):
@@ -340,6 +340,24 @@ def plot_sweep(table, folder: Path) -> list[Path]:
                 + (" (mean ± s.e. over build seeds)" if "seeds" in table.columns else ""),
                 xlabel=xlabel,
                 ylabel="mean target reward",
+            )
+        )
+    if "flops_per_response" in table.columns and table["flops_per_response"].notna().any():
+        from .plots import plot_frontier
+
+        written.append(
+            plot_frontier(
+                table,
+                x="flops_per_response",
+                y=reward,
+                label_cols=[],
+                path=folder / "reward_vs_flops.png",
+                yerr=stderr,
+                group="curve",
+                title="reward against compute (2 x parameters x tokens per response)",
+                xlabel="FLOPs per response (log scale)",
+                ylabel="mean target reward",
+                logx=True,
             )
         )
     return written
