@@ -178,6 +178,7 @@ def _point_columns(cfg) -> dict[str, Any]:
         "transfer": str(d.transfer) if d.method == "tqstar" else "",
         "alpha": float(d.alpha),
         "top_k": int(d.top_k),
+        "n": int(d.n) if METHODS[str(d.method)].response_level else None,
         "selection": str(d.selection),
         "rollout_len": int(d.rollout.max_new_tokens),
         "rollout_num": int(d.rollout.num),
@@ -211,7 +212,8 @@ def aggregate(folder: Path, points: list[list[str]], console=None, arms: dict[st
     configs = pd.DataFrame(config_rows)
     metrics = metrics.copy()
     metrics["run"] = metrics["run"].astype(str)
-    table = configs.merge(metrics.drop(columns=[c for c in ("method", "alpha", "top_k") if c in metrics.columns]), on="run", how="left")
+    shared = [c for c in configs.columns if c in metrics.columns and c != "run"]  # the point's own columns win
+    table = configs.merge(metrics.drop(columns=shared), on="run", how="left")
     table.to_csv(folder / "results.csv", index=False)
     table.to_parquet(folder / "results.parquet", index=False)
     if table["seed"].nunique(dropna=True) > 1:
