@@ -61,6 +61,16 @@ def test_hash_ignores_placement_but_not_settings():
     assert config_hash(base) != config_hash(compose(["decoder.alpha=2"]))
 
 
+def test_synthetic_runs_hash_the_build_they_read(monkeypatch):
+    """A recipe change (a new build key) makes every synthetic run new; runs on other data keep their hash."""
+    synthetic, hh = compose([]), compose(["experiment=hh_pythia"])
+    before = config_hash(synthetic), config_hash(compose(["synthetic.seed=1"])), config_hash(hh)
+    assert before[0] != before[1]  # the seed names another build
+    monkeypatch.setattr("tqstar.synthetic.cache.VERSION", 999)
+    assert config_hash(synthetic) != before[0]
+    assert config_hash(hh) == before[2]
+
+
 @pytest.mark.parametrize("method", ["sft", "baseline", "best_of_n", "args", "cd", "tqstar"])
 def test_every_decoder_composes(method):
     assert validate(compose([f"decoder={method}"])).decoder.method == method

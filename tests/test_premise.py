@@ -55,6 +55,19 @@ def test_optimum_reward_and_kl_from_sft_samples_match_the_closed_form():
     assert abs(estimate["mean"] - kl) < 4 * estimate["se"] + 0.01
 
 
+def test_optimum_curve_matches_the_closed_form_and_rises_with_kl():
+    rng = random.Random(2)
+    sft = {y: p for y, p, _ in responses()}
+    by_prompt = [[REWARD[draw(rng, sft)] for _ in range(400)] for _ in range(30)]
+    curve = premise.optimum_curve(by_prompt, betas=(4.0, 1.0, 0.5))
+    assert [point["beta"] for point in curve] == [4.0, 1.0, 0.5]
+    for point in curve:
+        _, expected, kl = exact(point["beta"])
+        assert abs(point["reward"] - expected) < 4 * point["reward_se"] + 0.01
+        assert abs(point["kl"] - kl) < 4 * point["kl_se"] + 0.01
+    assert curve[0]["reward"] < curve[1]["reward"] < curve[2]["reward"] and curve[0]["kl"] < curve[1]["kl"] < curve[2]["kl"]
+
+
 def test_sample_kl_and_implied_slope_of_the_optimum_and_of_a_weaker_baseline():
     rng = random.Random(1)
     sft = {y: p for y, p, _ in responses()}

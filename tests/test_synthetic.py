@@ -163,21 +163,25 @@ def test_rewards_check_lengths():
 # ----------------------------------------------------------------------------- build helpers
 
 
-def test_weighted_rows_are_softmax_of_reward_over_beta_per_prompt():
+def test_resampled_rows_follow_softmax_of_reward_over_beta_per_prompt():
     prompts = ["p0", "p1"]
     samples = [
         {"prompt_index": 0, "response": "a", "finished": True, "r": 1.0},
         {"prompt_index": 0, "response": "b", "finished": True, "r": 0.0},
         {"prompt_index": 0, "response": "c", "finished": False, "r": 5.0},  # unfinished: left out
         {"prompt_index": 1, "response": "d", "finished": True, "r": 0.3},
-        {"prompt_index": 1, "response": "e", "finished": True, "r": -9.0},  # weight ~e^-18.6: dropped
+        {"prompt_index": 1, "response": "e", "finished": True, "r": -9.0},  # weight ~e^-18.6: never drawn
     ]
-    rows = distill.weighted_rows(prompts, samples, "r", beta=0.5, min_weight=1e-3)
+    rows = distill.resampled_rows(prompts, samples, "r", beta=0.5, draws=20000, seed=0)
     e = math.exp(2.0)
     assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "a"), ("p0", "b"), ("p1", "d")]
-    assert [r["weight"] for r in rows] == pytest.approx([e / (e + 1), 1 / (e + 1), 1.0])
-    flat = distill.weighted_rows(prompts, samples, "r", beta=1e6, min_weight=0.0)
-    assert [r["weight"] for r in flat] == pytest.approx([0.5, 0.5, 0.5, 0.5], abs=1e-4)  # beta -> inf: the SFT samples as they are
+    assert [r["weight"] for r in rows] == pytest.approx([e / (e + 1), 1 / (e + 1), 1.0], abs=0.01)  # 4 s.e. at 20000 draws
+    assert rows == distill.resampled_rows(prompts, samples, "r", beta=0.5, draws=20000, seed=0)  # seeded
+    few = distill.resampled_rows(prompts, samples, "r", beta=1e6, draws=3, seed=1)
+    for prompt in prompts:  # every prompt carries total weight one
+        assert sum(r["weight"] for r in few if r["prompt"] == prompt) == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match="no finished samples"):
+        distill.resampled_rows(prompts, [dict(s, finished=False) for s in samples], "r", beta=1.0, draws=4, seed=0)
 
 
 def test_weighted_training_masks_the_prompt_and_follows_the_weights(corpus_and_tokenizer):

@@ -231,10 +231,24 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+def uses_synthetic(data: dict) -> bool:
+    """Whether a (resolved, plain) config reads the synthetic task: its dataset or a ``synthetic:`` model."""
+    dataset = data.get("dataset") or {}
+    return dataset.get("name") == "synthetic" or '"synthetic:' in json.dumps(data, default=str)
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """8 hex digits identifying what a run generates (placement keys excluded)."""
+    """8 hex digits identifying what a run generates (placement keys excluded).
+
+    A config that reads the synthetic task also hashes the build's key (recipe version, seed,
+    parameters, library versions): ``synthetic:rho0.1`` names a different model after a recipe
+    change, and a finished run of the old build must not be taken for one of the new."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         data.pop(key, None)
+    if uses_synthetic(data):
+        from .synthetic.cache import task_dir
+
+        data["synthetic_build"] = task_dir(seed=int((data.get("synthetic") or {}).get("seed") or 0), cache_dir="/").name
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

@@ -39,32 +39,61 @@ def soft_weights(rewards: Sequence[float], beta: float) -> list[float]:
     return [w / total for w in raw]
 
 
+def _optimum_of_prompt(rewards: Sequence[float], beta: float) -> tuple[float, float, float]:
+    """One prompt's (E_{rho*}[r], KL(rho* || pi_sft), effective sample size) from its pi_sft samples' rewards."""
+    weights = soft_weights(rewards, beta)
+    expected = sum(w * r for w, r in zip(weights, rewards))
+    return expected, expected / beta - _log_mean_exp([r / beta for r in rewards]), 1.0 / sum(w * w for w in weights)
+
+
 def optimum_reward(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
     """(a) E_{rho*_beta}[r] from pi_sft samples: per-prompt self-normalised IS, then mean ± s.e. over prompts."""
-    per_prompt, ess = [], []
-    for rewards in rewards_by_prompt:
-        weights = soft_weights(rewards, beta)
-        per_prompt.append(sum(w * r for w, r in zip(weights, rewards)))
-        ess.append(1.0 / sum(w * w for w in weights))
-    mean, se = mean_and_stderr(per_prompt)
+    per_prompt = [_optimum_of_prompt(rewards, beta) for rewards in rewards_by_prompt]
+    mean, se = mean_and_stderr([p[0] for p in per_prompt])
     return {
         "mean": mean,
         "se": se,
         "prompts": len(per_prompt),
         "samples_per_prompt": _samples(rewards_by_prompt),
-        "effective_samples_mean": mean_and_stderr(ess)[0],
+        "effective_samples_mean": mean_and_stderr([p[2] for p in per_prompt])[0],
     }
 
 
 def optimum_kl(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
     """(b) KL(rho*_beta || pi_sft) per response: E_{rho*}[r]/beta - log E_{pi_sft}[e^{r/beta}], per prompt."""
-    per_prompt = []
-    for rewards in rewards_by_prompt:
-        weights = soft_weights(rewards, beta)
-        expected = sum(w * r for w, r in zip(weights, rewards))
-        per_prompt.append(expected / beta - _log_mean_exp([r / beta for r in rewards]))
-    mean, se = mean_and_stderr(per_prompt)
-    return {"mean": mean, "se": se, "prompts": len(per_prompt), "samples_per_prompt": _samples(rewards_by_prompt)}
+    mean, se = mean_and_stderr([_optimum_of_prompt(rewards, beta)[1] for rewards in rewards_by_prompt])
+    return {"mean": mean, "se": se, "prompts": len(rewards_by_prompt), "samples_per_prompt": _samples(rewards_by_prompt)}
+
+
+OPTIMUM_CURVE_BETAS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.025)
+
+
+def optimum_curve(rewards_by_prompt: Sequence[Sequence[float]], betas: Sequence[float] = OPTIMUM_CURVE_BETAS) -> list[dict]:
+    """The reward-KL frontier of rho*_beta over ``betas``: per beta, (a) and (b) from the same pi_sft samples,
+    with the per-prompt values (``reward_by_prompt``, ``kl_by_prompt``, in prompt order) so a run on a
+    subset of the prompts can be compared on the same prompts.
+
+    Nothing decoded from pi_sft can beat it: at its KL, rho*_beta has the highest expected reward
+    (it maximises E[r] - beta·KL). With M samples per prompt the KL estimate cannot exceed log M,
+    so points whose effective sample size nears 1 (small beta) understate both reward and KL."""
+    out = []
+    for beta in betas:
+        per_prompt = [_optimum_of_prompt(rewards, beta) for rewards in rewards_by_prompt]
+        reward, reward_se = mean_and_stderr([p[0] for p in per_prompt])
+        kl, kl_se = mean_and_stderr([p[1] for p in per_prompt])
+        out.append(
+            {
+                "beta": float(beta),
+                "reward": reward,
+                "reward_se": reward_se,
+                "kl": kl,
+                "kl_se": kl_se,
+                "effective_samples_mean": mean_and_stderr([p[2] for p in per_prompt])[0],
+                "reward_by_prompt": [p[0] for p in per_prompt],
+                "kl_by_prompt": [p[1] for p in per_prompt],
+            }
+        )
+    return out
 
 
 def sample_kl(

@@ -20,12 +20,14 @@ Recipe (v5, BuildParams):
      temperature 1 through tqstar.decoding.engine (row index prompt_index * samples_per_prompt + j, so
      draws do not depend on batching), scored by both rewards;
   5. training.py: for each beta of ``ladder_betas`` (target reward) and ``baseline_reward_beta`` (r_bl),
-     the SFT model fine-tuned by weighted maximum likelihood on those samples with per-prompt weights
-     softmax(r / beta): reward-weighted distillation, whose optimum is the importance-sampling
-     approximation of rho*_beta ∝ pi_sft · e^{r/beta} (so beta, not a step count, sets the strength);
+     the SFT model fine-tuned by weighted maximum likelihood on ``distill_draws`` rows per prompt
+     resampled from those samples by softmax(r / beta): reward-weighted distillation, whose optimum is
+     the importance-sampling approximation of rho*_beta ∝ pi_sft · e^{r/beta} (so beta, not a step
+     count, sets the strength);
   6. evaluation.py: greedy decoding of every model on the test prompts, and the premise checks of
      each baseline against rho*_beta (sampled reward vs importance-sampled E_{rho*}[r], KL vs
-     KL(rho* || pi_sft), implied-reward slope), written to the manifest's ``premise``.
+     KL(rho* || pi_sft), implied-reward slope), written to the manifest's ``premise``, with rho*_beta's
+     reward-KL curve over a grid of beta (``premise.sft.optimum_curve``).
 The manifest's ``seconds`` records each stage's time.
 
 Where a build lives, its cache key (recipe version, seed, parameters, library versions) and the
@@ -47,7 +49,7 @@ from typing import Callable, Iterator
 from ..files import write_jsonl
 from .cache import _versions, build_key, build_once, task_dir
 from .corpus import Dialogue, generate_corpus, generate_prompts, tokenizer_texts
-from .distill import sample_responses, weighted_rows
+from .distill import resampled_rows, sample_responses
 from .evaluation import evaluate_folder, premise_checks
 from .params import DEFAULT_BASELINE, STOP_STRINGS, VERSION, BuildParams
 from .tokenizer import train_tokenizer, vocab_size_of
@@ -188,7 +190,7 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     distill_stats = {}
     for name, (key, beta) in baselines.items():
         t0 = time.perf_counter()
-        rows = weighted_rows(distill_prompts, samples, key, beta, params.min_weight)
+        rows = resampled_rows(distill_prompts, samples, key, beta, params.distill_draws, seed)
         model = load_saved(out / "sft")
         losses_b = train_weighted(model, tokenizer, rows, params, seed, update=bar.task(f"distilling {name} (beta={beta:g})", None))
         save_model(model, tokenizer, out / name)

@@ -2,10 +2,11 @@
 
 rho*_beta(y|x) ∝ pi_sft(y|x) · exp(r(x,y) / beta). Given M responses y_1..y_M ~ pi_sft(.|x), the
 self-normalised weights w_i = e^{r_i/beta} / sum_j e^{r_j/beta} make sum_i w_i δ(y_i) an importance-
-sampling approximation of rho*_beta(.|x); fine-tuning the SFT model by weighted maximum likelihood on
-these rows (reward-weighted distillation) has that distribution as its optimum, for whatever beta is
-chosen: the baseline's strength is set by beta, not by a step count. Each prompt carries total weight
-one, so every prompt counts alike.
+sampling approximation of rho*_beta(.|x). The build resamples a fixed number of rows per prompt from
+it (`resampled_rows`) and fine-tunes the SFT model by weighted maximum likelihood on them (reward-
+weighted distillation), whose optimum is that distribution for whatever beta is chosen: the
+baseline's strength is set by beta, not by a step count. Each prompt carries total weight one, so
+every prompt counts alike.
 """
 
 from __future__ import annotations
@@ -62,9 +63,15 @@ def rewards_by_prompt(rows: list[dict], key: str) -> list[list[float]]:
     return [groups[i] for i in sorted(groups)]
 
 
-def weighted_rows(prompts: list[str], samples: list[dict], reward_key: str, beta: float, min_weight: float) -> list[dict]:
-    """``{"prompt", "response", "weight"}`` rows: per prompt, its finished samples weighted by
-    softmax(r / beta); rows below ``min_weight`` are dropped (they would not move the fit)."""
+def resampled_rows(prompts: list[str], samples: list[dict], reward_key: str, beta: float, draws: int, seed: int) -> list[dict]:
+    """``{"prompt", "response", "weight"}`` rows: per prompt, ``draws`` of its finished samples resampled with
+    replacement with probabilities softmax(r / beta) (sampling-importance-resampling), duplicates merged
+    with weight count / draws. Each prompt carries total weight one; in expectation a row's weight is its
+    self-normalised importance weight, at a cost per prompt that stays ``draws`` rows however many
+    samples there are (and more samples make a closer approximation of rho*_beta)."""
+    import random
+
+    rng = random.Random(f"tqstar-resample-{seed}-{reward_key}-{beta!r}")
     by_prompt: dict[int, list[dict]] = {}
     for s in samples:
         if s["finished"] and s["response"]:
@@ -72,9 +79,10 @@ def weighted_rows(prompts: list[str], samples: list[dict], reward_key: str, beta
     rows = []
     for i in sorted(by_prompt):
         group = by_prompt[i]
-        for s, w in zip(group, soft_weights([s[reward_key] for s in group], beta)):
-            if w >= min_weight:
-                rows.append({"prompt": prompts[i], "response": s["response"], "weight": w})
+        counts: dict[int, int] = {}
+        for j in rng.choices(range(len(group)), weights=soft_weights([s[reward_key] for s in group], beta), k=draws):
+            counts[j] = counts.get(j, 0) + 1
+        rows += [{"prompt": prompts[i], "response": group[j]["response"], "weight": counts[j] / draws} for j in sorted(counts)]
     if not rows:
         raise RuntimeError(
             f"synthetic build: no finished samples to distil (of {len(samples)}, none ended within "

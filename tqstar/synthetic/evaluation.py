@@ -51,6 +51,8 @@ def _rounded(data):
         return round(data, 4)
     if isinstance(data, dict):
         return {k: _rounded(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rounded(v) for v in data]
     return data
 
 
@@ -80,6 +82,8 @@ def premise_checks(
             for key in ("target_reward", "baseline_reward")
         }
     }
+    # rho*_beta's reward-KL frontier of the target reward over a grid of beta: what no decoder can beat
+    checks["sft"]["optimum_curve"] = {"target_reward": premise.optimum_curve(rewards_by_prompt(sft_rows, "target_reward"))}
     for name, (key, beta) in baselines.items():
         model = AutoModelForCausalLM.from_pretrained(folder / name, dtype=torch.float32).eval()
         rows = sample_responses(
