@@ -7,9 +7,13 @@ generations.jsonl, and prints Markdown:
       seeds' means), diversity, coherence, length, seconds per response, Q spread and optimism gap;
   (b) sampled arms: reward and KL(decoder || pi_sft) per response by alpha (the reward-KL frontier);
   (c) paired differences on the same prompts: TQ* with each rung minus CD and minus that rung decoded
-      alone, per seed (mean ± s.e. over prompts), so a claim can be checked seed by seed.
+      alone, per seed (mean ± s.e. over prompts), so a claim can be checked seed by seed;
+  (d) each sampled point against the optimum: its reward as a fraction of rho*_beta's reward at the same KL
+      (the build manifest's importance-sampled curve over beta, interpolated in KL, per seed), and the
+      frontier plot with that curve (and the optimal decoder's runs of `--optimal`, when given).
 
-    python scripts/transfer_study_report.py outputs/sweeps/transfer_study
+    python scripts/transfer_study_report.py outputs/sweeps/transfer_study \
+        [--optimal outputs/sweeps/optimal_check] [--plot docs/transfer_study/frontier.png]
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from tqstar.stats import mean_and_stderr
+from tqstar.synthetic import load_manifest, task_dir
+from tqstar.synthetic.cache import is_built
 
 
 def fmt(mean, se=None, digits=3) -> str:
@@ -48,9 +54,111 @@ def rewards_of(run: str) -> dict[str, float]:
     return {str(r["prompt_id"]): float(r["reward"]) for r in rows}
 
 
+def optimum_curve(seed: int, cache_dir: str | None) -> list[tuple[float, float, float]] | None:
+    """(KL, reward, beta) of rho*_beta on the build's held-out prompts, from KL 0 (the SFT model, beta -> inf)
+    upwards; None for a build without the curve (recipe v5 and earlier)."""
+    folder = task_dir(seed, cache_dir)
+    if not is_built(folder):
+        return None
+    manifest = load_manifest(folder)
+    sft = (manifest.get("premise") or {}).get("sft") or {}
+    curve = (sft.get("optimum_curve") or {}).get("target_reward")
+    if not curve:
+        return None
+    points = [(0.0, float(sft["target_reward"]["mean"]), float("inf"))]
+    return points + sorted((float(p["kl"]), float(p["reward"]), float(p["beta"])) for p in curve)
+
+
+def optimum_at(curve: list[tuple[float, float, float]], kl: float) -> float | None:
+    """rho*'s reward at this KL, linear in KL between the curve's points; None past its last point
+    (importance sampling from M samples per prompt cannot estimate a KL above log M)."""
+    for (k0, r0, _), (k1, r1, _) in zip(curve, curve[1:]):
+        if k0 <= kl <= k1:
+            return r0 + (r1 - r0) * (kl - k0) / (k1 - k0) if k1 > k0 else r1
+    return None
+
+
+def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path | None, plot: Path) -> None:
+    seeds = sorted(int(s) for s in sampled["seed"].unique())
+    curves = {seed: optimum_curve(seed, cache_dir) for seed in seeds}
+    if any(c is None for c in curves.values()):
+        print("\n(d) skipped: a build of the current recipe is missing or has no optimum curve in its manifest")
+        return
+    print("\n(d) against the optimum: reward / reward of rho*_beta at the same KL (per seed, then mean ± s.e. across seeds)\n")
+    print("| run | alpha / n | seeds | KL | fraction of the optimum's reward |")
+    print("|---|---:|---:|---|---|")
+    points = []
+    for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False):
+        best_of_n = group["method"].iloc[0] == "best_of_n"
+        fractions = []
+        for _, row in group.iterrows():
+            reference = optimum_at(curves[int(row["seed"])], float(row["kl"]))
+            if reference is not None and reference > 0:
+                fractions.append(float(row["reward_mean"]) / reference)
+        knob = f"n={n}" if best_of_n else f"{alpha:g}"
+        if len(fractions) == len(group):
+            cell = fmt(*mean_and_stderr(fractions))
+        else:
+            cell = f"– (KL past the estimable curve on {len(group) - len(fractions)} of {len(group)} seeds)"
+        print(f"| {name} | {knob} | {group['seed'].nunique()} | {across(group, 'kl')} | {cell} |")
+        rewards, kls = group["reward_mean"].tolist(), group["kl"].tolist()
+        points.append(
+            {
+                "curve": name,
+                "knob": knob,
+                "kl": sum(kls) / len(kls),
+                "reward": sum(rewards) / len(rewards),
+                "reward_se": mean_and_stderr(rewards)[1],
+            }
+        )
+    betas = [b for b in {p[2] for c in curves.values() for p in c}]
+    mean_curve = []
+    for beta in sorted(betas, reverse=True):
+        at = [p for c in curves.values() for p in c if p[2] == beta]
+        mean_curve.append((sum(p[0] for p in at) / len(at), sum(p[1] for p in at) / len(at)))
+    print(
+        "\nrho*_beta (importance-sampled, mean over seeds): "
+        + ", ".join(f"beta={b:g}: KL {k:.2f}, r {r:.3f}" for b, (k, r) in zip(sorted(betas, reverse=True), mean_curve) if b != float("inf"))
+    )
+    if optimal is not None and (optimal / "results.csv").is_file():
+        check = pd.read_csv(optimal / "results.csv")
+        check = check[check["num_prompts"] >= 128] if "num_prompts" in check.columns else check
+        for _, row in check.iterrows():
+            points.append(
+                {
+                    "curve": "optimal decoder (seed 0)",
+                    "knob": f"{row['alpha']:g}",
+                    "kl": row["kl"],
+                    "reward": row["reward_mean"],
+                    "reward_se": None,
+                }
+            )
+    from tqstar.plots import plot_frontier
+
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_frontier(
+        pd.DataFrame(points),
+        x="kl",
+        y="reward",
+        label_cols=["knob"],
+        path=plot,
+        yerr="reward_se",
+        group="curve",
+        title=f"reward against KL to the SFT model (sampled, mean over {len(seeds)} build seeds)",
+        xlabel="KL(decoder || SFT) per response",
+        ylabel="mean target reward",
+        reference=([k for k, _ in mean_curve], [r for _, r in mean_curve], "rho*_beta (optimum, IS estimate)"),
+        xmax=8.0,
+    )
+    print(f"\nplot: {plot} (x cut at 8 nats; points beyond are in table (b))")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="the sweep folder (holds results.csv)")
+    parser.add_argument("--cache-dir", default=None, help="the synthetic cache (default: $TQSTAR_CACHE or ~/.cache/tqstar)")
+    parser.add_argument("--optimal", type=Path, help="an optimal_check sweep folder: its 128-prompt runs join the plot")
+    parser.add_argument("--plot", type=Path, help="the frontier plot with the optimum (default: FOLDER/frontier_optimum.png)")
     args = parser.parse_args()
     table = pd.read_csv(args.folder / "results.csv")
     table = table.rename(columns={"selection_x": "selection"})  # tables aggregated before the merge kept one copy
@@ -99,6 +207,7 @@ def main() -> int:
             mean, se = mean_and_stderr([ra[p] - rb[p] for p in shared])
             cells.append(fmt(mean, se))
         print(f"| {title} | " + " | ".join(cells) + " |")
+    against_optimum(sampled, args.cache_dir, args.optimal, args.plot or args.folder / "frontier_optimum.png")
     return 0
 
 

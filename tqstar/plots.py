@@ -93,15 +93,21 @@ def plot_frontier(
     xlabel: str | None = None,
     ylabel: str | None = None,
     logx: bool = False,
+    reference: tuple[Sequence[float], Sequence[float], str] | None = None,
+    xmax: float | None = None,
 ) -> Path:
     """One point per run: `y` against `x`, points of one `group` (method) joined in order of x and
     each annotated with the values of `label_cols` (e.g. ["method", "alpha"] or ["label"]); `logx`
-    puts x on a log scale (compute budgets)."""
+    puts x on a log scale (compute budgets); `reference` = (xs, ys, label) draws a curve behind the
+    points (e.g. the optimum's frontier); `xmax` cuts the x axis (points beyond it are left out of view)."""
     plt = _pyplot()
     path = Path(path)
     records = [r for r in df.to_dict("records") if _finite(r.get(x)) and _finite(r.get(y))]
     colors = _method_colors([str(r.get(group, "")) for r in records])
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    if reference is not None:
+        xs, ys, name = reference
+        ax.plot(list(xs), list(ys), "k--", linewidth=1.5, label=name, zorder=1)
     for name, color in colors.items():
         points = sorted((r for r in records if str(r.get(group, "")) == name), key=lambda r: float(r[x]))
         xs, ys = [float(r[x]) for r in points], [float(r[y]) for r in points]
@@ -125,9 +131,11 @@ def plot_frontier(
     if logx:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    if records:
+    if records or reference is not None:
         ax.legend(title=group, fontsize=8, title_fontsize=8, loc="best")
         ax.margins(x=0.15, y=0.12)
+        if xmax is not None:
+            ax.set_xlim(right=xmax)
     else:
         ax.text(0.5, 0.5, f"no run has both {x} and {y}", transform=ax.transAxes, ha="center", va="center")
     ax.set_title(title or f"{LABELS.get(y, y)} vs {LABELS.get(x, x)}")

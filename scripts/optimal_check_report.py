@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Does the optimal decoder reach rho*_beta? The check of `tqstar sweep --name optimal_check`, for README.
+
+For each run of experiment=synthetic_optimal in the sweep, its mean reward and KL(decoder || pi_sft) per
+response against the build's importance-sampling estimates of E_{rho*_beta}[r] and KL(rho*_beta || pi_sft)
+at the run's beta, on the same prompts (the manifest's premise.sft.optimum_curve keeps them per prompt).
+The difference is paired by prompt, so its standard error combines the decoder's sampling error and the
+estimate's; |difference| <= 2 s.e. is reported as a match.
+
+    python scripts/optimal_check_report.py outputs/sweeps/optimal_check [--cache-dir DIR] [--csv out.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from tqstar.stats import mean_and_stderr
+from tqstar.synthetic import load_manifest, task_dir
+
+
+def fmt(mean, se=None, digits=3) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def per_prompt(run: Path) -> dict[int, dict]:
+    """Prompt index in the test split -> that prompt's row of metrics_per_prompt.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics_per_prompt.jsonl").read_text().splitlines() if line.strip()]
+    return {int(str(r["prompt_id"]).rsplit("-", 1)[1]): r for r in rows}
+
+
+def optimum_point(manifest: dict, beta: float) -> dict | None:
+    curve = ((manifest.get("premise") or {}).get("sft") or {}).get("optimum_curve", {}).get("target_reward") or []
+    return next((p for p in curve if abs(p["beta"] - beta) < 1e-9), None)
+
+
+def compare(run: Path, cache_dir: str | None) -> dict | None:
+    """One run against the optimum at its beta on its prompts; None where the build has no curve point."""
+    cfg = OmegaConf.load(run / "config.yaml")
+    beta, seed = float(cfg.decoder.beta), int(cfg.synthetic.seed)
+    point = optimum_point(load_manifest(task_dir(seed, cache_dir)), beta)
+    if point is None:
+        return None
+    rows = per_prompt(run)
+    prompts = sorted(rows)
+    out = {
+        "run": str(run),
+        "seed": seed,
+        "beta": beta,
+        "alpha": float(cfg.decoder.alpha),
+        "top_k": int(cfg.decoder.top_k),
+        "rollouts": int(cfg.decoder.rollout.num),
+        "prompts": len(prompts),
+        "seconds_per_response": sum(rows[i]["seconds"] for i in prompts) / len(prompts),
+    }
+    for name, key, curve_key in (("reward", "reward", "reward_by_prompt"), ("kl", "kl", "kl_by_prompt")):
+        decoded = [float(rows[i][key]) for i in prompts]
+        optimum = [float(point[curve_key][i]) for i in prompts]
+        out[name], out[f"{name}_se"] = mean_and_stderr(decoded)
+        out[f"optimum_{name}"], out[f"optimum_{name}_se"] = mean_and_stderr(optimum)
+        out[f"{name}_diff"], out[f"{name}_diff_se"] = mean_and_stderr([d - o for d, o in zip(decoded, optimum)])
+        out[f"{name}_match"] = abs(out[f"{name}_diff"]) <= 2 * out[f"{name}_diff_se"]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="the sweep folder (holds results.csv)")
+    parser.add_argument("--cache-dir", default=None, help="the synthetic cache (default: $TQSTAR_CACHE or ~/.cache/tqstar)")
+    parser.add_argument("--csv", type=Path, help="write one row per run here")
+    args = parser.parse_args()
+    table = pd.read_csv(args.folder / "results.csv")
+    rows = [r for r in (compare(Path(run), args.cache_dir) for run in table["run"]) if r is not None]
+    if not rows:
+        raise SystemExit(f"no run in {args.folder} has a matching optimum curve point (rebuild with recipe v6 or later)")
+    print(
+        "| beta (alpha) | k | rollouts | prompts | reward | E_rho*[r] (IS) | difference | KL | KL(rho*‖SFT) (IS) | difference | s / response |"
+    )
+    print("|---|---:|---:|---:|---|---|---|---|---|---|---:|")
+    for r in sorted(rows, key=lambda r: (-r["prompts"], -r["beta"], r["top_k"], r["rollouts"])):
+        mark = {True: " ✓", False: " ✗"}
+        print(
+            f"| {r['beta']:g} ({r['alpha']:g}) | {r['top_k']} | {r['rollouts']} | {r['prompts']} | {fmt(r['reward'], r['reward_se'])} | "
+            f"{fmt(r['optimum_reward'], r['optimum_reward_se'])} | {fmt(r['reward_diff'], r['reward_diff_se'])}{mark[r['reward_match']]} | "
+            f"{fmt(r['kl'], r['kl_se'])} | {fmt(r['optimum_kl'], r['optimum_kl_se'])} | {fmt(r['kl_diff'], r['kl_diff_se'])}{mark[r['kl_match']]} | "
+            f"{r['seconds_per_response']:.2f} |"
+        )
+    print("\n✓: |difference| <= 2 s.e. (paired by prompt: the decoder's and the estimate's errors combined)")
+    if args.csv:
+        pd.DataFrame(rows).to_csv(args.csv, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
