@@ -42,6 +42,10 @@ def test_default_config_composes_and_validates():
         ("decoder.temperature=0", ["decoder.temperature", "> 0"]),
         ("dataset.shard=3/2", ["dataset.shard", "i/n"]),
         ("device=gpu", ["device", "gpu"]),
+        ("decoder.prune=maybe", ["decoder.prune", "maybe", "true or false"]),
+        ("reward.bounds=[1,0]", ["reward.bounds", "[1, 0]", "lo <= hi"]),
+        ("reward.bounds=[0]", ["reward.bounds", "[0]", "[lo, hi], two finite numbers"]),
+        ("baseline_reward.bounds=[a,1]", ["baseline_reward.bounds", "two finite numbers"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, needles):

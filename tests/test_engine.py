@@ -347,12 +347,36 @@ def never_ending_toy(tokenizer):
         # one prompt of P tokens, k=2, L=3, two response tokens (the second step feeds nothing: it is the last)
         ("sft", lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 0}),
         ("baseline", lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": P + 1, "rollout_tokens": 0, "reward_calls": 0}),
-        ("args", lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 2 + 2}),
+        (
+            "args",
+            lambda P: {
+                "sft_forward_tokens": P + 1,
+                "baseline_forward_tokens": 0,
+                "rollout_tokens": 0,
+                "reward_calls": 4,
+                "candidates_valued": 4,
+            },
+        ),
         # cd rolls out the SFT model from the proposer's own cache: 2 candidates x 3 tokens per step, in sft's count
-        ("cd", lambda P: {"sft_forward_tokens": P + 1 + 2 * 6, "baseline_forward_tokens": 0, "rollout_tokens": 12, "reward_calls": 4}),
+        (
+            "cd",
+            lambda P: {
+                "sft_forward_tokens": P + 1 + 2 * 6,
+                "baseline_forward_tokens": 0,
+                "rollout_tokens": 12,
+                "reward_calls": 4,
+                "candidates_valued": 4,
+            },
+        ),
         (
             "tqstar",
-            lambda P: {"sft_forward_tokens": P + 1, "baseline_forward_tokens": P + 1 + 2 * 6, "rollout_tokens": 12, "reward_calls": 4},
+            lambda P: {
+                "sft_forward_tokens": P + 1,
+                "baseline_forward_tokens": P + 1 + 2 * 6,
+                "rollout_tokens": 12,
+                "reward_calls": 4,
+                "candidates_valued": 4,
+            },
         ),
         # best-of-2: two sampled responses of two tokens each (P + 1 fed each), both ranked by the reward
         ("best_of_n", lambda P: {"sft_forward_tokens": 2 * (P + 1), "baseline_forward_tokens": 0, "rollout_tokens": 0, "reward_calls": 2}),
@@ -366,10 +390,177 @@ def test_costs_match_a_hand_count_and_add_up(method, expected, tokenizer):
     decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=other, settings=settings)
     (generation,) = decoder.decode([prompt])
     assert generation.num_tokens == 2
-    want = {**expected(P), "reward_tokens": 0}  # a Python reward reads no tokens
+    # a Python reward reads no tokens; it has no bounds, so nothing is pruned
+    want = {"candidates_valued": 0, **expected(P), "reward_tokens": 0, "candidates_pruned": 0}
     assert generation.cost == want
     assert decoder.counters == want  # one prompt: the run's counters are its cost
     # several prompts in one batch: the per-response costs add up to the counters
     batch = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=other, settings=settings)
     generations = batch.decode([prompt, f"{HUMAN} the movie was bad{ASSISTANT}", prompt])
     assert {k: sum(g.cost[k] for g in generations) for k in want} == batch.counters
+
+
+# ----------------------------------------------------------------------------- exact bound pruning (decoder.prune)
+
+
+def bounded_reward(prompts, responses):
+    """positive_words_reward / 3, clipped to [-1, 1]: a reward with declared bounds."""
+    return [max(-1.0, min(1.0, v / 3)) for v in positive_words_reward(prompts, responses)]
+
+
+def bounded_decoder(sft_model, tokenizer, baseline_model=None, bounds=(-1.0, 1.0), **settings):
+    from tqstar.rewards import FunctionReward
+
+    defaults = dict(top_k=4, max_new_tokens=6, rollout_max_new_tokens=3, batch_size=3, alpha=1.0)
+    return Decoder(
+        sft_model,
+        tokenizer,
+        reward=FunctionReward(bounded_reward, bounds=bounds),
+        baseline_model=baseline_model,
+        baseline_reward=length_reward,
+        settings=DecoderSettings(**{**defaults, **settings}),
+    )
+
+
+PRUNE_CASES = [
+    dict(method="cd"),
+    dict(method="tqstar"),
+    dict(method="tqstar", rollout_selection="sample", rollout_num=2),  # each rollout row draws its own noise
+    dict(method="cd", value="soft", beta=0.5),  # beta log mean e^{r/beta} is within [lo, hi]
+    dict(method="tqstar", transfer="indirect", self_normalize=True, rollout_selection="sample", rollout_num=2),
+]
+
+
+@pytest.mark.parametrize("case", PRUNE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_pruning_gives_the_same_greedy_tokens_with_fewer_rollouts(case, sft_model, baseline_model, tokenizer):
+    """decoder.prune skips candidates whose best reachable score, l_i + alpha * hi, is below a valued one's:
+    the same tokens as valuing every candidate, the same Q where valued, fewer rollouts and reward calls."""
+    pruning = bounded_decoder(sft_model, tokenizer, baseline_model, trace=True, **case)
+    full = bounded_decoder(sft_model, tokenizer, baseline_model, trace=True, prune=False, **case)
+    assert pruning.q_upper is not None and full.q_upper is None
+    a, b = pruning.decode(PROMPTS), full.decode(PROMPTS)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    steps = sum(g.num_tokens for g in a)
+    valued, pruned = pruning.counters["candidates_valued"], pruning.counters["candidates_pruned"]
+    assert pruned > 0 and valued + pruned == steps * 4
+    assert full.counters["candidates_valued"] == steps * 4 and full.counters["candidates_pruned"] == 0
+    n = case.get("rollout_num", 1)
+    assert pruning.counters["reward_calls"] == valued * n * (2 if case.get("transfer") == "indirect" else 1)
+    assert pruning.counters["rollout_tokens"] < full.counters["rollout_tokens"]
+    for ga, gb in zip(a, b):
+        for sa, sb in zip(ga.trace, gb.trace):
+            assert sa["chosen"] == sb["chosen"] and sa["q"][sa["chosen"]] is not None
+            for qa, qb, ra in zip(sa["q"], sb["q"], sa["rollout_rewards"]):
+                assert (qa is None) == (ra is None)
+                if qa is not None:
+                    assert qa == pytest.approx(qb, abs=1e-6)
+            # pruned candidates are a suffix of the top-k (log-probs fall), and each could not have won
+            cut = [q is None for q in sa["q"]]
+            assert cut == sorted(cut)
+            for i, skipped in enumerate(cut):
+                if skipped:
+                    assert sb["scores"][i] <= sb["scores"][sb["chosen"]]  # (rounded in the trace; a later index loses ties)
+
+
+def test_pruned_engine_equals_reference_oracle(sft_model, baseline_model, tokenizer):
+    decoder = bounded_decoder(sft_model, tokenizer, baseline_model, method="tqstar")
+    for prompt, generation in zip(PROMPTS, decoder.decode(PROMPTS)):
+        assert generation.token_ids == reference_decode(prompt, sft_model, tokenizer, decoder.reward, decoder.settings, baseline_model)[1]
+    assert decoder.counters["candidates_pruned"] > 0
+
+
+def test_pruning_is_inactive_for_sampled_selection(sft_model, baseline_model, tokenizer):
+    """selection=sample draws from softmax(score): every candidate matters, nothing is pruned (prune=true is no error)."""
+    knobs = dict(method="tqstar", selection="sample", seed=5)
+    on, off = (
+        bounded_decoder(sft_model, tokenizer, baseline_model, **knobs),
+        bounded_decoder(sft_model, tokenizer, baseline_model, prune=False, **knobs),
+    )
+    a, b = on.decode(PROMPTS), off.decode(PROMPTS)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.policy_logprobs for g in a] == [g.policy_logprobs for g in b]
+    steps = sum(g.num_tokens for g in a)
+    assert on.counters["candidates_pruned"] == 0 and on.counters["candidates_valued"] == steps * 4
+    assert on.counters == off.counters
+
+
+@pytest.mark.parametrize(
+    "settings,bounds",
+    [
+        (dict(method="tqstar", selection="sample"), (-1.0, 1.0)),
+        (dict(method="tqstar", transfer="indirect"), (-1.0, 1.0)),  # mean(w r): the weights are unbounded
+        (dict(method="args"), (-1.0, 1.0)),  # no rollouts: valued in one reward call anyway
+        (dict(method="cd", prune=False), (-1.0, 1.0)),
+        (dict(method="cd"), None),  # a reward without bounds
+    ],
+)
+def test_where_pruning_does_not_apply(settings, bounds, sft_model, baseline_model, tokenizer):
+    decoder = bounded_decoder(sft_model, tokenizer, baseline_model, bounds=bounds, **settings)
+    assert decoder.q_upper is None
+
+
+def test_settings_say_where_q_is_within_the_reward_bounds():
+    assert DecoderSettings(method="cd").prunes and DecoderSettings(method="tqstar", value="soft").prunes
+    assert DecoderSettings(method="tqstar", transfer="indirect", self_normalize=True, rollout_num=2, rollout_selection="sample").prunes
+    assert not DecoderSettings(method="tqstar", transfer="indirect").prunes
+    assert not DecoderSettings(method="cd", selection="sample").prunes
+    assert not DecoderSettings(method="cd", prune=False).prunes
+    assert not DecoderSettings(method="sft").prunes and not DecoderSettings(method="best_of_n").prunes
+    from tqstar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"decoder.prune='yes' is not allowed: must be true or false"):
+        DecoderSettings(prune="yes")
+
+
+def test_a_reward_outside_its_declared_bounds_stops_the_run(sft_model, baseline_model, tokenizer):
+    from tqstar.errors import ConfigError
+    from tqstar.rewards import RewardBoundsError
+
+    decoder = bounded_decoder(sft_model, tokenizer, baseline_model, bounds=(0.5, 1.0), method="tqstar")
+    with pytest.raises(RewardBoundsError) as info:
+        decoder.decode(PROMPTS)
+    message = str(info.value)
+    assert isinstance(info.value, ConfigError) and "\n" not in message
+    assert "bounded_reward" in message and "[0.5, 1.0]" in message and "returned 0.0" in message
+
+
+def test_reward_bounds_are_two_ordered_numbers():
+    from tqstar.errors import ConfigError
+    from tqstar.rewards import FunctionReward, check_bounds
+
+    assert check_bounds(None) is None and check_bounds([0, 1]) == (0.0, 1.0) and check_bounds((-0.75, 1.0)) == (-0.75, 1.0)
+    for bad, needle in (([1, 0], "lo <= hi"), ([0], "two finite numbers"), ("0,1", "two finite numbers"), ([0, float("inf")], "finite")):
+        with pytest.raises(ConfigError, match=needle):
+            check_bounds(bad, "reward.bounds")
+    with pytest.raises(ConfigError, match=r"reward.bounds=\[2, 1\]"):
+        FunctionReward(bounded_reward, bounds=[2, 1])
+    assert FunctionReward(bounded_reward, bounds=[0, 0])([""], ["the movie"]) == [0.0]  # lo == hi is allowed (r_bl = 0)
+
+
+def test_pruned_costs_match_a_hand_count_and_add_up(tokenizer):
+    """never_ending_toy proposes 'the' (log .6) then 'a' (log .3); every rollout scores 0. With bounds [-1, 1]
+    and alpha = 0.5, 'a' can reach log .3 + 0.5 < log .6 + 0: pruned at both steps, so one rollout of
+    L = 3 tokens and one reward call per step."""
+    from tqstar.rewards import FunctionReward
+
+    toy, other = never_ending_toy(tokenizer), never_ending_toy(tokenizer)
+    prompt = f"{HUMAN} hotel{ASSISTANT}"
+    P = len(tokenizer(prompt)["input_ids"])
+    settings = DecoderSettings(method="tqstar", alpha=0.5, top_k=2, rollout_max_new_tokens=3, max_new_tokens=2)
+    reward = FunctionReward(bounded_reward, bounds=(-1, 1))
+    decoder = Decoder(toy, tokenizer, reward=reward, baseline_model=other, settings=settings)
+    (generation,) = decoder.decode([prompt])
+    want = dict(
+        sft_forward_tokens=P + 1,
+        baseline_forward_tokens=P + 1 + 2 * 3,
+        rollout_tokens=6,
+        reward_calls=2,
+        reward_tokens=0,
+        candidates_valued=2,
+        candidates_pruned=2,
+    )
+    assert generation.cost == want and decoder.counters == want
+    batch = Decoder(toy, tokenizer, reward=reward, baseline_model=other, settings=settings)
+    generations = batch.decode([prompt, f"{HUMAN} the movie was bad{ASSISTANT}", prompt])
+    assert {k: sum(g.cost[k] for g in generations) for k in want} == batch.counters
+    assert batch.counters["candidates_pruned"] == 6

@@ -386,6 +386,14 @@ def test_trace_diagnostics_q_spread_and_optimism_gap(tmp_path, hydra_clean):
     assert cells["sft"][spread] == cells["sft"][optimism] == "–"
 
 
+def test_trace_diagnostics_skip_pruned_candidates():
+    """decoder.prune leaves q null for candidates it never valued: the spread is over the valued ones."""
+    from tqstar.evaluate import trace_diagnostics
+
+    row = {"reward": 0.25, "trace": [{"q": [1.0, 0.5, None, None], "chosen": 0}, {"q": [0.0, None], "chosen": 0}]}
+    assert trace_diagnostics(row) == (pytest.approx(0.25), pytest.approx(0.5 * (0.75 - 0.25)))
+
+
 def test_runs_without_a_trace_show_no_trace_columns(tmp_path, hydra_clean):
     run = make_run(tmp_path, "plain", ["decoder=tqstar"], GOOD)
     df = evaluate_runs([run], overrides=[*NO_COHERENCE, "plots=false"])

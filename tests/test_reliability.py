@@ -151,7 +151,9 @@ def test_nan_reward_stops_with_the_prompt_and_value(setup, hydra_clean):
         run_decode(cfg)
 
 
-@pytest.mark.parametrize("case", ["empty_dataset", "broken_line", "non_utf8", "missing_column", "typo", "no_model", "unwritable", "range"])
+@pytest.mark.parametrize(
+    "case", ["empty_dataset", "broken_line", "non_utf8", "missing_column", "typo", "no_model", "unwritable", "range", "reward_bounds"]
+)
 def test_bad_input_exits_2_with_one_line(case, setup):
     tmp_path, overrides = setup
     data = tmp_path / "bad.jsonl"
@@ -178,6 +180,8 @@ def test_bad_input_exits_2_with_one_line(case, setup):
         extra, needle = [f"output_dir={tmp_path / 'file' / 'sub'}"], "not writable"
     elif case == "range":
         extra, needle = ["decoder.alpha=-2"], "decoder.alpha"
+    elif case == "reward_bounds":  # a declaration VADER breaks at once (neutral or negative text): the value and bounds named
+        extra, needle = ["reward.bounds=[0.5,1]"], "outside its declared bounds [0.5, 1.0]"
     code, out, err = run_cli(["decode", *overrides, *extra])
     assert code == 2, (out, err)
     assert needle in err
@@ -227,9 +231,14 @@ def test_response_costs_add_up_to_the_run_counters(setup, hydra_clean):
     counters, sizes = status["counters"], status["parameters"]
     assert sizes["sft"] > 0 and sizes["baseline"] > 0 and sizes["reward"] == 0  # VADER is no network
     assert "0 FLOPs" in status["flops_note"]
-    for key in ("sft_forward_tokens", "baseline_forward_tokens", "rollout_tokens", "reward_calls", "reward_tokens", "flops"):
+    keys = ("sft_forward_tokens", "baseline_forward_tokens", "rollout_tokens", "reward_calls", "reward_tokens", "flops")
+    for key in (*keys, "candidates_valued", "candidates_pruned"):
         assert counters[key] == sum(row["cost"][key] for row in result.rows), key
     for row in result.rows:
         cost = row["cost"]
         assert cost["flops"] == 2 * (sizes["sft"] * cost["sft_forward_tokens"] + sizes["baseline"] * cost["baseline_forward_tokens"])
-        assert cost["rollout_tokens"] > 0 and cost["reward_calls"] > row["num_tokens"]  # k candidates a step, plus the final score
+        assert cost["rollout_tokens"] > 0 and cost["reward_calls"] > row["num_tokens"]  # a candidate or more a step, plus the final score
+        # VADER declares bounds [-1, 1] (conf/reward/vader.yaml), so greedy TQ* prunes: each of the k = 3 candidates
+        # of a step is valued or pruned, and each valued one is one reward call
+        assert cost["candidates_valued"] + cost["candidates_pruned"] == 3 * row["num_tokens"]
+        assert cost["reward_calls"] == cost["candidates_valued"] + 1

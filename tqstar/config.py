@@ -205,9 +205,12 @@ def validate(cfg: DictConfig) -> DictConfig:
             path,
             "a hub id, a local folder, synthetic:<name> or packaged:smollm2",
         )
+    from .rewards.base import check_bounds  # torch-free
+
     for mount in ("reward", "baseline_reward"):
         if OmegaConf.select(cfg, mount) is not None:
             _choice(cfg, f"{mount}.type", REWARD_TYPES)
+            check_bounds(OmegaConf.select(cfg, f"{mount}.bounds"), f"{mount}.bounds")
     _choice(cfg, "dataset.name", DATASETS)
     limit = cfg.dataset.limit
     _require(

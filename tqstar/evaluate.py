@@ -17,7 +17,8 @@ prompt's steps, then mean and standard error over prompts. `q_spread` is how far
 candidates' values are at a step, max(q) - min(q): near zero, Q barely reorders the proposer's top-k.
 `optimism_gap` is the Q of the chosen candidate, q[chosen], minus the reward decode recorded for the
 final response (the row's `reward`, not the one recomputed here): positive, the value estimates
-promised more than the response got.
+promised more than the response got. Candidates pruned by decoder.prune have q null in the trace and
+are left out (the spread is over the valued candidates; the chosen one is always valued).
 """
 
 from __future__ import annotations
@@ -265,13 +266,16 @@ def _kl_kind(run: Run) -> str | None:
 
 def trace_diagnostics(row: dict) -> tuple[float | None, float | None]:
     """(q_spread, optimism_gap) of one generations row: per-step max(q) - min(q) and q[chosen] minus the
-    row's recorded `reward`, each averaged over the steps of its trace; None without a trace (or reward)."""
+    row's recorded `reward`, each averaged over the steps of its trace; None without a trace (or reward).
+    Candidates pruned by decoder.prune were never valued (q null): the spread is over the valued ones."""
     trace = row.get("trace")
     if not trace:
         return None, None
-    spreads = [max(step["q"]) - min(step["q"]) for step in trace if step.get("q")]
+    valued = [[q for q in step.get("q") or [] if q is not None] for step in trace]
+    spreads = [max(qs) - min(qs) for qs in valued if qs]
     final = row.get("reward")
-    gaps = [] if final is None else [step["q"][int(step["chosen"])] - float(final) for step in trace if step.get("q")]
+    chosen = [step["q"][int(step["chosen"])] for step in trace if step.get("q")]
+    gaps = [] if final is None else [q - float(final) for q in chosen if q is not None]
     return mean_or_none(spreads), mean_or_none(gaps)
 
 

@@ -2,7 +2,8 @@
 
 Per step, for every unfinished prompt (`Decoder._token_loop`, one line each):
   1. propose  the top-k tokens z_i of pi_sft(.|s_t) with log-probs l_i (plain decoding: the whole vocabulary)
-  2. value    Q_i from the method's estimator (tqstar.methods names it; decoding/values.py computes it)
+  2. value    Q_i from the method's estimator (tqstar.methods names it; decoding/values.py computes it);
+              with decoder.prune, candidates that provably cannot win are never valued (`Decoder.value`)
   3. score    l_i + alpha * Q_i
   4. select   argmax (greedy) or a draw from softmax(score / temperature)  (decoding/sampling.py)
   5. append   and stop at EOS, a stop string, or max_new_tokens             (decoding/stops.py)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -67,7 +69,20 @@ class Proposal:
         return self.logprobs.gather(1, pick[:, None]).squeeze(1)
 
 
-COST_KEYS = ("sft_forward_tokens", "baseline_forward_tokens", "rollout_tokens", "reward_calls", "reward_tokens")
+COST_KEYS = (
+    "sft_forward_tokens",
+    "baseline_forward_tokens",
+    "rollout_tokens",
+    "reward_calls",
+    "reward_tokens",
+    "candidates_valued",  # candidates whose Q was computed (k per step without pruning)
+    "candidates_pruned",  # candidates skipped by exact bound pruning (decoder.prune): they could not win
+)
+# Candidates valued per prompt in the first round of pruning; the survivors are valued in a second round.
+PRUNE_FIRST_ROUND = 1
+# Slack added to the reward's upper bound before pruning, so that floating-point rounding of a mean of
+# rewards (which can exceed the bound by an ulp) never prunes a candidate that could win.
+_BOUND_SLACK = 1e-6
 
 
 def _as_reward(reward: Any, stop_strings: Sequence[str]) -> Reward | None:
@@ -123,6 +138,9 @@ class Decoder:
         self.counters = dict.fromkeys(COST_KEYS, 0)
         self.rollouts = RolloutRunner(s, self.stops, self.counters)
         self.estimate = ESTIMATORS[spec.value] if spec.value else None
+        # Exact bound pruning: every Q <= the target reward's upper bound (None: prune nothing).
+        bounds = getattr(self.reward, "bounds", None)
+        self.q_upper = bounds[1] + _BOUND_SLACK * (1.0 + abs(bounds[1])) if (s.prunes and bounds is not None) else None
 
     @property
     def chunk_rows(self) -> int:
@@ -182,12 +200,54 @@ class Decoder:
         batch = _Batch(self, prompts, indices, reward_prompts)
         for t in range(s.max_new_tokens):
             proposal = batch.propose(top_k=s.top_k if self.estimate else None)  # 1. propose
-            values, details = self.estimate(batch.value_context(proposal, t)) if self.estimate else (None, None)  # 2. value
-            scores = proposal.scores if values is None else proposal.scores + s.alpha * values  # 3. score
+            values, details, pruned = self.value(batch, proposal, t) if self.estimate else (None, None, None)  # 2. value
+            scores = proposal.scores if values is None else candidate_scores(proposal.scores, s.alpha, values, pruned)  # 3. score
             pick, policy = select(scores, batch.generators(), selection, temperature)  # 4. select
-            if not batch.append(proposal, pick, policy, trace=(t, values, scores, details), last=t == s.max_new_tokens - 1):  # 5. append
+            trace = (t, values, scores, details, pruned)
+            if not batch.append(proposal, pick, policy, trace=trace, last=t == s.max_new_tokens - 1):  # 5. append
                 break
         return batch.results(keep_policy=selection == "sample")
+
+    def value(self, batch: "_Batch", proposal: Proposal, t: int):
+        """Step 2: (Q (B, k), details for the trace, pruned (B, k) bool or None).
+
+        Exact bound pruning (decoder.prune; `DecoderSettings.prunes` says where it applies: greedy
+        selection, Q from rollouts within the target reward's bounds [lo, hi], alpha >= 0). The top-k
+        candidates come sorted by log-prob, so the best score candidate i can reach, l_i + alpha * hi,
+        falls with i. Round one values the first PRUNE_FIRST_ROUND candidates of every prompt in the
+        batch; a candidate whose best reachable score is strictly below the best score already valued
+        cannot be the argmax (ties are kept, so the argmax and its tie-breaking are unchanged), and nor
+        can any after it. Round two values every survivor of every prompt together, in one batch of
+        rollouts. Q of a pruned candidate is NaN (null in the trace); its score is -inf. Each rollout
+        row uses its own sampling noise, so sampled rollouts give the same Q whichever rows run.
+        """
+        ctx = batch.value_context(proposal, t)
+        B, k = ctx.shape
+        if self.q_upper is None or k <= PRUNE_FIRST_ROUND:
+            values, details = self.estimate(ctx)
+            batch.count_candidates([k] * B, [0] * B)
+            return values, details, None
+        alpha, device = self.settings.alpha, proposal.scores.device
+        position = torch.arange(k, device=device).expand(B, k)
+        valued = torch.zeros((B, k), dtype=torch.bool, device=device)
+        pruned = torch.zeros_like(valued)
+        values = torch.full((B, k), float("nan"), dtype=torch.float32, device=ctx.device)
+        details = None
+        # The best score each candidate can reach, by the same arithmetic as its real score (monotone in Q).
+        reachable = candidate_scores(proposal.scores, alpha, torch.full_like(values, self.q_upper), None)
+        for first in (PRUNE_FIRST_ROUND, k):
+            todo = ~valued & ~pruned & (position < first)
+            ctx.select = todo.tolist()
+            if not any(map(any, ctx.select)):
+                break  # every candidate left was pruned
+            round_values, round_details = self.estimate(ctx)
+            values = torch.where(todo.to(values.device), round_values.to(values.device), values)
+            details = _merge_details(details, round_details, todo)
+            valued |= todo
+            best = candidate_scores(proposal.scores, alpha, values, ~valued).amax(-1, keepdim=True)
+            pruned |= ~valued & (reachable < best)
+        batch.count_candidates(valued.sum(-1).tolist(), pruned.sum(-1).tolist())
+        return values, details, pruned
 
     # ------------------------------------------------------------------ helpers the batch and estimators use
     def response_text(self, ids: list[int]) -> str:
@@ -203,6 +263,8 @@ class Decoder:
     ) -> list[float]:
         """reward(prompts, responses), counted: one call per pair (and the tokens a reward model read),
         charged to `owners[i]` through `charge(owner, key, amount)` when given."""
+        if not prompts:
+            return []
         values = reward(prompts, responses)
         tokens = reward.last_tokens if reward.num_parameters else None
         self.counters["reward_calls"] += len(values)
@@ -217,23 +279,26 @@ class Decoder:
     def count_forward(self, stream: KVStream, tokens: int) -> None:
         self.counters[f"{stream.role}_forward_tokens"] += int(tokens)
 
-    def trace_rows(self, t, proposal: Proposal, values, scores, pick, details) -> list[dict]:
+    def trace_rows(self, t, proposal: Proposal, values, scores, pick, details, pruned=None) -> list[dict]:
+        """One trace entry per active row; a pruned candidate (never valued) has q, score and rollout rewards None."""
         rows = []
         for b in range(proposal.ids.shape[0]):
             ids = proposal.ids[b].tolist()
+            skip = pruned[b].tolist() if pruned is not None else [False] * len(ids)
+            known = partial(_unless, skip)
             entry = {
                 "t": t,
                 "candidates": ids,
                 "tokens": [self.tokenizer.decode([i]) for i in ids],
                 "logprobs": [round(float(v), 6) for v in proposal.logprobs[b]],
-                "q": [round(float(v), 6) for v in values[b]],
-                "scores": [round(float(v), 6) for v in scores[b]],
+                "q": known([round(float(v), 6) for v in values[b]]),
+                "scores": known([round(float(v), 6) for v in scores[b]]),
                 "chosen": int(pick[b]),
             }
             if details:  # per candidate, per rollout: the evidence behind each Q
-                entry["rollout_rewards"] = details["rewards"][b].tolist()
+                entry["rollout_rewards"] = known(details["rewards"][b].tolist())
                 if "weights" in details:
-                    entry["rollout_baseline_rewards"] = details["baseline_rewards"][b].tolist()
+                    entry["rollout_baseline_rewards"] = known(details["baseline_rewards"][b].tolist())
             rows.append(entry)
         return rows
 
@@ -264,6 +329,25 @@ class Decoder:
             chosen.extra = {"best_of_n_rewards": [rewards[i] for i in group], "best_of_n_chosen": best - group[0]}
             results.append(chosen)
         return results
+
+
+def _unless(skip: list[bool], items: list) -> list:
+    """`items` with None where `skip` is true (a pruned candidate was never valued)."""
+    return [None if cut else item for item, cut in zip(items, skip)]
+
+
+def candidate_scores(base: torch.Tensor, alpha: float, values: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    """Step 3: base + alpha * Q; -inf where a candidate was pruned (or, for `Decoder.value`, is not valued yet)."""
+    scores = base + alpha * values
+    return scores if pruned is None else scores.masked_fill(pruned.to(scores.device), float("-inf"))
+
+
+def _merge_details(old: dict | None, new: dict | None, rows: torch.Tensor) -> dict | None:
+    """Per-candidate trace details of a pruning round merged into the earlier rounds': `rows` (B, k) from `new`."""
+    if old is None or new is None:
+        return new
+    mask = rows.cpu()
+    return {key: torch.where(mask.view(*mask.shape, *[1] * (value.dim() - 2)), value, old[key]) for key, value in new.items()}
 
 
 class _Batch:
@@ -314,6 +398,14 @@ class _Batch:
         """Add to the cost of the prompt in active row `row`."""
         self.cost[self.active[row]][key] += amount
 
+    def count_candidates(self, valued: list[int], pruned: list[int]) -> None:
+        """Candidates valued and pruned this step, per active row: the prompts' costs and the run's counters."""
+        for row, (v, p) in enumerate(zip(valued, pruned)):
+            self.charge(row, "candidates_valued", v)
+            self.charge(row, "candidates_pruned", p)
+        self.decoder.counters["candidates_valued"] += sum(valued)
+        self.decoder.counters["candidates_pruned"] += sum(pruned)
+
     def generators(self) -> list[torch.Generator]:
         return [self._generators[i] for i in self.active]
 
@@ -340,7 +432,7 @@ class _Batch:
             baseline_reward=(lambda p, r, owners: d.score(d.baseline_reward, p, r, owners, self.charge))
             if d.baseline_reward is not None
             else None,
-            rollouts=lambda: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t, self.charge),
+            rollouts=lambda pairs=None: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t, self.charge, pairs),
             device=proposal.ids.device,
         )
 
@@ -359,8 +451,8 @@ class _Batch:
             )
         else:
             chosen_sft = proposal.logprob(pick)
-        t, values, scores, details = trace
-        step_traces = d.trace_rows(t, proposal, values, scores, pick, details) if d.settings.trace and values is not None else None
+        t, values, scores, details, pruned = trace
+        step_traces = d.trace_rows(t, proposal, values, scores, pick, details, pruned) if d.settings.trace and values is not None else None
         finished_rows = []
         # One device-to-host copy per step, not one per row.
         tokens, token_sft = chosen.tolist(), chosen_sft.tolist()

@@ -28,13 +28,16 @@ class RolloutRunner:
         self.chunk_rows = settings.max_batch_rows  # halved on out-of-memory, then kept
         self.oom_retries = 0
 
-    def run(self, parent: KVStream, prefixes, candidates, indices, t, charge=None) -> list[list[int]]:
+    def run(self, parent: KVStream, prefixes, candidates, indices, t, charge=None, pairs=None) -> list[list[int]]:
         """Continue [prefix, z_i] for rollout.max_new_tokens tokens, rollout.num times per candidate.
-        `charge(b, key, amount)` (optional) receives each prompt row's rollout and forward tokens."""
+        `charge(b, key, amount)` (optional) receives each prompt row's rollout and forward tokens.
+        `pairs` (optional): the (b, i) candidates to roll out; the others' rows stay empty. A row's
+        continuation does not depend on which other rows run (its sampling noise is its own)."""
         self.charge = charge or (lambda b, key, amount: None)
         s = self.settings
         B, k, n, L = len(candidates), len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
         total = B * k * n
+        todo = list(range(total)) if pairs is None else [(b * k + i) * n + j for b, i in pairs for j in range(n)]
         noise = None
         if s.rollout_selection == "sample":
             # One noise table per (prompt, step): draws do not depend on chunking or batch makeup.
@@ -46,8 +49,8 @@ class RolloutRunner:
             )
         continuations: list[list[int]] = [[] for _ in range(total)]
         start = 0
-        while start < total:
-            rows = range(start, min(start + self.chunk_rows, total))
+        while start < len(todo):
+            rows = todo[start : start + self.chunk_rows]
             try:
                 self._chunk(parent, rows, prefixes, candidates, noise, continuations)
             except torch.OutOfMemoryError:
@@ -62,10 +65,10 @@ class RolloutRunner:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            start = rows.stop
+            start += len(rows)
         return continuations
 
-    def _chunk(self, parent: KVStream, rows: range, prefixes, candidates, noise, continuations) -> None:
+    def _chunk(self, parent: KVStream, rows: list[int], prefixes, candidates, noise, continuations) -> None:
         """Roll out global rows `rows` (prompt b, candidate i, rollout j) from a fork of the prefix cache."""
         s = self.settings
         k, n, L = len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens

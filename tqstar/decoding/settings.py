@@ -50,6 +50,7 @@ class DecoderSettings:
     rollout_num: int = 1
     rollout_selection: str = "greedy"
     rollout_temperature: float = 1.0
+    prune: bool = True  # exact bound pruning of candidates where it is exact (see `prunes`); false: value every candidate
 
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> ConfigError:
@@ -73,6 +74,8 @@ class DecoderSettings:
         for key in _POSITIVE:
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
                 raise bad(key, "must be a number > 0")
+        if not isinstance(self.prune, bool):
+            raise bad("prune", "must be true or false")
         stops = self.stop_strings
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
             raise bad("stop_strings", "must be a list of non-empty strings")
@@ -133,6 +136,25 @@ class DecoderSettings:
     @property
     def needs_baseline_reward(self) -> bool:
         return self.spec.needs_baseline_reward(self.transfer)
+
+    @property
+    def q_within_reward_bounds(self) -> bool:
+        """Q from rollouts provably lies within the target reward's bounds [lo, hi]: a mean of rewards
+        (cd, tqstar direct), the soft value beta log mean e^{r/beta}, or the self-normalised importance-
+        weighted mean (weights > 0). Not the plain importance-weighted mean mean(w r) (indirect,
+        self_normalize=false), whose weights are unbounded."""
+        if not self.uses_rollouts:
+            return False  # ARGS's Q, a reward, is within them too; not pruned: its k candidates cost one reward batch, no rollouts
+        if self.needs_baseline_reward:
+            return self.self_normalize
+        return True
+
+    @property
+    def prunes(self) -> bool:
+        """decoder.prune is active, given a target reward with bounds: greedy selection (argmax: a candidate
+        whose best possible score loses cannot be chosen), Q within the reward's bounds, alpha >= 0. Elsewhere
+        decoder.prune=true is inactive, not an error (the default works everywhere)."""
+        return self.prune and self.selection == "greedy" and self.q_within_reward_bounds and self.alpha >= 0
 
 
 def _is_number(value: Any) -> bool:

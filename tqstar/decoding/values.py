@@ -2,9 +2,10 @@
 
 An estimator takes a `ValueContext` (the active rows' prompts, accepted prefixes and candidates,
 plus callables for text, rewards and rollouts) and returns Q as a (B, k) float32 tensor with
-per-candidate details for the trace (or None). The method registry (tqstar.methods) names the
-estimator of each method; the formulas from rollout rewards are plain functions that the
-reference oracle shares.
+per-candidate details for the trace (or None). It values the candidates `ctx.pairs()` names (all of
+them, or those `ctx.select` marks when the engine prunes: docs/architecture.md); the others get NaN.
+The method registry (tqstar.methods) names the estimator of each method; the formulas from rollout
+rewards are plain functions that the reference oracle shares.
 
 - partial_reward (ARGS): Q_i = r(x, [y_<t, z_i]).
 - rollout_mean (CD; TQ* direct): Q_i = mean_j r(x, [y_<t, z_i, tau_ij]).
@@ -38,12 +39,19 @@ class ValueContext:
         [list[str], list[str], list[int]], list[float]
     ]  # r(prompts, responses, owners): owners[i] = row b of pair i, for costs
     baseline_reward: Callable[[list[str], list[str], list[int]], list[float]] | None  # r_bl (indirect transfer), same signature
-    rollouts: Callable[[], list[list[int]]]  # continuations of rows (b, i, j), in that order
+    # rollouts(pairs): continuations of rows (b, i, j) in that order, [] for the rows of candidates not in pairs
+    rollouts: Callable[[list[tuple[int, int]]], list[list[int]]]
     device: torch.device
+    select: list[list[bool]] | None = None  # (B, k): the candidates to value now; None = all
 
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.candidates), len(self.candidates[0])
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(b, i) of the candidates to value, in that order."""
+        B, k = self.shape
+        return [(b, i) for b in range(B) for i in range(k) if self.select is None or self.select[b][i]]
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -84,33 +92,40 @@ def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_r
 # ----------------------------------------------------------------------------- estimators
 
 
+def _scatter(values: list[float], pairs: list[tuple[int, int]], shape: tuple[int, ...]) -> torch.Tensor:
+    """Values of `pairs` (b, i) (n per pair, in order) into a float64 tensor of `shape`, NaN elsewhere."""
+    out = torch.full(shape, float("nan"), dtype=torch.float64)
+    if pairs:
+        rows, columns = zip(*pairs)
+        out[list(rows), list(columns)] = torch.tensor(values, dtype=torch.float64).view(len(pairs), *shape[2:])
+    return out
+
+
 def partial_reward(ctx: ValueContext):
-    B, k = ctx.shape
-    owners = [b for b in range(B) for _ in range(k)]
+    pairs = ctx.pairs()
+    owners = [b for b, _ in pairs]
     prompts = [ctx.prompts[b] for b in owners]
-    responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]]) for b in range(B) for i in range(k)]
+    responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]]) for b, i in pairs]
     rewards = ctx.reward(prompts, responses, owners)
-    return torch.tensor(rewards, dtype=torch.float32, device=ctx.device).view(B, k), None
+    return _scatter(rewards, pairs, ctx.shape).to(torch.float32).to(ctx.device), None
 
 
 def from_rollouts(ctx: ValueContext):
-    """Roll out every candidate rollout.num times, score each rollout text, reduce by the method's formula."""
+    """Roll out each candidate rollout.num times, score each rollout text, reduce by the method's formula."""
     s = ctx.settings
     (B, k), n = ctx.shape, s.rollout_num
-    continuations = ctx.rollouts()
-    owners = [b for b in range(B) for _ in range(k * n)]
+    pairs = ctx.pairs()
+    continuations = ctx.rollouts(pairs)
+    owners = [b for b, _ in pairs for _ in range(n)]
     prompts = [ctx.prompts[b] for b in owners]
     responses = [
-        ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j])
-        for b in range(B)
-        for i in range(k)
-        for j in range(n)
+        ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j]) for b, i in pairs for j in range(n)
     ]
-    rewards = torch.tensor(ctx.reward(prompts, responses, owners), dtype=torch.float64).view(B, k, n)
+    rewards = _scatter(ctx.reward(prompts, responses, owners), pairs, (B, k, n))
     details = {"rewards": rewards}
     baseline_rewards = None
     if s.needs_baseline_reward:
-        baseline_rewards = torch.tensor(ctx.baseline_reward(prompts, responses, owners), dtype=torch.float64).view(B, k, n)
+        baseline_rewards = _scatter(ctx.baseline_reward(prompts, responses, owners), pairs, (B, k, n))
         details.update(baseline_rewards=baseline_rewards, weights=importance_weights(rewards, baseline_rewards, s.beta_bl))
     values = q_from_rollouts(s, rewards, baseline_rewards)
     return values.to(torch.float32).to(ctx.device), details

@@ -6,10 +6,20 @@ import importlib
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import FunctionReward, Reward, RewardValueError, cut_at_stop
+from .base import FunctionReward, Reward, RewardBoundsError, RewardValueError, check_bounds, cut_at_stop
 from .vader import VaderReward
 
-__all__ = ["Reward", "FunctionReward", "RewardValueError", "VaderReward", "build_reward", "load_callable", "cut_at_stop"]
+__all__ = [
+    "Reward",
+    "FunctionReward",
+    "RewardBoundsError",
+    "RewardValueError",
+    "VaderReward",
+    "build_reward",
+    "check_bounds",
+    "load_callable",
+    "cut_at_stop",
+]
 REWARD_TYPES = ("vader", "hf", "callable")
 
 
@@ -33,22 +43,23 @@ def load_callable(spec: str, key: str = "reward.function"):
 
 
 def build_reward(cfg, default_device: str = "auto") -> Reward:
-    """A Reward from a `reward` config (type vader | hf | callable)."""
+    """A Reward from a `reward` config (type vader | hf | callable), with its declared `bounds` (null = unbounded)."""
     from ..models import config_key
 
     stops = list(cfg.get("stop_strings") or [])
+    bounds = check_bounds(cfg.get("bounds"), config_key(cfg, "bounds"))
     kind = cfg.type
     if kind == "vader":
-        return VaderReward(stop_strings=stops)
+        return VaderReward(stop_strings=stops, bounds=bounds)
     if kind == "callable":
         fn = load_callable(cfg.function, config_key(cfg, "function"))
-        return FunctionReward(fn, name=str(cfg.function), stop_strings=stops)
+        return FunctionReward(fn, name=str(cfg.function), stop_strings=stops, bounds=bounds)
     if kind == "hf":
-        return _build_hf(cfg, default_device, stops)
+        return _build_hf(cfg, default_device, stops, bounds)
     raise ConfigError(f"{config_key(cfg, 'type')}={kind!r} is not allowed; allowed: {', '.join(REWARD_TYPES)}")
 
 
-def _build_hf(cfg, default_device: str, stops: list[str]) -> Reward:
+def _build_hf(cfg, default_device: str, stops: list[str], bounds: tuple[float, float] | None) -> Reward:
     from transformers import AutoModelForSequenceClassification
 
     from ..models import config_key, load_error, load_tokenizer, resolve_device, resolve_dtype
@@ -82,4 +93,5 @@ def _build_hf(cfg, default_device: str, stops: list[str]) -> Reward:
         skip_value=cfg.get("skip_value"),
         stop_strings=stops,
         name=source,
+        bounds=bounds,
     )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -18,10 +21,33 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
+def check_bounds(value: Any, key: str = "reward.bounds") -> tuple[float, float] | None:
+    """A reward's declared range (config `reward.bounds`: null = unbounded, or [lo, hi]) as (lo, hi), or a
+    ConfigError naming the key: two finite numbers with lo <= hi. Torch-free: config validation uses it."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)) else None
+    shown = value if items is None else items
+    if items is None or len(items) != 2 or not all(_is_finite_number(v) for v in items):
+        raise ConfigError(f"{key}={shown!r} is not allowed: must be null (unbounded) or [lo, hi], two finite numbers")
+    lo, hi = float(items[0]), float(items[1])
+    if lo > hi:
+        raise ConfigError(f"{key}={shown!r} is not allowed: [lo, hi] needs lo <= hi")
+    return lo, hi
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class Reward:
     """Wraps a scoring function: cuts responses at stop strings, counts calls, rejects NaN/inf.
 
     Subclasses implement `score(prompts, responses)`; callers use `reward(prompts, responses)`.
+
+    `bounds` (config `reward.bounds`): the declared range [lo, hi] of every value, or None. A value
+    outside it stops the run (`RewardBoundsError`, a ConfigError: exit code 2): decoders rely on the
+    bounds (exact pruning of candidates, decoder.prune), so a wrong declaration must not pass silently.
     """
 
     name = "reward"
@@ -30,8 +56,9 @@ class Reward:
     # reward that is not a network (a lexicon, a Python function): its compute is not counted.
     num_parameters = 0
 
-    def __init__(self, stop_strings: Sequence[str] = ()):
+    def __init__(self, stop_strings: Sequence[str] = (), bounds: Sequence[float] | None = None):
         self.stop_strings = list(stop_strings)
+        self.bounds = check_bounds(bounds)
         self.calls = 0  # responses scored (one per pair), for run.json counters
         self.batches = 0
         self.last_tokens: list[int] | None = None  # tokens the model read per pair in the last call (networks only)
@@ -51,6 +78,14 @@ class Reward:
         for prompt, response, value in zip(prompts, responses, values):
             if not math.isfinite(value):
                 raise RewardValueError(f"{self.name} returned {value} for response {response[:60]!r} (prompt {prompt[-60:]!r})")
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            for response, value in zip(responses, values):
+                if not lo <= value <= hi:
+                    raise RewardBoundsError(
+                        f"reward {self.name} returned {value!r} for response {response[:60]!r}, outside its declared "
+                        f"bounds [{lo!r}, {hi!r}]; correct `bounds` in its reward config (null = unbounded)"
+                    )
         self.calls += len(values)
         self.batches += 1
         return values
@@ -60,11 +95,15 @@ class RewardValueError(ValueError):
     """A reward returned NaN or inf."""
 
 
+class RewardBoundsError(ConfigError):
+    """A reward returned a value outside its declared bounds: the declaration (config) is wrong."""
+
+
 class FunctionReward(Reward):
     """Any Python callable `fn(prompts, responses) -> list[float]`."""
 
-    def __init__(self, fn: RewardFn, name: str | None = None, stop_strings: Sequence[str] = ()):
-        super().__init__(stop_strings)
+    def __init__(self, fn: RewardFn, name: str | None = None, stop_strings: Sequence[str] = (), bounds: Sequence[float] | None = None):
+        super().__init__(stop_strings, bounds)
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
 

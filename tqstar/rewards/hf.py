@@ -42,8 +42,9 @@ class HFClassifierReward(Reward):
         skip_value: float | None = None,
         stop_strings: Sequence[str] = (),
         name: str = "hf",
+        bounds: Sequence[float] | None = None,
     ):
-        super().__init__(stop_strings)
+        super().__init__(stop_strings, bounds)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"reward.overflow={overflow!r} is not allowed; allowed: {', '.join(OVERFLOW_POLICIES)}")
