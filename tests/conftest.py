@@ -114,3 +114,61 @@ def full_build_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic-cache")
     ensure_built(seed=0, cache_dir=folder, progress=False)
     return folder
+
+
+# A tiny stand-in of the synthetic build (seconds, not minutes): corpus, tokenizer, a briefly trained SFT model
+# and its samples on the train prompts, i.e. what the proxy reward reads from a build.
+TINY_BUILD = dict(
+    n_corpus=240,
+    n_train_prompts=12,
+    n_test_prompts=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    max_positions=128,
+    sft_epochs=2,
+    sft_batch_size=16,
+    n_distill_prompts=12,
+    samples_per_prompt=8,
+    sample_max_new_tokens=16,
+)
+
+
+def write_tiny_build(out, seed: int = 0) -> dict:
+    """Fill ``out`` like steps 1-4 of tqstar.synthetic.build (sft/, prompts/, corpus.jsonl, distill_data/samples.jsonl)
+    on the TINY_BUILD recipe; returns a manifest with the keys `tqstar prepare synthetic` prints."""
+    from tqstar.files import write_jsonl
+    from tqstar.synthetic import distill, training
+    from tqstar.synthetic.corpus import Dialogue, generate_corpus, generate_prompts, tokenizer_texts
+    from tqstar.synthetic.params import BuildParams
+    from tqstar.synthetic.tokenizer import train_tokenizer
+
+    params = BuildParams(**TINY_BUILD)
+    corpus = generate_corpus(seed, params.n_corpus, prefix="train")
+    test = generate_prompts(seed, params.n_test_prompts, prefix="test", exclude={d.prompt for d in corpus})
+    train = generate_prompts(seed, params.n_train_prompts, prefix="train", exclude={p["prompt"] for p in test})
+    tokenizer = train_tokenizer(
+        tokenizer_texts(corpus) + tokenizer_texts([Dialogue(id=p["id"], prompt=p["prompt"], response="") for p in train + test])
+    )
+    model = training.make_model(tokenizer, params, seed)
+    training.train_sft(model, tokenizer, corpus, params, seed)
+    training.save_model(model, tokenizer, out / "sft")
+    write_jsonl(out / "corpus.jsonl", (d.to_dict() for d in corpus))
+    write_jsonl(out / "prompts" / "train.jsonl", train)
+    write_jsonl(out / "prompts" / "test.jsonl", test)
+    prompts = [p["prompt"] for p in train]
+    samples = distill.sample_responses(model.eval(), tokenizer, prompts, params, seed, params.samples_per_prompt)
+    write_jsonl(out / "distill_data" / "samples.jsonl", ({"prompt": prompts[s["prompt_index"]], **s} for s in samples))
+    return {"task": "synthetic", "seed": seed, "params": params.to_dict(), "seconds": {"total": 0.0}, "eval": {}, "premise": {}}
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_cache(tmp_path_factory):
+    """A cache folder whose seed-0 synthetic task (at the default build's location, so `synthetic:` names and
+    `synthetic.cache_dir=<it>` find it) is the tiny stand-in above."""
+    from tqstar.synthetic.cache import build_once, task_dir
+
+    root = tmp_path_factory.mktemp("tiny-synthetic-cache")
+    build_once(task_dir(0, root), write_tiny_build)
+    return root

@@ -135,12 +135,15 @@ def _print_decode_summary(console, cfg, result) -> None:
 @prepare_app.command("synthetic")
 def prepare_synthetic(
     overrides: Optional[List[str]] = typer.Argument(None, help="e.g. synthetic.seed=1"),
+    proxy: bool = typer.Option(
+        False, "--proxy", help="Also build the learned proxy of the target reward (reward=synthetic_proxy); cached next to the task."
+    ),
 ) -> None:
-    """Build the offline synthetic task (corpus, tokenizer, SFT model, DPO baselines); cached."""
-    _guarded(_prepare_synthetic, list(overrides or []))
+    """Build the offline synthetic task (corpus, tokenizer, SFT model, distilled baselines); cached."""
+    _guarded(_prepare_synthetic, list(overrides or []), proxy)
 
 
-def _prepare_synthetic(overrides: list[str]) -> None:
+def _prepare_synthetic(overrides: list[str], proxy: bool = False) -> None:
     from rich.table import Table
 
     from .config import compose
@@ -148,6 +151,10 @@ def _prepare_synthetic(overrides: list[str]) -> None:
 
     cfg = compose(overrides)
     folder = ensure_built(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True)
+    if proxy:
+        from .synthetic.proxy import ensure_proxy
+
+        ensure_proxy(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True)
     manifest = load_manifest(folder)
     console = _console()
     console.print(f"synthetic task: {folder} (built in {manifest['seconds']['total']:.0f} s)")
@@ -179,6 +186,30 @@ def _prepare_synthetic(overrides: list[str]) -> None:
             ]
         table.add_row(name, *cells, pm(evaluation["target_reward"]))
     console.print(table)
+    console.print(_proxy_summary(int(cfg.synthetic.seed), cfg.synthetic.cache_dir), soft_wrap=True)
+
+
+def _proxy_summary(seed: int, cache_dir) -> str:
+    """One line on the learned proxy reward of the task: where it is and how well it orders held-out pairs like r."""
+    from .synthetic.cache import load_manifest
+    from .synthetic.proxy import find_proxy
+
+    folder = find_proxy(seed=seed, cache_dir=cache_dir)
+    if folder is None:
+        return "proxy reward (reward=synthetic_proxy): not built; `tqstar prepare synthetic --proxy` builds it (or its first use)"
+    m = load_manifest(folder)
+    held = m.get("heldout") or {}
+
+    def num(value, fmt=".3f"):
+        return "n/a" if value is None else format(value, fmt)
+
+    return (
+        f"proxy reward (reward=synthetic_proxy): {folder}\n"
+        f"  held-out pairwise accuracy vs r {num(held.get('accuracy'))} on {held.get('pairs', 0)} pairs "
+        f"({held.get('samples', 0)} SFT samples of {held.get('prompts', 0)} test prompts); "
+        f"corr with r: Pearson {num(held.get('pearson'))}, Spearman {num(held.get('spearman'))}; "
+        f"trained on {m.get('pairs', {}).get('train', 0)} pairs in {num(m.get('seconds', {}).get('train'), '.0f')} s"
+    )
 
 
 @app.command()

@@ -245,13 +245,17 @@ def config_hash(cfg: DictConfig) -> str:
 
     A config that reads the synthetic task also hashes the build's key (recipe version, seed,
     parameters, library versions): ``synthetic:rho0.1`` names a different model after a recipe
-    change, and a finished run of the old build must not be taken for one of the new."""
+    change, and a finished run of the old build must not be taken for one of the new. A config that
+    reads the learned proxy reward (``synthetic:proxy``) also hashes the proxy's key, for the same reason."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         data.pop(key, None)
     if uses_synthetic(data):
         from .synthetic.cache import task_dir
+        from .synthetic.proxy import PROXY_NAME, proxy_key
 
         data["synthetic_build"] = task_dir(seed=int((data.get("synthetic") or {}).get("seed") or 0), cache_dir="/").name
+        if f'"synthetic:{PROXY_NAME}"' in json.dumps(data, default=str):
+            data["synthetic_proxy"] = proxy_key()
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

@@ -71,12 +71,51 @@ def check_sources(cfg: DictConfig) -> None:
             raise ConfigError(f"{mount} is not set: choose one, e.g. reward=vader")
         if reward_cfg.type == "hf":
             for key in ("name_or_path", "tokenizer"):
-                if reward_cfg.get(key):
-                    check_source(str(reward_cfg[key]), f"{mount}.{key}", "reward model")
+                value = str(reward_cfg.get(key) or "")
+                if value.startswith("synthetic:"):
+                    check_synthetic_reward(value, f"{mount}.{key}")
+                elif value:
+                    check_source(value, f"{mount}.{key}", "reward model")
         elif reward_cfg.type == "callable":
             load_callable(reward_cfg.function, f"{mount}.function")
     if cfg.dataset.name != "synthetic":
         check_dataset_config(cfg.dataset)
+
+
+def check_synthetic_reward(source: str, key: str) -> None:
+    """`synthetic:<name>` as a reward model: <name> must be one the synthetic task trains (`synthetic:proxy`)."""
+    from .synthetic.proxy import SYNTHETIC_REWARDS
+
+    name = source.split(":", 1)[1]
+    if name not in SYNTHETIC_REWARDS:
+        raise ConfigError(f"{key}={source!r}: the synthetic task has no reward model {name!r}; {did_you_mean(name, SYNTHETIC_REWARDS)}")
+
+
+def resolve_reward(reward_cfg: DictConfig | None, synthetic: DictConfig | None = None) -> DictConfig | None:
+    """The reward config to load. A reward model named `synthetic:<name>` (type hf: `synthetic:proxy`,
+    conf/reward/synthetic_proxy.yaml) becomes a copy naming its folder, the proxy trained next to the build
+    of `synthetic` (seed, cache_dir), built on first use; any other config is returned as it is. Like
+    `synthetic:<model>` models, the reward loader never builds anything: it gets the folder."""
+    if reward_cfg is None or reward_cfg.get("type") != "hf":
+        return reward_cfg
+    source = str(reward_cfg.get("name_or_path") or "")
+    if not source.startswith("synthetic:"):
+        return reward_cfg
+    from omegaconf import OmegaConf
+
+    from .models import config_key
+    from .synthetic.proxy import ensure_proxy
+
+    check_synthetic_reward(source, config_key(reward_cfg, "name_or_path"))
+    folder = ensure_proxy(
+        seed=int(synthetic.seed) if synthetic is not None else 0, cache_dir=synthetic.cache_dir if synthetic is not None else None
+    )
+    data = OmegaConf.to_container(reward_cfg, resolve=True)
+    data["name_or_path"] = str(folder)
+    if str(data.get("tokenizer") or "").startswith("synthetic:"):
+        data["tokenizer"] = str(folder)
+    mount = config_key(reward_cfg, "name_or_path").rpartition(".")[0] or "reward"
+    return OmegaConf.create({mount: data})[mount]  # mounted as before: error messages keep naming `reward.<key>`
 
 
 def synthetic_dir(cfg: DictConfig) -> Path | None:
@@ -105,8 +144,9 @@ def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
         models[mount] = load_model(cfg[mount], cfg.device, task_dir)
     if "baseline" in models:
         check_same_vocab(models["sft"].tokenizer, models["baseline"].tokenizer, str(cfg.sft.name_or_path), str(cfg.baseline.name_or_path))
-    reward = build_reward(cfg.reward, cfg.device)
-    baseline_reward = build_reward(cfg.baseline_reward, cfg.device) if settings.needs_baseline_reward else None
+    synthetic = cfg.get("synthetic")
+    reward = build_reward(resolve_reward(cfg.reward, synthetic), cfg.device)
+    baseline_reward = build_reward(resolve_reward(cfg.baseline_reward, synthetic), cfg.device) if settings.needs_baseline_reward else None
     baseline = models.get("baseline")
     decoder = Decoder(
         models["sft"].model,

@@ -211,22 +211,29 @@ def assign_labels(runs: list[Run]) -> None:
 
 
 class RewardBank:
-    """Builds each distinct reward config once (a reward model loads once for all runs)."""
+    """Builds each distinct reward config once (a reward model loads once for all runs).
+
+    `synthetic` is the scored run's `synthetic` config (seed, cache_dir): a `synthetic:proxy` reward model
+    is the proxy of that run's build (tqstar.decode.resolve_reward), so it is part of the key."""
 
     def __init__(self, device: str):
         self.device = device
         self._built: dict[str, Any] = {}
 
     @staticmethod
-    def key(reward_cfg: DictConfig) -> str:
-        return json.dumps(OmegaConf.to_container(reward_cfg, resolve=True), sort_keys=True)
+    def key(reward_cfg: DictConfig, synthetic: DictConfig | None = None) -> str:
+        data = OmegaConf.to_container(reward_cfg, resolve=True)
+        if str(data.get("name_or_path") or "").startswith("synthetic:"):
+            data = {"reward": data, "synthetic": OmegaConf.to_container(synthetic, resolve=True) if synthetic is not None else None}
+        return json.dumps(data, sort_keys=True)
 
-    def score(self, reward_cfg: DictConfig, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, reward_cfg: DictConfig, prompts: list[str], responses: list[str], synthetic: DictConfig | None = None) -> list[float]:
+        from .decode import resolve_reward
         from .rewards import build_reward
 
-        key = self.key(reward_cfg)
+        key = self.key(reward_cfg, synthetic)
         if key not in self._built:
-            self._built[key] = build_reward(reward_cfg, self.device)
+            self._built[key] = build_reward(resolve_reward(reward_cfg, synthetic), self.device)
         return self._built[key](prompts, responses)
 
     @staticmethod
@@ -294,12 +301,13 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     reward_cfg = _reward_cfg(ecfg, run, "reward")
     if reward_cfg is None:
         raise ConfigError(f"run {run.path} has no reward in its config: choose one with -s reward=<name>")
-    run.reward_key = rewards.key(reward_cfg)
-    reward_values = rewards.score(reward_cfg, prompts, responses)
+    synthetic = run.cfg.get("synthetic")
+    run.reward_key = rewards.key(reward_cfg, synthetic)
+    reward_values = rewards.score(reward_cfg, prompts, responses, synthetic)
     baseline_cfg = _reward_cfg(ecfg, run, "baseline_reward")
-    baseline_values = rewards.score(baseline_cfg, prompts, responses) if baseline_cfg is not None else [None] * len(prompts)
+    baseline_values = rewards.score(baseline_cfg, prompts, responses, synthetic) if baseline_cfg is not None else [None] * len(prompts)
     gold_cfg = ecfg.get("gold_reward")  # a judge other than the guide: every run is scored by it too
-    gold_values = rewards.score(gold_cfg, prompts, responses) if gold_cfg is not None else [None] * len(prompts)
+    gold_values = rewards.score(gold_cfg, prompts, responses, synthetic) if gold_cfg is not None else [None] * len(prompts)
     # ARGS scores an empty response as " ": same diversity, and the embedder gets a real input.
     texts = [response if response else " " for response in responses]
     coherence_values = coherence(prompts, texts, embedder) if embedder is not None else [None] * len(prompts)
@@ -435,7 +443,12 @@ def compare_to_reference(runs: list[Run], reference: Run, ecfg: DictConfig, rewa
         if run.reward_key == reference.reward_key:
             values = [run.per_prompt[i]["reward"] for i, _ in pairs]
         else:  # one judge for both sides: the reference's reward scores this run's responses too
-            values = rewards.score(reference_cfg, [run.rows[i]["prompt"] for i, _ in pairs], [run.responses[i] for i, _ in pairs])
+            values = rewards.score(
+                reference_cfg,
+                [run.rows[i]["prompt"] for i, _ in pairs],
+                [run.responses[i] for i, _ in pairs],
+                reference.cfg.get("synthetic"),
+            )
         result = win_tie(values, ref_values, margin)
         outcomes = result.pop("outcomes")
         for (i, _), outcome in zip(pairs, outcomes):
