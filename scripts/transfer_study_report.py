@@ -9,7 +9,8 @@ generations.jsonl, and prints Markdown:
   (c) paired differences on the same prompts: TQ* with each rung minus CD and minus that rung decoded
       alone, per seed (mean ± s.e. over prompts), so a claim can be checked seed by seed;
   (d) each sampled point against the optimum: its reward as a fraction of rho*_beta's reward at the same KL
-      (the build manifest's importance-sampled curve over beta, interpolated in KL, per seed), and the
+      (the build manifest's importance-sampled curve over beta, interpolated in KL, per seed; past the
+      curve's last point, an upper bound against that point's reward), and the
       frontier plot with that curve (and the optimal decoder's runs of `--optimal`, when given).
 
     python scripts/transfer_study_report.py outputs/sweeps/transfer_study \
@@ -71,7 +72,8 @@ def optimum_curve(seed: int, cache_dir: str | None) -> list[tuple[float, float, 
 
 def optimum_at(curve: list[tuple[float, float, float]], kl: float) -> float | None:
     """rho*'s reward at this KL, linear in KL between the curve's points; None past its last point
-    (importance sampling from M samples per prompt cannot estimate a KL above log M)."""
+    (importance sampling from M samples per prompt cannot estimate a KL above log M). Past it the optimum
+    earns at least the last point's reward, so a fraction against that point is an upper bound (≤)."""
     for (k0, r0, _), (k1, r1, _) in zip(curve, curve[1:]):
         if k0 <= kl <= k1:
             return r0 + (r1 - r0) * (kl - k0) / (k1 - k0) if k1 > k0 else r1
@@ -90,22 +92,25 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
     points = []
     for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False):
         best_of_n = group["method"].iloc[0] == "best_of_n"
-        fractions = []
+        fractions, past = [], 0
         for _, row in group.iterrows():
-            reference = optimum_at(curves[int(row["seed"])], float(row["kl"]))
-            if reference is not None and reference > 0:
-                fractions.append(float(row["reward_mean"]) / reference)
+            curve = curves[int(row["seed"])]
+            reference = optimum_at(curve, float(row["kl"]))
+            if reference is None:  # past the curve: the optimum there earns at least the curve's last reward
+                reference, past = curve[-1][1], past + 1
+            fractions.append(float(row["reward_mean"]) / reference)
         knob = f"n={n}" if best_of_n else f"{alpha:g}"
-        if len(fractions) == len(group):
-            cell = fmt(*mean_and_stderr(fractions))
-        else:
-            cell = f"– (KL past the estimable curve on {len(group) - len(fractions)} of {len(group)} seeds)"
+        cell = (
+            ("≤ " if past else "")
+            + fmt(*mean_and_stderr(fractions))
+            + (f" (KL past the curve on {past} of {len(group)} seeds)" if past else "")
+        )
         print(f"| {name} | {knob} | {group['seed'].nunique()} | {across(group, 'kl')} | {cell} |")
         rewards, kls = group["reward_mean"].tolist(), group["kl"].tolist()
         points.append(
             {
                 "curve": name,
-                "knob": knob,
+                "label": knob if best_of_n else f"α={knob}",
                 "kl": sum(kls) / len(kls),
                 "reward": sum(rewards) / len(rewards),
                 "reward_se": mean_and_stderr(rewards)[1],
@@ -127,7 +132,7 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
             points.append(
                 {
                     "curve": "optimal decoder (seed 0)",
-                    "knob": f"{row['alpha']:g}",
+                    "label": f"β={1 / float(row['alpha']):g}",
                     "kl": row["kl"],
                     "reward": row["reward_mean"],
                     "reward_se": None,
@@ -140,7 +145,7 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
         pd.DataFrame(points),
         x="kl",
         y="reward",
-        label_cols=["knob"],
+        label_cols=["label"],
         path=plot,
         yerr="reward_se",
         group="curve",

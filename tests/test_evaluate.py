@@ -154,7 +154,7 @@ def test_evaluating_twice_gives_the_same_metrics(runs, hydra_clean):
 
 
 def test_reward_given_on_the_command_line_judges_every_run(runs, hydra_clean):
-    overrides = [*NO_COHERENCE, "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward"]
+    overrides = [*NO_COHERENCE, "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward", "reward.bounds=null"]
     evaluate_runs([runs["sft"], runs["tqstar"]], overrides=overrides)
     metrics = read_metrics(runs["sft"])
     assert metrics["metrics"]["reward_mean"] == pytest.approx(sum(len(r) for r in BAD) / 4)
@@ -166,7 +166,13 @@ def test_win_tie_uses_the_reference_reward_for_both_sides(tmp_path, hydra_clean)
     other = make_run(
         tmp_path,
         "long",
-        ["decoder=sft", "reward=synthetic_baseline", "reward.function=test_evaluate:length_reward", "decoder.max_new_tokens=64"],
+        [
+            "decoder=sft",
+            "reward=synthetic_baseline",
+            "reward.function=test_evaluate:length_reward",
+            "reward.bounds=null",
+            "decoder.max_new_tokens=64",
+        ],
         GOOD,
     )
     evaluate_runs([other], overrides=NO_COHERENCE, reference=reference)

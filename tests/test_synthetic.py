@@ -388,6 +388,12 @@ def test_full_build(full_build_cache, monkeypatch):
     for name in MODEL_NAMES[1:]:
         c = checks[name]
         assert c["kl"]["mean"] > 0 and c["optimum_kl"]["mean"] > 0 and c["implied_reward_slope"]["slope"] is not None
+    # the premise: the strongest rung's sampled reward is within max(0.05, 2 s.e.) of the IS estimate of E_rho*[r]
+    strongest = checks[DEFAULT_BASELINE]
+    combined_se = math.sqrt(strongest["sampled_reward"]["se"] ** 2 + strongest["optimum_reward"]["se"] ** 2)
+    assert abs(strongest["sampled_reward"]["mean"] - strongest["optimum_reward"]["mean"]) <= max(0.05, 2 * combined_se)
+    curve = checks["sft"]["optimum_curve"]["target_reward"]
+    assert [p["kl"] for p in curve] == sorted(p["kl"] for p in curve) and len(curve[0]["reward_by_prompt"]) == len(test)
 
     # all three share one vocabulary; the models load through the plain HF path
     toks = [AutoTokenizer.from_pretrained(folder / n) for n in MODEL_NAMES]
