@@ -76,7 +76,8 @@ def main() -> int:
     parser.add_argument("--csv", type=Path, help="write one row per run here")
     args = parser.parse_args()
     table = pd.read_csv(args.folder / "results.csv")
-    rows = [r for r in (compare(Path(run), args.cache_dir) for run in table["run"]) if r is not None]
+    # runs live in the sweep folder; results.csv names them relative to where the sweep ran
+    rows = [r for r in (compare(args.folder / Path(run).name, args.cache_dir) for run in table["run"]) if r is not None]
     if not rows:
         raise SystemExit(f"no run in {args.folder} has a matching optimum curve point (rebuild with recipe v6 or later)")
     print(

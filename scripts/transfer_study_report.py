@@ -87,8 +87,8 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
         print("\n(d) skipped: a build of the current recipe is missing or has no optimum curve in its manifest")
         return
     print("\n(d) against the optimum: reward / reward of rho*_beta at the same KL (per seed, then mean ± s.e. across seeds)\n")
-    print("| run | alpha / n | seeds | KL | fraction of the optimum's reward |")
-    print("|---|---:|---:|---|---|")
+    print("| run | alpha / n | seeds | reward | KL | fraction of the optimum's reward at that KL |")
+    print("|---|---:|---:|---|---|---|")
     points = []
     for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False):
         best_of_n = group["method"].iloc[0] == "best_of_n"
@@ -105,7 +105,7 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
             + fmt(*mean_and_stderr(fractions))
             + (f" (KL past the curve on {past} of {len(group)} seeds)" if past else "")
         )
-        print(f"| {name} | {knob} | {group['seed'].nunique()} | {across(group, 'kl')} | {cell} |")
+        print(f"| {name} | {knob} | {group['seed'].nunique()} | {across(group, 'reward_mean')} | {across(group, 'kl')} | {cell} |")
         rewards, kls = group["reward_mean"].tolist(), group["kl"].tolist()
         points.append(
             {
@@ -169,6 +169,7 @@ def main() -> int:
     table = table.rename(columns={"selection_x": "selection"})  # tables aggregated before the merge kept one copy
     table["baseline"] = table["baseline"].fillna("")
     table["label"] = table.apply(label, axis=1)
+    table["run"] = [str(args.folder / Path(run).name) for run in table["run"]]  # relative to where the sweep ran
     if "n" not in table.columns:  # sweeps aggregated before the n column existed: read it off the point
         table["n"] = table["point"].str.extract(r"decoder\.n=(\d+)")[0].astype(float).fillna(8).astype(int)
     # (a) is the authors' defaults: greedy selection, plus best-of-n at its default n = 8
