@@ -90,7 +90,7 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
     print("| run | alpha / n | seeds | reward | KL | fraction of the optimum's reward at that KL |")
     print("|---|---:|---:|---|---|---|")
     points = []
-    for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False):
+    for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False, dropna=False):
         best_of_n = group["method"].iloc[0] == "best_of_n"
         fractions, past = [], 0
         for _, row in group.iterrows():
@@ -99,7 +99,7 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
             if reference is None:  # past the curve: the optimum there earns at least the curve's last reward
                 reference, past = curve[-1][1], past + 1
             fractions.append(float(row["reward_mean"]) / reference)
-        knob = f"n={n}" if best_of_n else f"{alpha:g}"
+        knob = f"n={int(n)}" if best_of_n else f"{alpha:g}"
         cell = (
             ("≤ " if past else "")
             + fmt(*mean_and_stderr(fractions))
@@ -187,8 +187,8 @@ def main() -> int:
     print("\n(b) sampled (T=1): reward and KL to the SFT model per response, by alpha (best-of-n: by n, analytic KL bound)\n")
     print("| run | alpha / n | seeds | reward | KL |")
     print("|---|---:|---:|---|---|")
-    for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False):
-        knob = f"n={n}" if group["method"].iloc[0] == "best_of_n" else f"{alpha:g}"
+    for (name, alpha, n), group in sampled.groupby(["label", "alpha", "n"], sort=False, dropna=False):
+        knob = f"n={int(n)}" if group["method"].iloc[0] == "best_of_n" else f"{alpha:g}"
         print(f"| {name} | {knob} | {group['seed'].nunique()} | {across(group, 'reward_mean')} | {across(group, 'kl')} |")
     print("\n(c) paired differences on the same prompts (greedy): per seed, mean ± s.e. over prompts\n")
     print("| comparison | " + " | ".join(f"seed {s}" for s in sorted(greedy["seed"].unique())) + " |")

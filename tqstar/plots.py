@@ -135,7 +135,7 @@ def plot_frontier(
         ax.legend(title=group, fontsize=8, title_fontsize=8, loc="best")
         ax.margins(x=0.15, y=0.12)
         if xmax is not None:
-            ax.set_xlim(right=xmax)
+            ax.set_xlim(left=max(ax.get_xlim()[0], -0.03 * xmax), right=xmax)
     else:
         ax.text(0.5, 0.5, f"no run has both {x} and {y}", transform=ax.transAxes, ha="center", va="center")
     ax.set_title(title or f"{LABELS.get(y, y)} vs {LABELS.get(x, x)}")
