@@ -136,30 +136,13 @@ TINY_BUILD = dict(
 
 
 def write_tiny_build(out, seed: int = 0) -> dict:
-    """Fill ``out`` like steps 1-4 of tqstar.synthetic.build (sft/, prompts/, corpus.jsonl, distill_data/samples.jsonl)
+    """Fill ``out`` by steps 1-4 of tqstar.synthetic.build (sft/, prompts/, corpus.jsonl, distill_data/samples.jsonl)
     on the TINY_BUILD recipe; returns a manifest with the keys `tqstar prepare synthetic` prints."""
-    from tqstar.files import write_jsonl
-    from tqstar.synthetic import distill, training
-    from tqstar.synthetic.corpus import Dialogue, generate_corpus, generate_prompts, tokenizer_texts
+    from tqstar.synthetic import build
     from tqstar.synthetic.params import BuildParams
-    from tqstar.synthetic.tokenizer import train_tokenizer
 
     params = BuildParams(**TINY_BUILD)
-    corpus = generate_corpus(seed, params.n_corpus, prefix="train")
-    test = generate_prompts(seed, params.n_test_prompts, prefix="test", exclude={d.prompt for d in corpus})
-    train = generate_prompts(seed, params.n_train_prompts, prefix="train", exclude={p["prompt"] for p in test})
-    tokenizer = train_tokenizer(
-        tokenizer_texts(corpus) + tokenizer_texts([Dialogue(id=p["id"], prompt=p["prompt"], response="") for p in train + test])
-    )
-    model = training.make_model(tokenizer, params, seed)
-    training.train_sft(model, tokenizer, corpus, params, seed)
-    training.save_model(model, tokenizer, out / "sft")
-    write_jsonl(out / "corpus.jsonl", (d.to_dict() for d in corpus))
-    write_jsonl(out / "prompts" / "train.jsonl", train)
-    write_jsonl(out / "prompts" / "test.jsonl", test)
-    prompts = [p["prompt"] for p in train]
-    samples = distill.sample_responses(model.eval(), tokenizer, prompts, params, seed, params.samples_per_prompt)
-    write_jsonl(out / "distill_data" / "samples.jsonl", ({"prompt": prompts[s["prompt_index"]], **s} for s in samples))
+    build._sft_stage(out, seed, params, build._Progress(False), seconds={})
     return {"task": "synthetic", "seed": seed, "params": params.to_dict(), "seconds": {"total": 0.0}, "eval": {}, "premise": {}}
 
 

@@ -44,7 +44,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from ..files import write_jsonl
 from .cache import _versions, build_key, build_once, task_dir
@@ -141,11 +141,23 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the build
 
 
-def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
-    """Fill ``out`` with every file of the layout but the manifest; return the manifest."""
-    seconds: dict[str, float] = {}
-    t_all = time.perf_counter()
+class _SftStage(NamedTuple):
+    """What steps 1-4 of the build leave behind for the rest of it (and for tests' stand-in builds)."""
 
+    corpus: list
+    train: list[dict]
+    test: list[dict]
+    tokenizer: object
+    model: object
+    n_params: int
+    losses: list[float]
+    distill_prompts: list[str]
+    samples: list[dict]
+
+
+def _sft_stage(out: Path, seed: int, params: BuildParams, bar: _Progress, seconds: dict[str, float]) -> _SftStage:
+    """Steps 1-4: corpus and prompt splits, tokenizer, SFT model, SFT samples on the train prompts, written to
+    ``out`` (corpus.jsonl, prompts/, sft/, distill_data/samples.jsonl); each step's time into ``seconds``."""
     # 1. corpus and prompt splits
     t0 = time.perf_counter()
     up = bar.task("corpus + prompts", 1)
@@ -183,6 +195,15 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
     )
     write_jsonl(out / "distill_data" / "samples.jsonl", ({"prompt": distill_prompts[s["prompt_index"]], **s} for s in samples))
     seconds["samples"] = time.perf_counter() - t0
+
+    return _SftStage(corpus, train, test, tokenizer, model, n_params, losses, distill_prompts, samples)
+
+
+def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
+    """Fill ``out`` with every file of the layout but the manifest; return the manifest."""
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    corpus, train, test, tokenizer, model, n_params, losses, distill_prompts, samples = _sft_stage(out, seed, params, bar, seconds)
 
     # 5. baselines: reward-weighted distillation of the SFT model towards rho*_beta (a ladder for r, one for r_bl)
     baselines = {name: ("target_reward", beta) for name, beta in params.rungs.items()}
