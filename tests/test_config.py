@@ -65,6 +65,20 @@ def test_hash_ignores_placement_but_not_settings():
     assert config_hash(base) != config_hash(compose(["decoder.alpha=2"]))
 
 
+def test_keys_added_later_leave_the_hash_alone_while_null():
+    """decoder.sample_top_k and decoder.rollout.top_k came after runs were made: null (their default) hashes as
+    if the keys were absent, so those runs still resume; a value changes the hash."""
+    from omegaconf import OmegaConf
+
+    base = compose(["decoder=cd", "decoder.rollout.selection=sample", "decoder.selection=sample"])
+    older = OmegaConf.to_container(base)
+    del older["decoder"]["sample_top_k"], older["decoder"]["rollout"]["top_k"]
+    assert config_hash(base) == config_hash(OmegaConf.create(older))
+    assert config_hash(base) != config_hash(
+        compose(["decoder=cd", "decoder.rollout.selection=sample", "decoder.selection=sample", "decoder.rollout.top_k=5"])
+    )
+
+
 def test_synthetic_runs_hash_the_build_they_read(monkeypatch):
     """A recipe change (a new build key) makes every synthetic run new; runs on other data keep their hash."""
     synthetic, hh = compose([]), compose(["experiment=hh_pythia"])

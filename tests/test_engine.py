@@ -320,7 +320,16 @@ def test_settings_that_change_nothing_are_refused():
         DecoderSettings(method="cd", rollout_num=4)
     with pytest.raises(ConfigError, match=r"decoder.self_normalize=true with decoder.rollout.num=1"):
         DecoderSettings(method="tqstar", transfer="indirect", self_normalize=True)
+    with pytest.raises(ConfigError, match=r"decoder.rollout.top_k=3 truncates sampled rollouts"):
+        DecoderSettings(method="cd", rollout_top_k=3)
+    with pytest.raises(ConfigError, match=r"decoder.sample_top_k=3 truncates sampling"):
+        DecoderSettings(method="sft", sample_top_k=3)
+    with pytest.raises(ConfigError, match=r"decoder.sample_top_k=0 is not allowed"):
+        DecoderSettings(method="sft", selection="sample", sample_top_k=0)
     DecoderSettings(method="sft", rollout_num=4)  # rollout knobs of a method without rollouts are inert, not contradictory
+    DecoderSettings(method="sft", rollout_top_k=4)
+    DecoderSettings(method="cd", sample_top_k=4)  # a valued method proposes decoder.top_k candidates: inert
+    DecoderSettings(method="best_of_n", sample_top_k=4)  # best-of-n always samples
     DecoderSettings(method="tqstar", transfer="indirect", self_normalize=True, rollout_num=2, rollout_selection="sample")
 
 
@@ -564,3 +573,28 @@ def test_pruned_costs_match_a_hand_count_and_add_up(tokenizer):
     generations = batch.decode([prompt, f"{HUMAN} the movie was bad{ASSISTANT}", prompt])
     assert {k: sum(g.cost[k] for g in generations) for k in want} == batch.counters
     assert batch.counters["candidates_pruned"] == 6
+
+
+def test_top_k_sampling_draws_from_the_truncated_renormalised_distribution(sft_model, tokenizer):
+    """decoder.sample_top_k: each token is one of the SFT model's top k, and the recorded policy log-prob is the
+    renormalised one, log pi_sft(z) - log(top-k mass): their difference is the truncation cost, >= 0."""
+    decoder = make_decoder(sft_model, tokenizer, method="sft", selection="sample", sample_top_k=2, seed=3)
+    for g in decoder.decode(PROMPTS):
+        assert g.policy_logprobs is not None
+        for policy, sft in zip(g.policy_logprobs, g.sft_logprobs):
+            assert policy >= sft - 1e-6
+    full = make_decoder(sft_model, tokenizer, method="sft", selection="sample", seed=3).decode(PROMPTS)
+    assert all(abs(sum(g.policy_logprobs) - sum(g.sft_logprobs)) < 1e-4 for g in full)  # no truncation: no cost
+    # with k = 1 top-k sampling is greedy decoding
+    greedy = sft_greedy(sft_model, tokenizer)
+    one = make_decoder(sft_model, tokenizer, method="sft", selection="sample", sample_top_k=1).decode(PROMPTS)
+    assert [g.token_ids for g in one] == greedy
+
+
+def test_rollouts_sampled_from_the_top_one_token_are_greedy_rollouts(sft_model, baseline_model, tokenizer):
+    greedy = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", trace=True).decode(PROMPTS)
+    top_one = make_decoder(
+        sft_model, tokenizer, baseline_model, method="tqstar", trace=True, rollout_selection="sample", rollout_num=2, rollout_top_k=1
+    ).decode(PROMPTS)
+    assert [g.token_ids for g in top_one] == [g.token_ids for g in greedy]
+    assert [step["q"] for g in top_one for step in g.trace] == [step["q"] for g in greedy for step in g.trace]

@@ -145,29 +145,21 @@ GAMBLE_SECOND = {"the": {"love": 0.3, "hate": 0.7}, "a": {"it": 1.0}}
 SOFT_BETA = 0.25
 
 
+def soft_value_decoder(toy, tokenizer, **overrides) -> Decoder:
+    """The synthetic_optimal recipe on a toy: CD's SFT rollouts (100, sampled), soft values, alpha = 1/beta, sampled."""
+    settings = dict(method="cd", value="soft", beta=SOFT_BETA, alpha=1 / SOFT_BETA, selection="sample", top_k=2, rollout_num=100)
+    settings.update(rollout_selection="sample", rollout_max_new_tokens=3, max_new_tokens=3, batch_size=50, max_batch_rows=20000)
+    return Decoder(toy, tokenizer, reward=positive_words_reward, settings=DecoderSettings(**{**settings, **overrides}))
+
+
 @pytest.mark.parametrize("value", ["soft", "mean"])
 def test_soft_value_decoder_samples_the_closed_form_optimum(value, tokenizer):
     """decoder.value=soft with SFT rollouts (cd), alpha = 1/beta, sampled selection draws responses from
     rho*_beta itself: frequencies, mean reward and KL match the closed form within sampling error.
     The same decoder with the mean value (CD's) does not: it is not the optimum of the KL-regularised objective."""
     toy, prompt = toy_model(tokenizer, GAMBLE_FIRST, GAMBLE_SECOND)
-    settings = DecoderSettings(
-        method="cd",
-        value=value,
-        beta=SOFT_BETA,
-        alpha=1 / SOFT_BETA,
-        selection="sample",
-        top_k=2,
-        rollout_num=100,
-        rollout_selection="sample",
-        rollout_max_new_tokens=3,
-        max_new_tokens=3,
-        batch_size=50,
-        max_batch_rows=20000,
-    )
-    decoder = Decoder(toy, tokenizer, reward=positive_words_reward, settings=settings)
     n = 400
-    generations = decoder.decode([prompt] * n)
+    generations = soft_value_decoder(toy, tokenizer, value=value).decode([prompt] * n)
     sft = {(a, b): GAMBLE_FIRST[a] * GAMBLE_SECOND[a][b] for a in GAMBLE_SECOND for b in GAMBLE_SECOND[a]}
     reward = {y: positive_words_reward([""], [" ".join(y)])[0] for y in sft}
     assert reward == {("the", "love"): 1.0, ("the", "hate"): -1.0, ("a", "it"): 0.0}
@@ -211,3 +203,63 @@ def test_soft_value_is_the_log_mean_exp_and_is_refused_where_undefined():
         DecoderSettings(method="args", value="soft")
     with pytest.raises(ConfigError, match="transfer=indirect"):
         DecoderSettings(method="tqstar", value="soft", transfer="indirect")
+
+
+# A toy where the top-2 cut matters at both steps: 'good' (+1) is the third first word, 'great' (+1) the third
+# word after 'the'. A decoder among pi_sft's top 2 can only reach rho*_{beta,2} ∝ pi_2 · e^{r/beta}: it prefers
+# 'a' (P(the) = 0.39); rollouts of the whole vocabulary would see 'great' behind 'the' (P(the) = 0.95).
+CUT_FIRST = {"the": 0.5, "a": 0.3, "good": 0.2}
+CUT_SECOND = {"the": {"hate": 0.5, "it": 0.3, "great": 0.2}, "a": {"it": 1.0}, "good": {"it": 1.0}}
+
+
+def truncated_closed_form(beta: float, k: int = 2):
+    """{response: (pi_sft(y), pi_k(y), r(y))} over pi_k's support, and rho*_{beta,k}'s E[r] and KL to pi_sft."""
+
+    def top(dist):
+        kept = dict(sorted(dist.items(), key=lambda kv: -kv[1])[:k])
+        return {w: p / sum(kept.values()) for w, p in kept.items()}
+
+    support = {}
+    for a, p_a in top(CUT_FIRST).items():
+        for b, p_b in top(CUT_SECOND[a]).items():
+            support[(a, b)] = (CUT_FIRST[a] * CUT_SECOND[a][b], p_a * p_b, positive_words_reward([""], [f"{a} {b}"])[0])
+    z = sum(pk * math.exp(r / beta) for _, pk, r in support.values())
+    optimum = {y: pk * math.exp(r / beta) / z for y, (_, pk, r) in support.items()}
+    expected = sum(optimum[y] * support[y][2] for y in support)
+    kl = sum(optimum[y] * math.log(optimum[y] / support[y][0]) for y in support)
+    return support, optimum, expected, kl
+
+
+def test_top_k_optimum_from_truncated_samples_matches_the_closed_form():
+    """premise.optimum_curve with each sample's truncation cost gives rho*_{beta,k}'s reward and its KL to the
+    untruncated pi_sft (exact when the 'samples' are pi_k's support in proportion)."""
+    support, _, expected, kl = truncated_closed_form(SOFT_BETA)
+    rewards, cuts = [], []
+    for p, pk, r in support.values():
+        copies = round(pk * 6400)  # pi_k's probabilities are multiples of 1/6400 here
+        rewards += [r] * copies
+        cuts += [math.log(pk / p)] * copies
+    (point,) = premise.optimum_curve([rewards], betas=(SOFT_BETA,), cuts_by_prompt=[cuts])
+    assert point["reward"] == pytest.approx(expected, abs=1e-9) and point["kl"] == pytest.approx(kl, abs=1e-9)
+    (untruncated,) = premise.optimum_curve([rewards], betas=(SOFT_BETA,))
+    assert untruncated["kl"] < point["kl"]  # without the cut, the KL to pi_k only
+
+
+def test_soft_value_decoder_with_top_k_rollouts_samples_the_top_k_optimum(tokenizer):
+    """The synthetic_optimal recipe at k = 2 (rollouts of pi_sft truncated to the decoder's top k): responses
+    come from rho*_{beta,k} in closed form, and the recorded KL to pi_sft is rho*_{beta,k}'s, truncation included."""
+    toy, prompt = toy_model(tokenizer, CUT_FIRST, CUT_SECOND)
+    n = 400
+    generations = soft_value_decoder(toy, tokenizer, rollout_top_k=2).decode([prompt] * n)
+    support, optimum, expected, kl = truncated_closed_form(SOFT_BETA)
+    counts = {}
+    for g in generations:
+        counts[tuple(g.response.split())] = counts.get(tuple(g.response.split()), 0) + 1
+    assert set(counts) <= set(optimum), counts
+    assert all(abs(counts.get(y, 0) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 0.02 for y, p in optimum.items()), counts
+    per_response = [sum(g.policy_logprobs) - sum(g.sft_logprobs) for g in generations]
+    kl_mean = sum(per_response) / n
+    kl_se = (sum((v - kl_mean) ** 2 for v in per_response) / (n - 1) / n) ** 0.5
+    assert abs(kl_mean - kl) < 4 * kl_se + 0.02
+    rewards = [support[tuple(g.response.split())][2] for g in generations]
+    assert abs(sum(rewards) / n - expected) < 0.1

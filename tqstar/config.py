@@ -23,6 +23,9 @@ DATASETS = ("synthetic", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "
 # Keys that place or post-process a run but do not change what it generates: left out of the hash,
 # so the same experiment resumes in the same folder whatever the output location.
 _HASH_EXCLUDED = ("output_dir", "experiment_name", "evaluate")
+# Keys added after runs were made, whose null default reproduces the behaviour before them: left out of the
+# hash while null, so those runs are still resumed (and found) by the same command.
+_HASH_DROPPED_WHEN_NULL = (("decoder", "sample_top_k"), ("decoder", "rollout", "top_k"))
 
 
 def conf_dir() -> Path:
@@ -250,6 +253,12 @@ def config_hash(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         data.pop(key, None)
+    for *path, key in _HASH_DROPPED_WHEN_NULL:
+        block = data
+        for part in path:
+            block = block.get(part) if isinstance(block, dict) else None
+        if isinstance(block, dict) and key in block and block[key] is None:
+            del block[key]
     if uses_synthetic(data):
         from .synthetic.cache import task_dir
         from .synthetic.proxy import PROXY_NAME, proxy_key

@@ -39,11 +39,19 @@ def soft_weights(rewards: Sequence[float], beta: float) -> list[float]:
     return [w / total for w in raw]
 
 
-def _optimum_of_prompt(rewards: Sequence[float], beta: float) -> tuple[float, float, float]:
-    """One prompt's (E_{rho*}[r], KL(rho* || pi_sft), effective sample size) from its pi_sft samples' rewards."""
+def _optimum_of_prompt(rewards: Sequence[float], beta: float, cuts: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """One prompt's (E_{rho*}[r], KL(rho* || pi_sft), effective sample size) from its pi_sft samples' rewards.
+
+    With ``cuts`` the samples come from pi_sft truncated to its top k tokens at every step, pi_k, and
+    cut(y) = sum_t -log (top-k mass at step t) = log pi_k(y) - log pi_sft(y) for each; the optimum is then
+    rho*_{beta,k} ∝ pi_k · e^{r/beta} (what a top-k decoder can reach), and its KL to the untruncated
+    pi_sft is E_{rho*}[r]/beta - log E_{pi_k}[e^{r/beta}] + E_{rho*}[cut]."""
     weights = soft_weights(rewards, beta)
     expected = sum(w * r for w, r in zip(weights, rewards))
-    return expected, expected / beta - _log_mean_exp([r / beta for r in rewards]), 1.0 / sum(w * w for w in weights)
+    kl = expected / beta - _log_mean_exp([r / beta for r in rewards])
+    if cuts is not None:
+        kl += sum(w * c for w, c in zip(weights, cuts))
+    return expected, kl, 1.0 / sum(w * w for w in weights)
 
 
 def optimum_reward(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
@@ -68,17 +76,23 @@ def optimum_kl(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dic
 OPTIMUM_CURVE_BETAS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.025)
 
 
-def optimum_curve(rewards_by_prompt: Sequence[Sequence[float]], betas: Sequence[float] = OPTIMUM_CURVE_BETAS) -> list[dict]:
+def optimum_curve(
+    rewards_by_prompt: Sequence[Sequence[float]],
+    betas: Sequence[float] = OPTIMUM_CURVE_BETAS,
+    cuts_by_prompt: Sequence[Sequence[float]] | None = None,
+) -> list[dict]:
     """The reward-KL frontier of rho*_beta over ``betas``: per beta, (a) and (b) from the same pi_sft samples,
     with the per-prompt values (``reward_by_prompt``, ``kl_by_prompt``, in prompt order) so a run on a
-    subset of the prompts can be compared on the same prompts.
+    subset of the prompts can be compared on the same prompts. With ``cuts_by_prompt`` (samples of pi_sft
+    truncated to its top k, see `_optimum_of_prompt`): the frontier of rho*_{beta,k}, KL still to pi_sft.
 
     Nothing decoded from pi_sft can beat it: at its KL, rho*_beta has the highest expected reward
     (it maximises E[r] - beta·KL). With M samples per prompt the KL estimate cannot exceed log M,
     so points whose effective sample size nears 1 (small beta) understate both reward and KL."""
     out = []
     for beta in betas:
-        per_prompt = [_optimum_of_prompt(rewards, beta) for rewards in rewards_by_prompt]
+        cuts = cuts_by_prompt if cuts_by_prompt is not None else [None] * len(rewards_by_prompt)
+        per_prompt = [_optimum_of_prompt(rewards, beta, cut) for rewards, cut in zip(rewards_by_prompt, cuts)]
         reward, reward_se = mean_and_stderr([p[0] for p in per_prompt])
         kl, kl_se = mean_and_stderr([p[1] for p in per_prompt])
         out.append(

@@ -199,7 +199,7 @@ class Decoder:
         selection, temperature = selection or s.selection, temperature or s.temperature
         batch = _Batch(self, prompts, indices, reward_prompts)
         for t in range(s.max_new_tokens):
-            proposal = batch.propose(top_k=s.top_k if self.estimate else None)  # 1. propose
+            proposal = batch.propose(top_k=s.top_k if self.estimate else s.sample_top_k)  # 1. propose
             values, details, pruned = self.value(batch, proposal, t) if self.estimate else (None, None, None)  # 2. value
             scores = proposal.scores if values is None else candidate_scores(proposal.scores, s.alpha, values, pruned)  # 3. score
             pick, policy = select(scores, batch.generators(), selection, temperature)  # 4. select

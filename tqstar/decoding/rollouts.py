@@ -94,8 +94,13 @@ class RolloutRunner:
             if noise is None:
                 nxt = logits.argmax(-1)
             else:
-                probs = torch.softmax(logits / s.rollout_temperature, dim=-1)
-                nxt = sample_index(probs, noise[torch.tensor(members), step].to(probs.device))
+                uniform = noise[torch.tensor(members), step].to(logits.device)
+                if s.rollout_top_k is None:
+                    nxt = sample_index(torch.softmax(logits / s.rollout_temperature, dim=-1), uniform)
+                else:  # top-k sampling: the draw is among the k most likely tokens, renormalised
+                    top_logits, top_ids = logits.topk(min(s.rollout_top_k, logits.shape[-1]), dim=-1)
+                    pick = sample_index(torch.softmax(top_logits / s.rollout_temperature, dim=-1), uniform)
+                    nxt = top_ids.gather(1, pick[:, None]).squeeze(1)
             for position, (row, token) in enumerate(zip(members, nxt.tolist())):
                 if done[position]:
                     continue

@@ -16,6 +16,7 @@ from ..methods import METHOD_NAMES, SELECTIONS, TRANSFERS, VALUES, MethodSpec, s
 # Nested config blocks flattened into fields: decoder.rollout.num -> rollout_num.
 NESTED = ("rollout",)
 _INTEGERS = ("top_k", "max_new_tokens", "batch_size", "max_batch_rows", "n", "rollout_max_new_tokens", "rollout_num")
+_OPTIONAL_INTEGERS = ("rollout_top_k", "sample_top_k")  # null = no truncation
 _POSITIVE = ("temperature", "rollout_temperature", "beta_bl", "beta")
 
 
@@ -50,6 +51,8 @@ class DecoderSettings:
     rollout_num: int = 1
     rollout_selection: str = "greedy"
     rollout_temperature: float = 1.0
+    rollout_top_k: int | None = None  # sampled rollouts draw from the rollout model's top k tokens only; None = whole vocabulary
+    sample_top_k: int | None = None  # sampled plain decoding (sft, baseline, best_of_n): top-k sampling; None = whole vocabulary
     prune: bool = True  # exact bound pruning of candidates where it is exact (see `prunes`); false: value every candidate
 
     def __post_init__(self) -> None:
@@ -69,6 +72,10 @@ class DecoderSettings:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(key, "must be an integer >= 1")
+        for key in _OPTIONAL_INTEGERS:
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise bad(key, "must be null (the whole vocabulary) or an integer >= 1")
         if not _is_number(self.alpha) or self.alpha < 0:
             raise bad("alpha", "must be a number >= 0")
         for key in _POSITIVE:
@@ -89,6 +96,16 @@ class DecoderSettings:
                 f"decoder.rollout.num={self.rollout_num} with decoder.rollout.selection=greedy rolls out the same "
                 f"continuation {self.rollout_num} times (same Q, {self.rollout_num}x the cost); "
                 "use decoder.rollout.selection=sample, or decoder.rollout.num=1"
+            )
+        if self.rollout_top_k is not None and self.spec.uses_rollouts and self.rollout_selection == "greedy":
+            raise ConfigError(
+                f"decoder.rollout.top_k={self.rollout_top_k} truncates sampled rollouts, and greedy rollouts take the top "
+                "token anyway; use decoder.rollout.selection=sample, or decoder.rollout.top_k=null"
+            )
+        if self.sample_top_k is not None and not self.spec.uses_values and not (self.spec.sampled or self.selection == "sample"):
+            raise ConfigError(
+                f"decoder.sample_top_k={self.sample_top_k} truncates sampling, and decoder.method={self.method!r} with "
+                "decoder.selection=greedy takes the top token anyway; use decoder.selection=sample, or decoder.sample_top_k=null"
             )
         if self.value == "soft" and not self.spec.uses_rollouts:
             raise ConfigError(

@@ -29,8 +29,10 @@ def sample_responses(
     samples: int,
     update: Callable[..., None] = lambda **k: None,
     sft_model=None,
+    top_k: int | None = None,
 ) -> list[dict]:
-    """``samples`` responses per prompt from ``model`` at temperature 1 (full vocabulary, through the engine),
+    """``samples`` responses per prompt from ``model`` at temperature 1 (full vocabulary, or its top ``top_k``
+    tokens at every step; through the engine),
     each row also carrying ``target_reward``, ``baseline_reward`` and its summed log-probs (``logprob``;
     ``sft_logprob`` under ``sft_model`` when given)."""
     from .rewards import baseline_reward, target_reward
@@ -47,6 +49,7 @@ def sample_responses(
         seed=seed,
         update=update,
         sft_model=sft_model,
+        top_k=top_k,
     )
     texts = [prompts[r["prompt_index"]] for r in rows]
     responses = [r["response"] for r in rows]

@@ -110,3 +110,36 @@ def premise_checks(
             "finished_frac": sum(r["finished"] for r in rows) / len(rows),
         }
     return _rounded(checks)
+
+
+def truncated_optimum_curve(
+    folder: Path,
+    prompts: list[str],
+    params,
+    seed: int,
+    top_k: int,
+    samples: int,
+    betas=None,
+    update: Callable[..., None] = lambda **k: None,
+) -> list[dict]:
+    """rho*_{beta,k}'s reward-KL curve: the optimum a decoder that only ever picks among pi_sft's top ``top_k``
+    tokens can reach (rho*_{beta,k} ∝ pi_k · e^{r/beta}, pi_k = pi_sft truncated to its top k at every step).
+
+    Importance-sampled like the build's curve, from ``samples`` responses per prompt of pi_k; each response's
+    truncation cost, log pi_k(y) - log pi_sft(y), enters the KL to pi_sft (tqstar.premise.optimum_curve).
+    The optimal decoder with rollouts of pi_k (experiment=synthetic_optimal: decoder.rollout.top_k =
+    decoder.top_k) samples rho*_{beta,k} exactly, up to the Monte-Carlo error of its soft values."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import premise
+    from .distill import rewards_by_prompt, sample_responses
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "sft")
+    sft = AutoModelForCausalLM.from_pretrained(folder / "sft", dtype=torch.float32).eval()
+    rows = sample_responses(sft, tokenizer, prompts, params, seed, samples, update=update, top_k=top_k)
+    for row in rows:
+        row["cut"] = row["logprob"] - row["sft_logprob"]
+    return premise.optimum_curve(
+        rewards_by_prompt(rows, "target_reward"), betas or premise.OPTIMUM_CURVE_BETAS, cuts_by_prompt=rewards_by_prompt(rows, "cut")
+    )

@@ -25,6 +25,7 @@ def generate(
     seed: int = 0,
     update: Callable[..., None] = lambda **k: None,
     sft_model=None,
+    top_k: int | None = None,
 ) -> list[dict]:
     """``samples_per_prompt`` responses per prompt (prompt-major), decoded ``batch_size`` prompts
     (x samples_per_prompt rows) at a time. Row ``prompt_index * samples_per_prompt + j`` is the
@@ -34,7 +35,8 @@ def generate(
 
     With ``sft_model``, ``model`` is decoded as the engine's baseline (the SFT model follows along), so
     each row also has ``sft_logprob``: log pi_sft of the response; ``logprob`` is the decoding
-    model's log-prob of it (None for greedy decoding of the SFT model alone)."""
+    model's log-prob of it (None for greedy decoding of the SFT model alone). ``top_k`` (sampling only):
+    draw each token from the decoding model's top k only (``logprob`` is then the truncated policy's)."""
     from ..decoding.engine import Decoder
     from ..decoding.settings import DecoderSettings
 
@@ -50,6 +52,7 @@ def generate(
         stop_strings=list(STOP_STRINGS),
         batch_size=rows_per_batch,
         seed=seed,
+        sample_top_k=top_k,
     )
     if sft_model is None:
         decoder = Decoder(model, tokenizer, settings=settings)
