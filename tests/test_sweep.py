@@ -89,6 +89,22 @@ def test_local_executor_runs_points_in_worker_processes(tiny, hydra_clean):
     assert list((folder / "submitit").glob("*_result.pkl"))
 
 
+def test_a_gold_reward_scores_every_point_beside_its_guide(tiny, hydra_clean):
+    """gold_reward: every run is also scored by another reward config. With the guide's own reward as the
+    gold the columns agree exactly; with the zero reward they are 0; the over-optimisation plot is written."""
+    tmp_path, base = tiny
+    grid = base + ["decoder=args", "decoder.alpha=1,4", "dataset.limit=3"]
+    table = run_sweep(grid, gold_reward="vader")  # the runs' own reward is vader too
+    assert list(table["gold_reward_mean"]) == pytest.approx(list(table["reward_mean"]))
+    folder, _ = sweep_folder(grid, None)
+    assert (folder / "gold_vs_guide.png").exists()
+    assert json.loads((folder / "sweep.json").read_text())["gold_reward"] == "vader"
+    zero = run_sweep(grid, gold_reward="zero")  # finished points are not decoded again, only re-scored
+    assert list(zero["gold_reward_mean"]) == [0.0, 0.0] and list(zero["reward_mean"]) == list(table["reward_mean"])
+    with pytest.raises(ConfigError, match="gold_reward='vadr' is not a reward config"):
+        run_sweep(grid, gold_reward="vadr")
+
+
 def test_slurm_executor_gets_partition_gpus_and_time(tmp_path, monkeypatch):
     import os
 

@@ -275,6 +275,9 @@ def sweep(
     partition: Optional[str] = typer.Option(None, help="slurm partition"),
     gpus: Optional[int] = typer.Option(None, help="slurm GPUs per node"),
     time_min: Optional[int] = typer.Option(None, "--time-min", help="time limit per job in minutes"),
+    gold_reward: Optional[str] = typer.Option(
+        None, "--gold-reward", "-g", help="Also score every run with this reward config (gold columns, gold_vs_guide.png)"
+    ),
 ) -> None:
     """Run a grid of decodes (methods x alpha x k ...), resumable, aggregated and plotted."""
 
@@ -282,7 +285,7 @@ def sweep(
         from .sweep import run_sweep
 
         slurm = {"partition": partition, "gpus_per_node": gpus, "timeout_min": time_min}
-        run_sweep(list(overrides or []), name=name, executor=executor, jobs=jobs, slurm=slurm, console=_console())
+        run_sweep(list(overrides or []), name=name, executor=executor, jobs=jobs, slurm=slurm, console=_console(), gold_reward=gold_reward)
 
     _guarded(body)
 

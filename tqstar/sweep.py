@@ -34,6 +34,7 @@ class SweepSpec:
     executor: str = "inline"
     jobs: int = 2  # local: processes at once
     slurm: dict = field(default_factory=dict)  # partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...
+    gold_reward: str | None = None  # a reward config that also scores every run (gold columns; the guide is the run's own)
 
 
 def expand_grid(overrides: Sequence[str]) -> list[list[str]]:
@@ -186,8 +187,12 @@ def _point_columns(cfg) -> dict[str, Any]:
     }
 
 
-def aggregate(folder: Path, points: list[list[str]], console=None, arms: dict[str, list[str]] | None = None, grid=None):
+def aggregate(
+    folder: Path, points: list[list[str]], console=None, arms: dict[str, list[str]] | None = None, grid=None, gold_reward: str | None = None
+):
     """results.csv / results.parquet: one row per point, config columns then metrics; table and plots.
+    With `gold_reward` (a reward config name) every run is also scored by it: gold_reward_* columns and
+    gold_vs_guide.png (over-optimisation of the guide in view).
 
     When the points span several synthetic build seeds, also results_across_seeds.csv: per setting
     (every config column but the seed), the mean over seeds of each point's mean reward with the
@@ -208,7 +213,8 @@ def aggregate(folder: Path, points: list[list[str]], console=None, arms: dict[st
         config_rows.append({"arm": arm_of.get(tuple(point), ""), "point": " ".join(point), "run": str(run.path), **_point_columns(cfg)})
     if not run_paths:
         raise ConfigError(f"no completed points in {folder} to aggregate")
-    metrics = evaluate_runs(run_paths, console=None, comparison_dir=folder / "evaluation")
+    gold = [f"reward@gold_reward={gold_reward}"] if gold_reward else []
+    metrics = evaluate_runs(run_paths, overrides=gold, console=None, comparison_dir=folder / "evaluation")
     configs = pd.DataFrame(config_rows)
     metrics = metrics.copy()
     metrics["run"] = metrics["run"].astype(str)
@@ -224,8 +230,29 @@ def aggregate(folder: Path, points: list[list[str]], console=None, arms: dict[st
     return table
 
 
-SETTING_COLUMNS = ("arm", "baseline", "method", "transfer", "alpha", "top_k", "selection", "rollout_len", "rollout_num", "max_new_tokens")
-ACROSS_SEEDS = ("reward_mean", "kl", "diversity", "coherence", "sft_logprob_per_token", "seconds_per_response", "flops_per_response")
+SETTING_COLUMNS = (
+    "arm",
+    "baseline",
+    "method",
+    "transfer",
+    "alpha",
+    "top_k",
+    "n",
+    "selection",
+    "rollout_len",
+    "rollout_num",
+    "max_new_tokens",
+)
+ACROSS_SEEDS = (
+    "reward_mean",
+    "gold_reward_mean",
+    "kl",
+    "diversity",
+    "coherence",
+    "sft_logprob_per_token",
+    "seconds_per_response",
+    "flops_per_response",
+)
 
 
 def across_seeds(table):
@@ -344,6 +371,9 @@ def plot_sweep(table, folder: Path) -> list[Path]:
                 ylabel="mean target reward",
             )
         )
+    gold = "gold_reward_mean"
+    if gold in table.columns and table[gold].notna().any():
+        written.append(plot_gold_vs_guide(table, reward, gold, folder / "gold_vs_guide.png"))
     if "flops_per_response" in table.columns and table["flops_per_response"].notna().any():
         from .plots import plot_frontier
 
@@ -365,6 +395,33 @@ def plot_sweep(table, folder: Path) -> list[Path]:
     return written
 
 
+def plot_gold_vs_guide(table, guide: str, gold: str, path: Path) -> Path:
+    """Over-optimisation in view: the gold reward of each point against the reward that guided it (the run's
+    own), one line per curve in the order of its strength knob (alpha, or best-of-N's n). A line that bends
+    down while the guide's reward still rises is the guide being gamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for curve, group in table.groupby("curve", sort=False):
+        knob = "n" if "n" in group.columns and group["method"].eq("best_of_n").all() else "alpha"
+        group = group.sort_values(knob)
+        axis.plot(group[guide], group[gold], marker="o", label=str(curve))
+        for _, row in group.iterrows():
+            axis.annotate(f"{row[knob]:g}", (row[guide], row[gold]), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+    axis.set_xlabel("guide reward (the reward each run decoded with)")
+    axis.set_ylabel("gold reward")
+    axis.set_title("gold against guide reward (labels: alpha, or n for best-of-N)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def run_sweep(
     overrides: Sequence[str],
     name: str | None = None,
@@ -372,6 +429,7 @@ def run_sweep(
     jobs: int | None = None,
     slurm: dict | None = None,
     console=None,
+    gold_reward: str | None = None,
 ):
     """Expand, run (skipping finished points), aggregate. Returns the results table."""
     spec = SweepSpec(grid=list(overrides))
@@ -384,11 +442,19 @@ def run_sweep(
             executor=named.get("executor", "inline"),
             jobs=int(named.get("jobs", 2)),
             slurm=dict(named.get("slurm") or {}),
+            gold_reward=named.get("gold_reward"),
         )
     if executor:
         spec.executor = executor
     if jobs:
         spec.jobs = jobs
+    if gold_reward:
+        spec.gold_reward = gold_reward
+    if spec.gold_reward:
+        if spec.gold_reward not in group_options("reward"):
+            raise ConfigError(
+                f"gold_reward={spec.gold_reward!r} is not a reward config; {did_you_mean(spec.gold_reward, group_options('reward'))}"
+            )
     if slurm:
         spec.slurm.update({k: v for k, v in slurm.items() if v is not None})
     if spec.executor not in EXECUTORS:
@@ -401,7 +467,10 @@ def run_sweep(
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     (folder / "sweep.json").write_text(
-        json.dumps({"grid": spec.grid, "arms": spec.arms, "points": points, "executor": spec.executor}, indent=2) + "\n"
+        json.dumps(
+            {"grid": spec.grid, "arms": spec.arms, "points": points, "executor": spec.executor, "gold_reward": spec.gold_reward}, indent=2
+        )
+        + "\n"
     )
     if console:
         console.print(f"sweep {folder} : {len(points)} point(s), executor {spec.executor}")
@@ -412,12 +481,13 @@ def run_sweep(
         "arms": spec.arms,
         "points": points,
         "executor": spec.executor,
+        "gold_reward": spec.gold_reward,
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
         "failed": len(failed),
     }
     (folder / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = aggregate(folder, points, console, spec.arms, spec.grid)
+    table = aggregate(folder, points, console, spec.arms, spec.grid, spec.gold_reward)
     if console:
         console.print(f"results: {folder / 'results.csv'} ({summary['seconds']:.0f} s)")
         for failure in failed:
