@@ -214,6 +214,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         if OmegaConf.select(cfg, mount) is not None:
             _choice(cfg, f"{mount}.type", REWARD_TYPES)
             check_bounds(OmegaConf.select(cfg, f"{mount}.bounds"), f"{mount}.bounds")
+            cache = OmegaConf.select(cfg, f"{mount}.prefix_cache")  # hf rewards: null = auto, true, false
+            _require(cache is None or isinstance(cache, bool), f"{mount}.prefix_cache", cache, "null (auto), true or false")
     _choice(cfg, "dataset.name", DATASETS)
     limit = cfg.dataset.limit
     _require(

@@ -94,4 +94,5 @@ def _build_hf(cfg, default_device: str, stops: list[str], bounds: tuple[float, f
         stop_strings=stops,
         name=source,
         bounds=bounds,
+        prefix_cache=cfg.get("prefix_cache"),  # null = auto; HFClassifierReward refuses anything but null / true / false
     )

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
+import os
+from collections import OrderedDict
+from functools import lru_cache
 from typing import Sequence
 
 from ..errors import ConfigError
 from .base import Reward
 
 OVERFLOW_POLICIES = ("truncate_left", "skip", "error")
+# Prompts whose prefix cache is kept between calls (least recently used dropped first); the prompts of the
+# current call are never dropped, so this is a floor: max(this, prompts of the call) caches stay.
+PREFIX_CACHE_PROMPTS = 32
+
+logger = logging.getLogger(__name__)
 
 
 class HFClassifierReward(Reward):
@@ -27,6 +37,23 @@ class HFClassifierReward(Reward):
       prompt) they tie and the step falls back to the SFT log-probs; when only some do, pick a
       `skip_value` that ranks them as you intend (e.g. a very low value to avoid them).
     - 'error' stops with a message naming the length and the limit.
+
+    Prefix cache (`prefix_cache`, config `reward.prefix_cache`; None = on for causal-LM classifiers such
+    as Llama, GPT-NeoX, GPT-2, Mistral, Qwen2, off with one log line for bidirectional encoders such as
+    BERT; True on a model where it cannot apply is a ConfigError). In decoding, the rows of one prompt
+    (k candidates x n rollouts) share prompt + accepted response, and that shared part grows by one
+    token a step. Rows of one prompt string are grouped; the longest common prefix of their token ids
+    (held back by one token, so every row has a token left to read its score at) is encoded once and
+    its key/value cache kept per prompt; each row then reads only its own remaining tokens on top of
+    it, and the score is the classifier's own logit at the row's last token, as in full re-encoding
+    (equal within float tolerance). At the next call a prompt's remembered prefix is reused as far as
+    the new prefix's token ids agree with it (compared as ids: re-tokenisation may merge across the
+    old boundary) and only the rest is fed. Caches of at most max(32, prompts of the call) prompts
+    are kept (least recently used dropped). Rows that overflow `max_length`, a prompt with a single
+    row and nothing cached, and texts of pad tokens only are encoded whole, as without the cache.
+    `last_tokens` counts the tokens the model actually read per pair: a group's prefix tokens (those
+    fed this call) are charged once, to the group's first row; `prefix_tokens_saved` counts the
+    tokens not re-read thanks to the cache.
     """
 
     def __init__(
@@ -43,6 +70,7 @@ class HFClassifierReward(Reward):
         stop_strings: Sequence[str] = (),
         name: str = "hf",
         bounds: Sequence[float] | None = None,
+        prefix_cache: bool | None = None,
     ):
         super().__init__(stop_strings, bounds)
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -56,11 +84,14 @@ class HFClassifierReward(Reward):
             raise ConfigError(f"reward.template={template!r} is not allowed: only {{prompt}} and {{response}} may appear ({exc})") from None
         if skip_value is not None and not math.isfinite(float(skip_value)):
             raise ConfigError(f"reward.skip_value={skip_value!r} is not allowed: a finite number or null")
+        if prefix_cache is not None and not isinstance(prefix_cache, bool):
+            raise ConfigError(f"reward.prefix_cache={prefix_cache!r} is not allowed: null (auto), true or false")
         self.template, self.batch_size, self.overflow = template, int(batch_size), overflow
         self.skip_value = None if skip_value is None else float(skip_value)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.truncated = 0  # pairs scored on a left-truncated text
         self.skipped = 0  # pairs given skip_value instead of a score
+        self.prefix_tokens_saved = 0  # tokens the prefix cache spared the model (not re-read)
         self.label_index = self._label_index(model.config, label, name)
         limit = max_length or getattr(tokenizer, "model_max_length", None)
         if not limit or limit > 10**6:  # tokenizers without a limit report ~1e30
@@ -73,6 +104,21 @@ class HFClassifierReward(Reward):
         if getattr(model.config, "pad_token_id", None) is None:
             # Sequence classifiers read the logit at the last non-pad token; without a pad id they refuse batches.
             model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.prefix_cache = self._prefix_cache_setting(prefix_cache)
+        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # prompt -> its cached prefix
+
+    def _prefix_cache_setting(self, wanted: bool | None) -> bool:
+        if wanted is False:
+            return False
+        why_not = prefix_cache_unsupported(self.model)
+        if why_not is None:
+            return True
+        if wanted:
+            raise ConfigError(
+                f"reward.prefix_cache=true is not allowed for {self.name!r}: {why_not}; set reward.prefix_cache=null (auto) or false"
+            )
+        logger.info("reward %s: prefix cache off (%s); every text is encoded whole", self.name, why_not)
+        return False
 
     @staticmethod
     def _label_index(config, label, name: str) -> int:
@@ -94,11 +140,10 @@ class HFClassifierReward(Reward):
         return label2id[str(label)]
 
     def score(self, prompts, responses):
-        import torch
-
         texts = [self.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
         scores: list[float | None] = [None] * len(texts)
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        lengths = [len(ids) for ids in encoded]
         keep = []
         for i, n in enumerate(lengths):
             if n <= self.max_length:
@@ -120,14 +165,210 @@ class HFClassifierReward(Reward):
                 keep.append(i)
                 self.truncated += 1
         self.last_tokens = [min(n, self.max_length) if (scores[i] is None) else 0 for i, n in enumerate(lengths)]
+        whole = keep
+        if self.prefix_cache:
+            # Left truncation changes a text's start, so rows that overflow are encoded whole, exactly as before.
+            fits = [i for i in keep if lengths[i] <= self.max_length]
+            whole = sorted(self._score_with_prefixes(prompts, encoded, fits, scores) + [i for i in keep if lengths[i] > self.max_length])
+        self._score_whole(texts, whole, scores)
+        return scores
+
+    def _score_whole(self, texts: list[str], rows: list[int], scores: list) -> None:
+        """Each text of `rows` encoded in full (right-padded batches, left-truncated to max_length)."""
+        import torch
+
         device = next(self.model.parameters()).device
-        for start in range(0, len(keep), self.batch_size):
-            rows = keep[start : start + self.batch_size]
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
             batch = self.tokenizer(
-                [texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+                [texts[i] for i in chunk], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
             ).to(device)
             with torch.no_grad():
                 logits = self.model(**batch).logits
-            for i, value in zip(rows, logits[:, self.label_index].float().cpu().tolist()):
+            for i, value in zip(chunk, logits[:, self.label_index].float().cpu().tolist()):
                 scores[i] = value
-        return scores
+
+    # ------------------------------------------------------------------ prefix cache
+    def _score_with_prefixes(self, prompts: Sequence[str], encoded: list[list[int]], rows: list[int], scores: list) -> list[int]:
+        """Score `rows` (none overflows) on top of their prompt's cached prefix; returns the rows left to encode whole."""
+        pad = _pad_token_id(self.model)
+        groups: dict[str, list[int]] = {}
+        tokens: dict[int, list[int]] = {}
+        whole = []
+        for i in rows:
+            ids = encoded[i]
+            end = len(ids)
+            # The classifier reads the last non-pad token; by causality nothing after it changes the score.
+            while end and ids[end - 1] == pad:
+                end -= 1
+            if end == 0:
+                whole.append(i)  # only pad tokens: the classifier's own rule for that case applies
+                continue
+            tokens[i] = ids[:end]
+            groups.setdefault(prompts[i], []).append(i)
+        plans = []
+        for prompt, members in groups.items():
+            seqs = [tokens[i] for i in members]
+            # Held back by one token from the shortest row, so every row has a token to read its score at.
+            length = min(len(os.path.commonprefix(seqs)), min(map(len, seqs)) - 1)
+            target = tuple(seqs[0][:length])
+            known = self._prefixes.get(prompt)
+            shared = len(os.path.commonprefix([known.ids, target])) if known is not None else 0
+            if length < 1 or (len(members) < 2 and shared < 1):
+                whole.extend(members)  # nothing shared to save
+                continue
+            plans.append(_Plan(prompt, members, target, known, shared))
+        if not plans:
+            return whole
+
+        # 1. Each group's prefix: the remembered one as far as it agrees, the rest fed now (batched over groups).
+        grow = sorted((p for p in plans if len(p.target) > p.shared), key=lambda p: len(p.target) - p.shared, reverse=True)
+        for start in range(0, len(grow), self.batch_size):
+            chunk = grow[start : start + self.batch_size]
+            items = [(p.known.kv if p.shared else None, p.shared, p.target[p.shared :]) for p in chunk]
+            _, caches = self._forward(items, keep_cache=True)
+            for plan, kv in zip(chunk, caches):
+                plan.kv = kv
+        for plan in plans:
+            if plan.kv is None:  # the new prefix lies within the remembered one
+                plan.kv = [(k[:, :, : len(plan.target)], v[:, :, : len(plan.target)]) for k, v in plan.known.kv]
+            self._prefixes[plan.prompt] = _Prefix(plan.target, plan.kv)
+            self._prefixes.move_to_end(plan.prompt)
+        while len(self._prefixes) > max(PREFIX_CACHE_PROMPTS, len(plans)):
+            self._prefixes.popitem(last=False)  # least recently used first; this call's prompts were just touched
+
+        # 2. Every row reads only its tokens after its group's prefix.
+        items, owners = [], []
+        for plan in plans:
+            P = len(plan.target)
+            for i in plan.members:
+                items.append((plan.kv, P, tokens[i][P:]))
+                owners.append(i)
+            read = [len(tokens[i]) - P for i in plan.members]
+            read[0] += P - plan.shared  # the prefix tokens fed this call, charged once to the group's first row
+            for i, n in zip(plan.members, read):
+                self.last_tokens[i] = n
+            self.prefix_tokens_saved += sum(len(encoded[i]) for i in plan.members) - sum(read)
+        for start in range(0, len(items), self.batch_size):
+            values, _ = self._forward(items[start : start + self.batch_size], keep_cache=False)
+            for i, value in zip(owners[start : start + self.batch_size], values):
+                scores[i] = value
+        return whole
+
+    def _forward(self, items, keep_cache: bool):
+        """One classifier pass over rows `(prefix kv | None, prefix length p, new token ids)`.
+
+        Prefixes are right-aligned in a left-padded cache of the longest one, new tokens right-padded
+        after it; the attention mask covers each row's prefix and real tokens, position ids continue from
+        p. Returns each row's score (the classifier's logit at its last token, which is not a pad id)
+        and, with keep_cache, each row's prefix + new tokens as a per-layer [(keys, values)] of batch 1."""
+        import torch
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        pad = _pad_token_id(self.model)
+        rows = len(items)
+        P = max(p for _, p, _ in items)
+        S = max(len(new) for _, _, new in items)
+        input_ids = torch.full((rows, S), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((rows, P + S), dtype=torch.long)
+        for r, (_, p, new) in enumerate(items):
+            input_ids[r, : len(new)] = torch.tensor(new, dtype=torch.long)
+            mask[r, P - p : P + len(new)] = 1
+        positions = torch.tensor([p for _, p, _ in items], dtype=torch.long)[:, None] + torch.arange(S)
+        cache = DynamicCache()
+        if P:
+            # Rows of one group share one prefix object: one copy per group and layer.
+            groups: dict[int, tuple[list, int, list[int]]] = {}
+            for r, (kv, p, _) in enumerate(items):
+                if p:
+                    groups.setdefault(id(kv), (kv, p, []))[2].append(r)
+            reference = next(iter(groups.values()))[0]
+            data = []
+            for layer, (k0, v0) in enumerate(reference):
+                padded_keys = k0.new_zeros((rows, k0.shape[1], P, k0.shape[3]))
+                padded_values = v0.new_zeros((rows, v0.shape[1], P, v0.shape[3]))
+                for kv, p, members in groups.values():
+                    index = torch.tensor(members, device=padded_keys.device)
+                    padded_keys[index, :, P - p :] = kv[layer][0][:, :, :p]
+                    padded_values[index, :, P - p :] = kv[layer][1][:, :, :p]
+                data.append((padded_keys, padded_values))
+            cache = DynamicCache(ddp_cache_data=data)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                **{_cache_argument(type(self.model)): cache},
+            )
+        values = out.logits[:, self.label_index].float().cpu().tolist()
+        if not keep_cache:
+            return values, None
+        grown = getattr(out, "cache", None)
+        grown = cache if grown is None else grown  # the cache passed in, grown in place
+        kept = []
+        for r, (_, p, new) in enumerate(items):
+            span = slice(P - p, P + len(new))
+            kept.append([(layer.keys[r : r + 1, :, span].clone(), layer.values[r : r + 1, :, span].clone()) for layer in grown.layers])
+        return values, kept
+
+
+class _Prefix:
+    """A prompt's cached prefix: its token ids and, per layer, (keys, values) of batch 1 over those ids."""
+
+    __slots__ = ("ids", "kv")
+
+    def __init__(self, ids: tuple[int, ...], kv: list):
+        self.ids, self.kv = ids, kv
+
+
+class _Plan:
+    """One group of rows (one prompt) of a call: its prefix ids, what was cached and how much of it agrees."""
+
+    __slots__ = ("prompt", "members", "target", "known", "shared", "kv")
+
+    def __init__(self, prompt: str, members: list[int], target: tuple[int, ...], known: _Prefix | None, shared: int):
+        self.prompt, self.members, self.target, self.known, self.shared = prompt, members, target, known, shared
+        self.kv: list | None = None
+
+
+@lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str | None:
+    """The name of a forward's cache argument (`cache` in transformers >= 5.2x, `past_key_values` before), or None."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _pad_token_id(model):
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "pad_token_id", None)
+
+
+def prefix_cache_unsupported(model) -> str | None:
+    """None when the prefix cache applies to this classifier (a decoder whose forward takes a key/value
+    cache and position ids, every layer plain or sliding-window attention); else why not, in a few words."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    kind = type(model).__name__
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{kind} is an encoder-decoder"
+    parameters = inspect.signature(type(model).forward).parameters
+    if _cache_argument(type(model)) is None:
+        return f"{kind} takes no past key values (a bidirectional encoder)"
+    if "position_ids" not in parameters:
+        return f"{kind} takes no position ids"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "is_causal", True):
+        return f"{kind} attends both ways"
+    if getattr(text, "attention_chunk_size", None) is not None or "chunked_attention" in (getattr(text, "layer_types", None) or ()):
+        return f"{kind} has chunked attention"
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as exc:  # noqa: BLE001 - an unknown layout: encode whole
+        return f"its cache layout is unknown ({type(exc).__name__})"
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return f"{kind} has layers without a plain key/value cache"
+    return None
