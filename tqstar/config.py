@@ -25,7 +25,12 @@ DATASETS = ("synthetic", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "
 _HASH_EXCLUDED = ("output_dir", "experiment_name", "evaluate")
 # Keys added after runs were made, whose null default reproduces the behaviour before them: left out of the
 # hash while null, so those runs are still resumed (and found) by the same command.
-_HASH_DROPPED_WHEN_NULL = (("decoder", "sample_top_k"), ("decoder", "rollout", "top_k"))
+_HASH_DROPPED_WHEN_NULL = (
+    ("decoder", "sample_top_k"),
+    ("decoder", "rollout", "top_k"),
+    ("reward", "prefix_cache"),  # null = auto: the same scores within float tolerance
+    ("baseline_reward", "prefix_cache"),
+)
 
 
 def conf_dir() -> Path:
