@@ -80,7 +80,7 @@ def load_named_sweep(name: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"no named sweep '{name}'; {did_you_mean(name, group_options('sweep'))}")
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    allowed = ("grid", "arms", "executor", "jobs", "slurm", "description")
+    allowed = ("grid", "arms", "executor", "jobs", "slurm", "description", "gold_reward")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"conf/sweep/{name}.yaml: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
