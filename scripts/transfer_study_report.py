@@ -80,6 +80,29 @@ def optimum_at(curve: list[tuple[float, float, float]], kl: float) -> float | No
     return None
 
 
+def topk_optimum_points(optimal: Path, seeds: list[int], top_k: int = 10) -> list[dict]:
+    """rho*_(beta,k)'s curve (what a decoder among pi_sft's top k can reach; its KL to pi_sft includes the
+    cut), from the optimal_check report's cache (optimum_topk/seed<S>-k<k>-m<M>.json), averaged over the seeds
+    it has; [] when the report has not computed it."""
+    import json
+
+    curves = {}
+    for seed in seeds:
+        files = sorted((optimal / "optimum_topk").glob(f"seed{seed}-k{top_k}-m*.json"))
+        if files:
+            curves[seed] = json.loads(files[-1].read_text())
+    if not curves:
+        return []
+    name = f"rho*_(β,{top_k}) (IS, seed{'s' if len(curves) > 1 else ''} {', '.join(map(str, curves))})"
+    points = []
+    for i, point in enumerate(next(iter(curves.values()))):
+        at = [c[i] for c in curves.values()]
+        kl, reward = sum(p["kl"] for p in at) / len(at), sum(p["reward"] for p in at) / len(at)
+        points.append({"curve": name, "label": f"β={point['beta']:g}", "kl": kl, "reward": reward, "reward_se": None})
+    print(f"\n{name}: " + ", ".join(f"{p['label']}: KL {p['kl']:.2f}, r {p['reward']:.3f}" for p in points))
+    return points
+
+
 def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path | None, plot: Path) -> None:
     seeds = sorted(int(s) for s in sampled["seed"].unique())
     curves = {seed: optimum_curve(seed, cache_dir) for seed in seeds}
@@ -138,6 +161,7 @@ def against_optimum(sampled: pd.DataFrame, cache_dir: str | None, optimal: Path 
                     "reward_se": None,
                 }
             )
+    points += topk_optimum_points(optimal, seeds) if optimal is not None else []
     from tqstar.plots import plot_frontier
 
     plot.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +186,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="the sweep folder (holds results.csv)")
     parser.add_argument("--cache-dir", default=None, help="the synthetic cache (default: $TQSTAR_CACHE or ~/.cache/tqstar)")
-    parser.add_argument("--optimal", type=Path, help="an optimal_check sweep folder: its 128-prompt runs join the plot")
+    parser.add_argument(
+        "--optimal",
+        type=Path,
+        help="an optimal_check sweep folder: its 128-prompt runs, and rho*_(beta,10)'s curve when its report cached it, join the plot",
+    )
     parser.add_argument("--plot", type=Path, help="the frontier plot with the optimum (default: FOLDER/frontier_optimum.png)")
     args = parser.parse_args()
     table = pd.read_csv(args.folder / "results.csv")
