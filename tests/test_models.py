@@ -227,6 +227,9 @@ def test_smollm2_gguf_loads_and_decodes_through_the_preset(tmp_path):
         compose(
             [
                 "experiment=smollm2_offline",
+                "sft=smollm2",  # the packaged GGUF itself, as SFT and baseline (no SmolLM2 build)
+                "baseline=smollm2",
+                "dataset=hh_sample",
                 "device=cpu",
                 f"output_dir={tmp_path}",
                 "dataset.limit=1",

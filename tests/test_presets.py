@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tqstar.config import compose, group_options, validate
+from tqstar.smollm2 import Smollm2Params
 from tqstar.synthetic import BuildParams
 
 
@@ -39,12 +40,35 @@ def test_hh_pythia_is_the_authors_setup():
     assert not cfg.sft.trust_remote_code and not cfg.reward.trust_remote_code
 
 
-def test_smollm2_offline_needs_nothing_from_the_network():
+def test_smollm2_offline_is_direct_transfer_from_the_dpo_baseline_built_here():
     cfg = validate(compose(["experiment=smollm2_offline"]))
+    assert (cfg.sft.name_or_path, cfg.baseline.name_or_path) == ("smollm2:sft", "smollm2:dpo")
+    assert cfg.sft.prompt_format == cfg.baseline.prompt_format == "chat"
+    assert cfg.reward.type == "vader" and (cfg.dataset.name, cfg.dataset.split) == ("smollm2", "test")
+    assert cfg.baseline_reward.function == "tqstar.smollm2.rewards:on_topic"  # r_bl, for `tqstar evaluate`
+    d = cfg.decoder
+    assert (d.method, d.transfer, d.top_k, d.rollout.max_new_tokens, d.max_new_tokens, d.batch_size) == ("tqstar", "direct", 5, 10, 48, 8)
+    assert d.max_new_tokens == Smollm2Params().max_new_tokens  # as long as the samples the baseline was trained on
+
+
+def test_smollm2_indirect_rolls_out_the_baseline_of_the_other_reward():
+    cfg = validate(compose(["experiment=smollm2_indirect"]))
+    assert (cfg.sft.name_or_path, cfg.baseline.name_or_path) == ("smollm2:sft", "smollm2:dpo_bl")
+    assert (cfg.reward.type, cfg.baseline_reward.type, cfg.baseline_reward.function) == (
+        "vader",
+        "callable",
+        "tqstar.smollm2.rewards:on_topic",
+    )
+    assert list(cfg.baseline_reward.bounds) == [-1.0, 1.0]
+    assert (cfg.decoder.method, cfg.decoder.transfer, cfg.decoder.beta_bl) == ("tqstar", "indirect", Smollm2Params().bl_beta)
+    assert (cfg.decoder.top_k, cfg.decoder.rollout.max_new_tokens, cfg.decoder.max_new_tokens) == (5, 10, 48)
+    assert cfg.dataset.name == "smollm2"
+
+
+def test_the_packaged_smollm2_weights_need_nothing_from_the_network():
+    cfg = validate(compose(["experiment=smollm2_offline", "sft=smollm2", "baseline=smollm2", "dataset=hh_sample"]))
     assert cfg.sft.name_or_path == cfg.baseline.name_or_path == "packaged:smollm2"
-    assert cfg.reward.type == "vader" and cfg.dataset.path == "packaged:hh_prompts.jsonl"
-    assert cfg.decoder.method == "tqstar" and cfg.decoder.max_new_tokens <= 32
-    assert 5 <= cfg.decoder.top_k <= 10 and 10 <= cfg.decoder.rollout.max_new_tokens <= 20
+    assert cfg.dataset.path == "packaged:hh_prompts.jsonl"
 
 
 def test_synthetic_indirect_is_the_authors_indirect_setting():

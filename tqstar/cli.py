@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-prepare_app = typer.Typer(help="Build what offline runs need (the synthetic task).", no_args_is_help=True)
+prepare_app = typer.Typer(help="Build what offline runs need (the synthetic task, the SmolLM2 experiment).", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
 
 _state = {"debug": False}
@@ -210,6 +210,85 @@ def _proxy_summary(seed: int, cache_dir) -> str:
         f"corr with r: Pearson {num(held.get('pearson'))}, Spearman {num(held.get('spearman'))}; "
         f"trained on {m.get('pairs', {}).get('train', 0)} pairs in {num(m.get('seconds', {}).get('train'), '.0f')} s"
     )
+
+
+@prepare_app.command("smollm2")
+def prepare_smollm2(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="e.g. smollm2.seed=1 smollm2.params.n_train_prompts=16 (conf/smollm2/default.yaml lists the knobs)"
+    ),
+) -> None:
+    """Build the SmolLM2 experiment (SFT model, DPO baselines for direct and indirect transfer, premise checks); cached."""
+    _guarded(_prepare_smollm2, list(overrides or []))
+
+
+def _prepare_smollm2(overrides: list[str]) -> None:
+    from .config import compose, validate
+    from .smollm2 import ensure_built, load_manifest, params_from_config
+
+    cfg = validate(compose(overrides))
+    block = cfg.smollm2
+    folder = ensure_built(seed=int(block.seed), cache_dir=block.cache_dir, params=params_from_config(block.params), progress=True)
+    _print_smollm2_summary(_console(), folder, load_manifest(folder))
+
+
+def _print_smollm2_summary(console, folder, manifest: dict) -> None:
+    """What a SmolLM2 build holds: where, how long each stage took, its pairs and DPO runs, the premise checks, the headline."""
+    from rich.table import Table
+
+    seconds = manifest.get("seconds") or {}
+    console.print(f"SmolLM2 experiment: {folder} (built in {seconds.get('total', 0):.0f} s)")
+    console.print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if k != "total"), soft_wrap=True)
+    for name, pairs in (manifest.get("pairs") or {}).items():
+        run = (manifest.get("training") or {}).get(name) or {}
+        console.print(
+            f"{name}: {pairs['pairs']} pairs by {pairs['reward']} (of {pairs['prompts']} prompts; {pairs['near_ties']} near-ties, "
+            f"mean gap {pairs['mean_gap']}); DPO beta {run.get('beta')}, {run.get('steps')} steps, final loss {run.get('final_loss')}, "
+            f"reward accuracy {run.get('final_accuracy')}",
+            soft_wrap=True,
+        )
+    premise = manifest.get("premise") or {}
+
+    def pm(stat):
+        return (
+            ""
+            if not stat or stat.get("mean") is None
+            else f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat.get("se") is not None else "")
+        )
+
+    def gain(stat):
+        return "" if not stat or stat.get("difference") is None else f"{stat['difference']:+.3f} ± {stat['se'] or 0:.3f}"
+
+    table = Table(title="models on the held-out prompts (sampled, T=1; baselines against rho*_beta of the reward they were aligned to)")
+    for column in ("model", "aligned to", "VADER r", "on-topic r_bl", "gain, own r", "E_rho*[r] IS", "KL to SFT", "KL(rho*‖SFT)", "slope"):
+        table.add_column(column, justify="right")
+    sft = premise.get("sft") or {}
+    table.add_row("sft", "", pm(sft.get("target_reward")), pm(sft.get("baseline_reward")), "", "", "0", "", "")
+    for name in ("dpo", "dpo_bl"):
+        check = premise.get(name) or {}
+        slope = check.get("implied_reward_slope") or {}
+        sampled = check.get("sampled") or {}
+        table.add_row(
+            name,
+            f"{'r' if check.get('reward') == 'target_reward' else 'r_bl'}, {check.get('beta', 0):g}",
+            pm(sampled.get("target_reward")),
+            pm(sampled.get("baseline_reward")),
+            gain((check.get("gain_over_sft") or {}).get(check.get("reward"))),
+            pm(check.get("optimum_reward")),
+            pm(check.get("kl")),
+            pm(check.get("optimum_kl")),
+            "" if slope.get("slope") is None else f"{slope['slope']:.2f} ± {slope['se']:.2f}",
+        )
+    console.print(table)
+    head = manifest.get("headline") or {}
+    if head.get("difference") is not None:
+        z = "n/a" if head.get("z") is None else f"{head['z']:.1f}"
+        verdict = "[green]passes[/]" if head.get("passes") else "[red]falls short[/]"
+        console.print(
+            f"headline: dpo - sft sampled VADER {head['difference']:+.3f} ± {head['se'] or 0:.3f} over {head['prompts']} prompts "
+            f"= {z} s.e. (needs >= {head['threshold_se']:g}): {verdict}",
+            soft_wrap=True,
+        )
 
 
 @app.command()

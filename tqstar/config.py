@@ -19,7 +19,7 @@ from .errors import ConfigError, did_you_mean
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("raw", "chat")
 REWARD_TYPES = ("vader", "hf", "callable")
-DATASETS = ("synthetic", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "local")
+DATASETS = ("synthetic", "smollm2", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "local")
 # Keys that place or post-process a run but do not change what it generates: left out of the hash,
 # so the same experiment resumes in the same folder whatever the output location.
 _HASH_EXCLUDED = ("output_dir", "experiment_name", "evaluate")
@@ -211,8 +211,12 @@ def validate(cfg: DictConfig) -> DictConfig:
             isinstance(path, str) and bool(path),
             f"{mount}.name_or_path",
             path,
-            "a hub id, a local folder, synthetic:<name> or packaged:smollm2",
+            "a hub id, a local folder, synthetic:<name>, smollm2:<name> or packaged:smollm2",
         )
+    if OmegaConf.select(cfg, "smollm2") is not None:
+        from .smollm2.params import params_from_config  # torch-free
+
+        params_from_config(OmegaConf.select(cfg, "smollm2.params"))
     from .rewards.base import check_bounds  # torch-free
 
     for mount in ("reward", "baseline_reward"):
@@ -250,16 +254,32 @@ def uses_synthetic(data: dict) -> bool:
     return dataset.get("name") == "synthetic" or '"synthetic:' in json.dumps(data, default=str)
 
 
+def uses_smollm2(data: dict) -> bool:
+    """Whether a (resolved, plain) config reads the SmolLM2 build: its dataset or a ``smollm2:`` model."""
+    dataset = data.get("dataset") or {}
+    return dataset.get("name") == "smollm2" or '"smollm2:' in json.dumps(data, default=str)
+
+
 def config_hash(cfg: DictConfig) -> str:
     """8 hex digits identifying what a run generates (placement keys excluded).
 
     A config that reads the synthetic task also hashes the build's key (recipe version, seed,
     parameters, library versions): ``synthetic:rho0.1`` names a different model after a recipe
     change, and a finished run of the old build must not be taken for one of the new. A config that
-    reads the learned proxy reward (``synthetic:proxy``) also hashes the proxy's key, for the same reason."""
+    reads the learned proxy reward (``synthetic:proxy``) also hashes the proxy's key, for the same reason.
+    The ``smollm2`` block (seed, cache folder, recipe) is replaced by the SmolLM2 build's folder name
+    (its key) when the config reads that build, and left out otherwise, so runs made before the block
+    existed keep their hash."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         data.pop(key, None)
+    smollm2 = data.pop("smollm2", None) or {}
+    if uses_smollm2(data):
+        from .smollm2.cache import build_dir
+        from .smollm2.params import params_from_config
+
+        seed = int(smollm2.get("seed") or 0)
+        data["smollm2_build"] = build_dir(seed=seed, cache_dir="/", params=params_from_config(smollm2.get("params"))).name
     for *path, key in _HASH_DROPPED_WHEN_NULL:
         block = data
         for part in path:

@@ -48,18 +48,19 @@ def check_sources(cfg: DictConfig) -> None:
     from .hub import check_source
     from .models import config_key, resolve_source
     from .rewards import load_callable
+    from .smollm2 import MODEL_NAMES as SMOLLM2_MODELS
     from .synthetic import MODEL_NAMES
 
     used = mounts_used(cfg)
     for mount in used["models"]:
         model_cfg = cfg[mount]
         source = str(model_cfg.name_or_path)
-        if source.startswith("synthetic:"):
-            name = source.split(":", 1)[1]
-            if name not in MODEL_NAMES:
-                raise ConfigError(
-                    f"{mount}.name_or_path={source!r}: the synthetic task has no model {name!r}; {did_you_mean(name, MODEL_NAMES)}"
-                )
+        built = {"synthetic": ("synthetic task", MODEL_NAMES), "smollm2": ("SmolLM2 build", SMOLLM2_MODELS)}
+        prefix, _, name = source.partition(":")
+        if name and prefix in built:
+            what, names = built[prefix]
+            if name not in names:
+                raise ConfigError(f"{mount}.name_or_path={source!r}: the {what} has no model {name!r}; {did_you_mean(name, names)}")
             continue
         resolved, _ = resolve_source(model_cfg)  # packaged:<name>, gguf_file inside a folder
         check_source(resolved, config_key(model_cfg, "name_or_path"))
@@ -78,7 +79,7 @@ def check_sources(cfg: DictConfig) -> None:
                     check_source(value, f"{mount}.{key}", "reward model")
         elif reward_cfg.type == "callable":
             load_callable(reward_cfg.function, f"{mount}.function")
-    if cfg.dataset.name != "synthetic":
+    if cfg.dataset.name not in ("synthetic", "smollm2"):
         check_dataset_config(cfg.dataset)
 
 
@@ -131,8 +132,24 @@ def synthetic_dir(cfg: DictConfig) -> Path | None:
     )
 
 
-def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
-    """Load what the config names (shared across calls) and build the engine."""
+def smollm2_dir(cfg: DictConfig) -> Path | None:
+    """The SmolLM2 build's folder when the config uses it (built once and cached), else None."""
+    used = cfg.dataset.name == "smollm2" or any(str(cfg[m].name_or_path).startswith("smollm2:") for m in mounts_used(cfg)["models"])
+    if not used:
+        return None
+    from .smollm2 import ensure_built, params_from_config
+
+    block = cfg.get("smollm2")
+    return ensure_built(
+        seed=int(block.seed) if block is not None else 0,
+        cache_dir=block.cache_dir if block is not None else None,
+        params=params_from_config(block.get("params") if block is not None else None),
+    )
+
+
+def build_decoder(cfg: DictConfig, task_dir: Path | None = None, smollm2: Path | None = None):
+    """Load what the config names (shared across calls) and build the engine. ``task_dir`` / ``smollm2``:
+    the built synthetic task's and SmolLM2 experiment's folders, when the config uses them."""
     from .decoding.engine import Decoder
     from .decoding.settings import DecoderSettings
     from .models import check_same_vocab, load_model
@@ -141,7 +158,7 @@ def build_decoder(cfg: DictConfig, task_dir: Path | None = None):
     settings = DecoderSettings.from_config(cfg.decoder)
     models = {}
     for mount in mounts_used(cfg)["models"]:
-        models[mount] = load_model(cfg[mount], cfg.device, task_dir)
+        models[mount] = load_model(cfg[mount], cfg.device, task_dir, smollm2)
     if "baseline" in models:
         check_same_vocab(models["sft"].tokenizer, models["baseline"].tokenizer, str(cfg.sft.name_or_path), str(cfg.baseline.name_or_path))
     synthetic = cfg.get("synthetic")
@@ -215,10 +232,10 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
         )
         try:
             # Prompts first: a dataset problem should not wait for minutes of model loading.
-            task_dir = synthetic_dir(cfg)
-            tokenizer = tokenizer_for(cfg.sft, task_dir) if cfg.dataset.get("max_prompt_tokens") else None
-            prompt_set = load_prompts(cfg.dataset, tokenizer, task_dir)
-            decoder, sft = build_decoder(cfg, task_dir)
+            task_dir, smollm2 = synthetic_dir(cfg), smollm2_dir(cfg)
+            tokenizer = tokenizer_for(cfg.sft, task_dir, smollm2) if cfg.dataset.get("max_prompt_tokens") else None
+            prompt_set = load_prompts(cfg.dataset, tokenizer, task_dir, smollm2)
+            decoder, sft = build_decoder(cfg, task_dir, smollm2)
             run.update_status(device=str(sft.device))
             todo = [(prompt.index, prompt) for prompt in prompt_set.prompts if prompt.id not in done]
             counters = dict(previous.get("counters") or {})

@@ -1,4 +1,4 @@
-"""Load causal LMs and their tokenizers: hub id, local folder, the synthetic task, or a packaged GGUF.
+"""Load causal LMs and their tokenizers: hub id, local folder, a built task (synthetic, SmolLM2), or a packaged GGUF.
 
 Every source goes through `from_pretrained`, so the code path tested offline with tiny models is the
 one a GPU box uses with hub checkpoints. A model asked for twice in one process (same source, dtype
@@ -86,24 +86,30 @@ def packaged_gguf(name: str) -> tuple[Path, str]:
     return path.parent, filename
 
 
-def resolve_source(model_cfg, synthetic_dir: str | Path | None = None) -> tuple[str, str | None]:
+def _built_model(model_cfg, source: str, task: str, folder: str | Path | None, hint: str) -> str:
+    """The folder a `<prefix>:<name>` model names inside a built task's folder (given by the caller)."""
+    key = config_key(model_cfg, "name_or_path")
+    if folder is None:
+        raise ConfigError(f"{key}={source!r} needs the {task}'s folder (tqstar decode resolves it; in Python pass {hint})")
+    path = Path(folder) / source.split(":", 1)[1]
+    if not path.is_dir():
+        raise ConfigError(f"{key}={source!r}: the {task} has no model '{path.name}'")
+    return str(path)
+
+
+def resolve_source(model_cfg, synthetic_dir: str | Path | None = None, smollm2_dir: str | Path | None = None) -> tuple[str, str | None]:
     """(path or hub id, gguf file) for a model config.
 
-    `synthetic:<name>` names a model folder of the built synthetic task: the caller (decode) builds
-    or finds the task and passes its folder as `synthetic_dir`; this module never builds it.
+    `synthetic:<name>` names a model folder of the built synthetic task and `smollm2:<name>` one of the
+    SmolLM2 build: the caller (decode) builds or finds the task and passes its folder as `synthetic_dir`
+    / `smollm2_dir`; this module never builds anything.
     """
     source = str(model_cfg.name_or_path)
     gguf_file = model_cfg.get("gguf_file")
     if source.startswith("synthetic:"):
-        if synthetic_dir is None:
-            raise ConfigError(
-                f"{config_key(model_cfg, 'name_or_path')}={source!r} needs the synthetic task's folder "
-                "(tqstar decode resolves it; in Python pass synthetic_dir=tqstar.synthetic.ensure_built())"
-            )
-        folder = Path(synthetic_dir) / source.split(":", 1)[1]
-        if not folder.is_dir():
-            raise ConfigError(f"{config_key(model_cfg, 'name_or_path')}={source!r}: the synthetic task has no model '{folder.name}'")
-        return str(folder), gguf_file
+        return _built_model(model_cfg, source, "synthetic task", synthetic_dir, "synthetic_dir=tqstar.synthetic.ensure_built()"), gguf_file
+    if source.startswith("smollm2:"):
+        return _built_model(model_cfg, source, "SmolLM2 build", smollm2_dir, "smollm2_dir=tqstar.smollm2.ensure_built()"), gguf_file
     if source.startswith("packaged:"):
         folder, filename = packaged_gguf(source.split(":", 1)[1])
         return str(folder), filename
@@ -148,16 +154,16 @@ def _cached_tokenizer(source: str, gguf_file, revision, trust: bool, key: str):
     return _TOKENIZERS[cache_key]
 
 
-def tokenizer_for(model_cfg, synthetic_dir: str | Path | None = None):
+def tokenizer_for(model_cfg, synthetic_dir: str | Path | None = None, smollm2_dir: str | Path | None = None):
     """The tokenizer of a `model` config without loading its weights (e.g. to measure prompts before
     the models load); `load_model` reuses it."""
-    source, gguf_file = resolve_source(model_cfg, synthetic_dir)
+    source, gguf_file = resolve_source(model_cfg, synthetic_dir, smollm2_dir)
     return _cached_tokenizer(
         source, gguf_file, model_cfg.get("revision"), bool(model_cfg.get("trust_remote_code", False)), config_key(model_cfg, "name_or_path")
     )
 
 
-def _dequantize_gguf() -> dict:
+def dequantize_gguf_kwargs() -> dict:
     """Ask for plain dense weights in the requested dtype: the engine runs batches of k x rollouts rows,
     and newer transformers would otherwise keep GGUF blocks packed (a matmul kernel per layer)."""
     try:
@@ -167,14 +173,16 @@ def _dequantize_gguf() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def load_model(model_cfg, default_device: str = "auto", synthetic_dir: str | Path | None = None) -> LoadedModel:
+def load_model(
+    model_cfg, default_device: str = "auto", synthetic_dir: str | Path | None = None, smollm2_dir: str | Path | None = None
+) -> LoadedModel:
     """Load (or reuse) the causal LM a `model` config group describes."""
     from transformers import AutoModelForCausalLM
 
     key = config_key(model_cfg, "name_or_path")
     device = resolve_device(model_cfg.get("device"), default_device, config_key(model_cfg, "device"))
     dtype = resolve_dtype(str(model_cfg.get("dtype") or "auto"), device)
-    source, gguf_file = resolve_source(model_cfg, synthetic_dir)
+    source, gguf_file = resolve_source(model_cfg, synthetic_dir, smollm2_dir)
     revision = model_cfg.get("revision")
     trust = bool(model_cfg.get("trust_remote_code", False))
     prompt_format = str(model_cfg.get("prompt_format") or "raw")
@@ -184,7 +192,7 @@ def load_model(model_cfg, default_device: str = "auto", synthetic_dir: str | Pat
         return replace(_LOADED[cache_key], source=str(model_cfg.name_or_path), prompt_format=prompt_format)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
     if gguf_file:
-        kwargs.update(gguf_file=gguf_file, **_dequantize_gguf())
+        kwargs.update(gguf_file=gguf_file, **dequantize_gguf_kwargs())
     if revision:
         kwargs["revision"] = revision
     tokenizer = _cached_tokenizer(source, gguf_file, revision, trust, key)

