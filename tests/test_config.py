@@ -43,6 +43,8 @@ def test_default_config_composes_and_validates():
         ("dataset.shard=3/2", ["dataset.shard", "i/n"]),
         ("device=gpu", ["device", "gpu"]),
         ("decoder.prune=maybe", ["decoder.prune", "maybe", "true or false"]),
+        ("decoder.reuse_rollouts=sometimes", ["decoder.reuse_rollouts", "sometimes", "true or false"]),
+        ("decoder.shared_prefix=2", ["decoder.shared_prefix", "2", "true or false"]),
         ("reward.bounds=[1,0]", ["reward.bounds", "[1, 0]", "lo <= hi"]),
         ("reward.bounds=[0]", ["reward.bounds", "[0]", "[lo, hi], two finite numbers"]),
         ("baseline_reward.bounds=[a,1]", ["baseline_reward.bounds", "two finite numbers"]),
@@ -77,6 +79,20 @@ def test_keys_added_later_leave_the_hash_alone_while_null():
     assert config_hash(base) != config_hash(
         compose(["decoder=cd", "decoder.rollout.selection=sample", "decoder.selection=sample", "decoder.rollout.top_k=5"])
     )
+
+
+@pytest.mark.parametrize("key", ["reuse_rollouts", "shared_prefix"])
+def test_speed_keys_leave_the_hash_alone_at_their_default(key):
+    """decoder.reuse_rollouts and decoder.shared_prefix (true: the same tokens, less work) came after runs were made: at
+    their default they hash as if absent, so those runs still resume; false is hashed."""
+    from omegaconf import OmegaConf
+
+    base = compose(["decoder=cd"])
+    assert base.decoder[key] is True
+    older = OmegaConf.to_container(base)
+    del older["decoder"][key]
+    assert config_hash(base) == config_hash(OmegaConf.create(older)) == config_hash(compose(["decoder=cd", f"decoder.{key}=true"]))
+    assert config_hash(base) != config_hash(compose(["decoder=cd", f"decoder.{key}=false"]))
 
 
 def test_synthetic_runs_hash_the_build_they_read(monkeypatch):

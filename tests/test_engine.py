@@ -275,10 +275,10 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_tokens(sft_model, bas
     expected = [g.token_ids for g in make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", alpha=2.0).decode(PROMPTS)]
     original = kv.KVStream.fork
 
-    def fork_with_small_memory(self, rows):
+    def fork_with_small_memory(self, rows, **options):
         if rows.shape[0] > 3:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return original(self, rows)
+        return original(self, rows, **options)
 
     monkeypatch.setattr(kv.KVStream, "fork", fork_with_small_memory)
     decoder = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", alpha=2.0, max_batch_rows=12)
@@ -368,7 +368,7 @@ def never_ending_toy(tokenizer):
         ),
         # cd rolls out the SFT model from the proposer's own cache: 2 candidates x 3 tokens per step, in sft's count
         (
-            "cd",
+            "cd/no-reuse",
             lambda P: {
                 "sft_forward_tokens": P + 1 + 2 * 6,
                 "baseline_forward_tokens": 0,
@@ -378,11 +378,35 @@ def never_ending_toy(tokenizer):
             },
         ),
         (
-            "tqstar",
+            "tqstar/no-reuse",
             lambda P: {
                 "sft_forward_tokens": P + 1,
                 "baseline_forward_tokens": P + 1 + 2 * 6,
                 "rollout_tokens": 12,
+                "reward_calls": 4,
+                "candidates_valued": 4,
+            },
+        ),
+        # with rollout reuse (the default): step 1 chooses 'the', whose rollout was 'the the the'; at step 2 the candidate
+        # 'the' takes 'the the' from it (2 reused) and computes one token (1 fed, 1 generated); 'a' rolls out 3 as before
+        (
+            "cd",
+            lambda P: {
+                "sft_forward_tokens": P + 1 + 6 + 3 + 1,
+                "baseline_forward_tokens": 0,
+                "rollout_tokens": 10,
+                "rollout_tokens_reused": 2,
+                "reward_calls": 4,
+                "candidates_valued": 4,
+            },
+        ),
+        (
+            "tqstar",
+            lambda P: {
+                "sft_forward_tokens": P + 1,
+                "baseline_forward_tokens": P + 1 + 6 + 3 + 1,
+                "rollout_tokens": 10,
+                "rollout_tokens_reused": 2,
                 "reward_calls": 4,
                 "candidates_valued": 4,
             },
@@ -395,12 +419,13 @@ def test_costs_match_a_hand_count_and_add_up(method, expected, tokenizer):
     toy, other = never_ending_toy(tokenizer), never_ending_toy(tokenizer)  # two objects: separate caches
     prompt = f"{HUMAN} hotel{ASSISTANT}"
     P = len(tokenizer(prompt)["input_ids"])
-    settings = DecoderSettings(method=method, top_k=2, rollout_max_new_tokens=3, max_new_tokens=2, n=2)
+    method, _, no_reuse = method.partition("/")
+    settings = DecoderSettings(method=method, top_k=2, rollout_max_new_tokens=3, max_new_tokens=2, n=2, reuse_rollouts=not no_reuse)
     decoder = Decoder(toy, tokenizer, reward=positive_words_reward, baseline_model=other, settings=settings)
     (generation,) = decoder.decode([prompt])
     assert generation.num_tokens == 2
     # a Python reward reads no tokens; it has no bounds, so nothing is pruned
-    want = {"candidates_valued": 0, **expected(P), "reward_tokens": 0, "candidates_pruned": 0}
+    want = {"candidates_valued": 0, "rollout_tokens_reused": 0, **expected(P), "reward_tokens": 0, "candidates_pruned": 0}
     assert generation.cost == want
     assert decoder.counters == want  # one prompt: the run's counters are its cost
     # several prompts in one batch: the per-response costs add up to the counters
@@ -548,8 +573,8 @@ def test_reward_bounds_are_two_ordered_numbers():
 
 def test_pruned_costs_match_a_hand_count_and_add_up(tokenizer):
     """never_ending_toy proposes 'the' (log .6) then 'a' (log .3); every rollout scores 0. With bounds [-1, 1]
-    and alpha = 0.5, 'a' can reach log .3 + 0.5 < log .6 + 0: pruned at both steps, so one rollout of
-    L = 3 tokens and one reward call per step."""
+    and alpha = 0.5, 'a' can reach log .3 + 0.5 < log .6 + 0: pruned at both steps, so one rollout a step and one
+    reward call per step: L = 3 tokens at step 1, and at step 2 the rollout of 'the' reused from step 1 plus one token."""
     from tqstar.rewards import FunctionReward
 
     toy, other = never_ending_toy(tokenizer), never_ending_toy(tokenizer)
@@ -561,8 +586,9 @@ def test_pruned_costs_match_a_hand_count_and_add_up(tokenizer):
     (generation,) = decoder.decode([prompt])
     want = dict(
         sft_forward_tokens=P + 1,
-        baseline_forward_tokens=P + 1 + 2 * 3,
-        rollout_tokens=6,
+        baseline_forward_tokens=P + 1 + 3 + 1,
+        rollout_tokens=4,
+        rollout_tokens_reused=2,  # step 2's 'the' continues step 1's rollout 'the the the' (see the hand count above)
         reward_calls=2,
         reward_tokens=0,
         candidates_valued=2,
@@ -598,3 +624,126 @@ def test_rollouts_sampled_from_the_top_one_token_are_greedy_rollouts(sft_model, 
     ).decode(PROMPTS)
     assert [g.token_ids for g in top_one] == [g.token_ids for g in greedy]
     assert [step["q"] for g in top_one for step in g.trace] == [step["q"] for g in greedy for step in g.trace]
+
+
+# ----------------------------------------------------------------------------- greedy rollout reuse (decoder.reuse_rollouts)
+
+REUSE_CASES = [
+    dict(method="cd"),
+    dict(method="tqstar"),
+    dict(method="tqstar", transfer="indirect"),  # r and r_bl recomputed on the reused rollout texts
+    dict(method="cd", prune=False),
+    dict(method="tqstar", prune=False, batch_size=1),
+    dict(method="tqstar", max_batch_rows=3),  # chunks split a prompt's candidates
+    dict(method="cd", value="soft", beta=0.5),
+    dict(method="tqstar", stop_strings=["\n\nHuman:", ".", "!"], rollout_max_new_tokens=6),  # rollouts that end early
+    dict(method="tqstar", rollout_max_new_tokens=1),  # nothing to reuse but the last token's cache position
+    dict(method="cd", selection="sample", seed=3),  # sampled selection, greedy rollouts: every candidate valued
+]
+
+
+@pytest.fixture(scope="module")
+def near_baseline(sft_model):
+    """A baseline close to the SFT model, as a DPO model is: its greedy rollouts often start with one of the SFT
+    model's top-k tokens (the unrelated tiny `baseline_model` seldom does, so TQ* would seldom reuse a rollout)."""
+    import copy
+
+    model = copy.deepcopy(sft_model)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return model
+
+
+@pytest.mark.parametrize("case", REUSE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_rollout_reuse_gives_the_same_tokens_and_q_with_fewer_rollout_tokens(case, sft_model, near_baseline, tokenizer):
+    """The chosen token's greedy rollout [tau_1, ..., tau_L] continues at the next step as the rollout of the candidate
+    tau_1: the same tokens, Q and rollout rewards as rolling out afresh; the reused tokens are not generated again."""
+    baseline_model = near_baseline
+    knobs = {"trace": True, "max_new_tokens": 8, "rollout_max_new_tokens": 4, **case}
+    reusing = bounded_decoder(sft_model, tokenizer, baseline_model, **knobs)
+    fresh = bounded_decoder(sft_model, tokenizer, baseline_model, reuse_rollouts=False, **knobs)
+    assert reusing.settings.reuses_rollouts and not fresh.settings.reuses_rollouts
+    a, b = reusing.decode(PROMPTS), fresh.decode(PROMPTS)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.policy_logprobs for g in a] == [g.policy_logprobs for g in b]
+    for ga, gb in zip(a, b):
+        assert [(s["q"], s["rollout_rewards"], s.get("rollout_baseline_rewards")) for s in ga.trace] == [
+            (s["q"], s["rollout_rewards"], s.get("rollout_baseline_rewards")) for s in gb.trace
+        ]
+    on, off = reusing.counters, fresh.counters
+    assert on["rollout_tokens"] + on["rollout_tokens_reused"] == off["rollout_tokens"] and off["rollout_tokens_reused"] == 0
+    rollout_forward = f"{reusing.spec.rollout}_forward_tokens"
+    if knobs["rollout_max_new_tokens"] > 1:
+        assert on["rollout_tokens_reused"] > 0 and on[rollout_forward] < off[rollout_forward]
+    else:  # L = 1: the carried rollout is its first token only; the one token left is computed either way
+        assert on == off
+    same = ("reward_calls", "candidates_valued", "candidates_pruned")
+    assert {key: on[key] for key in same} == {key: off[key] for key in same}
+    assert {key: sum(g.cost[key] for g in a) for key in on} == on  # the responses' costs add up to the counters
+
+
+@pytest.mark.parametrize(
+    "case",
+    [dict(method="cd"), dict(method="tqstar", batch_size=1), dict(method="tqstar", stop_strings=["\n\nHuman:", ".", "!"])],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_rollout_reuse_with_pruning_equals_reference_oracle(case, sft_model, near_baseline, tokenizer):
+    baseline_model = near_baseline
+    decoder = bounded_decoder(sft_model, tokenizer, baseline_model, max_new_tokens=8, rollout_max_new_tokens=5, **case)
+    for prompt, generation in zip(PROMPTS, decoder.decode(PROMPTS)):
+        text, ids = reference_decode(prompt, sft_model, tokenizer, decoder.reward, decoder.settings, baseline_model)
+        assert generation.token_ids == ids and generation.response == text
+    assert decoder.counters["rollout_tokens_reused"] > 0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(method="tqstar", rollout_selection="sample", rollout_num=2),
+        dict(method="cd", rollout_selection="sample"),
+        dict(method="args"),
+        dict(method="sft"),
+        dict(method="best_of_n", selection="sample"),
+        dict(method="tqstar", reuse_rollouts=False),
+    ],
+)
+def test_rollout_reuse_is_inert_where_it_does_not_apply(settings, sft_model, baseline_model, tokenizer):
+    decoder = bounded_decoder(sft_model, tokenizer, baseline_model, max_new_tokens=3, n=2, **settings)
+    assert not decoder.settings.reuses_rollouts
+    decoder.decode(PROMPTS)
+    assert decoder.counters["rollout_tokens_reused"] == 0
+
+
+def test_reuse_rollouts_is_true_or_false():
+    from tqstar.errors import ConfigError
+
+    assert DecoderSettings(method="cd").reuses_rollouts and DecoderSettings(method="tqstar", transfer="indirect").reuses_rollouts
+    with pytest.raises(ConfigError, match=r"decoder.reuse_rollouts='no' is not allowed: must be true or false"):
+        DecoderSettings(reuse_rollouts="no")
+
+
+def test_a_carried_rollout_that_stopped_early_but_would_not_now_is_rolled_out_afresh(sft_model, tokenizer):
+    """Reuse takes a carried rollout's tokens only where this step's rollout provably makes them: one that ended before
+    L tokens (a stop string seen through a token now out of the tail) while the new tail does not end there runs anew."""
+    from tqstar.decoding.kv import KVStream
+    from tqstar.decoding.rollouts import GreedyTail, RolloutRunner
+    from tqstar.decoding.stops import StopChecker
+
+    settings = DecoderSettings(method="cd", rollout_max_new_tokens=4)
+    stops = StopChecker(tokenizer, settings.stop_strings)
+    encoded = tokenizer([PROMPTS[1]], return_tensors="pt")
+    parent = KVStream.prefill(sft_model, encoded["input_ids"], encoded["attention_mask"])
+    candidates = [parent.logits.topk(3).indices[0].tolist()]
+
+    def runner():
+        return RolloutRunner(settings, stops, dict.fromkeys(("rollout_tokens", "rollout_tokens_reused", "sft_forward_tokens"), 0))
+
+    fresh = runner().run(parent, [[]], candidates, [0], 0)
+    assert len(fresh[1]) == 4  # it does not end early, so a carried rollout of 2 tokens "ended" wrongly
+    reusing, kept = runner(), {}
+    carried = GreedyTail([candidates[0][1], *fresh[1][:1]])  # tau_1, tau_2 and no keys/values: as if it had ended
+    assert reusing.run(parent, [[]], candidates, [0], 0, carried=[carried], kept=kept) == fresh
+    assert reusing.counters["rollout_tokens_reused"] == 0 and reusing.counters["rollout_tokens"] == sum(map(len, fresh))
+    assert [kept[i].tokens for i in range(3)] == fresh and kept[1].kv is not None

@@ -23,13 +23,15 @@ DATASETS = ("synthetic", "smollm2", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", 
 # Keys that place or post-process a run but do not change what it generates: left out of the hash,
 # so the same experiment resumes in the same folder whatever the output location.
 _HASH_EXCLUDED = ("output_dir", "experiment_name", "evaluate")
-# Keys added after runs were made, whose null default reproduces the behaviour before them: left out of the
-# hash while null, so those runs are still resumed (and found) by the same command.
-_HASH_DROPPED_WHEN_NULL = (
-    ("decoder", "sample_top_k"),
-    ("decoder", "rollout", "top_k"),
-    ("reward", "prefix_cache"),  # null = auto: the same scores within float tolerance
-    ("baseline_reward", "prefix_cache"),
+# Keys added after runs were made, with the value that reproduces what those runs generated: left out of the hash
+# while they hold it, so those runs are still resumed (and found) by the same command; any other value is hashed.
+_HASH_DROPPED_AT = (
+    (("decoder", "sample_top_k"), None),
+    (("decoder", "rollout", "top_k"), None),
+    (("reward", "prefix_cache"), None),  # null = auto: the same scores within float tolerance
+    (("baseline_reward", "prefix_cache"), None),
+    (("decoder", "reuse_rollouts"), True),  # the same tokens, fewer rollout tokens
+    (("decoder", "shared_prefix"), True),  # the same rollouts within float tolerance, less memory
 )
 
 
@@ -280,11 +282,11 @@ def config_hash(cfg: DictConfig) -> str:
 
         seed = int(smollm2.get("seed") or 0)
         data["smollm2_build"] = build_dir(seed=seed, cache_dir="/", params=params_from_config(smollm2.get("params"))).name
-    for *path, key in _HASH_DROPPED_WHEN_NULL:
+    for (*path, key), default in _HASH_DROPPED_AT:
         block = data
         for part in path:
             block = block.get(part) if isinstance(block, dict) else None
-        if isinstance(block, dict) and key in block and block[key] is None:
+        if isinstance(block, dict) and key in block and block[key] is default:
             del block[key]
     if uses_synthetic(data):
         from .synthetic.cache import task_dir

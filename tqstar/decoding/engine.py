@@ -10,7 +10,9 @@ Per step, for every unfinished prompt (`Decoder._token_loop`, one line each):
 
 Speed: the SFT and rollout-model caches of the accepted prefix live across steps (one token fed
 per step; decoding/kv.py); rollouts fork the prefix cache into k x n rows in chunks of at most
-`max_batch_rows` (decoding/rollouts.py). `tqstar.decoding.reference` is the slow oracle this must
+`max_batch_rows` (decoding/rollouts.py), the rows attending to one copy of the prefix where the model
+allows (decoder.shared_prefix: decoding/cascade.py); with greedy rollouts, the chosen token's rollout is
+reused at the next step (decoder.reuse_rollouts: `_Batch.carried`). `tqstar.decoding.reference` is the slow oracle this must
 match token for token under greedy decoding.
 """
 
@@ -25,7 +27,7 @@ import torch
 
 from ..rewards.base import FunctionReward, Reward, cut_at_stop
 from .kv import KVStream
-from .rollouts import RolloutRunner
+from .rollouts import GreedyTail, RolloutRunner
 from .sampling import select
 from .settings import DecoderSettings
 from .stops import StopChecker
@@ -72,7 +74,8 @@ class Proposal:
 COST_KEYS = (
     "sft_forward_tokens",
     "baseline_forward_tokens",
-    "rollout_tokens",
+    "rollout_tokens",  # tokens the rollouts generated
+    "rollout_tokens_reused",  # rollout tokens taken from the previous step's rollout instead (decoder.reuse_rollouts)
     "reward_calls",
     "reward_tokens",
     "candidates_valued",  # candidates whose Q was computed (k per step without pruning)
@@ -388,6 +391,10 @@ class _Batch:
         self.policy_logprobs: list[list[float]] = [[] for _ in prompts]
         self.traces: list[list[dict]] = [[] for _ in prompts]
         self.stop_reason = ["max_new_tokens"] * len(prompts)
+        # decoder.reuse_rollouts: the rollouts made this step (row b * k + i -> GreedyTail), and per prompt the chosen
+        # token's, which the next step's candidate equal to its first token continues (decoding/rollouts.py).
+        self.kept: dict[int, GreedyTail] | None = None
+        self.carried: list[GreedyTail | None] = [None] * len(prompts)
 
     def _count_prefill(self, stream: KVStream, prompt_tokens: list[int]) -> None:
         self.decoder.count_forward(stream, stream.tokens_fed)
@@ -422,6 +429,9 @@ class _Batch:
         prefixes = [self.generated[i] for i in self.active]
         candidates = proposal.ids.tolist()
         indices = [self.indices[i] for i in self.active]
+        reuse = d.settings.reuses_rollouts
+        self.kept = {} if reuse else None
+        carried = [self.carried[i] for i in self.active] if reuse else None
         return ValueContext(
             settings=d.settings,
             prompts=[self.reward_prompts[i] for i in self.active],
@@ -432,7 +442,9 @@ class _Batch:
             baseline_reward=(lambda p, r, owners: d.score(d.baseline_reward, p, r, owners, self.charge))
             if d.baseline_reward is not None
             else None,
-            rollouts=lambda pairs=None: d.rollouts.run(self.rollout_stream, prefixes, candidates, indices, t, self.charge, pairs),
+            rollouts=lambda pairs=None: d.rollouts.run(
+                self.rollout_stream, prefixes, candidates, indices, t, self.charge, pairs, carried, self.kept
+            ),
             device=proposal.ids.device,
         )
 
@@ -457,6 +469,11 @@ class _Batch:
         # One device-to-host copy per step, not one per row.
         tokens, token_sft = chosen.tolist(), chosen_sft.tolist()
         token_policy = policy.tolist() if policy is not None else None
+        if self.kept is not None:  # carry each prompt's chosen rollout to the next step (one rollout per candidate)
+            k = proposal.ids.shape[1]
+            for row, (prompt_index, choice) in enumerate(zip(self.active, pick.tolist())):
+                self.carried[prompt_index] = self.kept.get(row * k + choice)
+            self.kept = None
         for row, prompt_index in enumerate(self.active):
             self.generated[prompt_index].append(tokens[row])
             self.sft_logprobs[prompt_index].append(token_sft[row])

@@ -3,16 +3,23 @@
 A `KVStream` holds B left-padded rows: their attention mask, the position of each row's next token
 and a `DynamicCache` of everything fed so far. `step` feeds one token per row; `keep` drops finished
 rows in place; `fork` copies chosen rows (repeats allowed) into an independent stream, which is how
-the accepted prefix's cache reaches the k x n candidate rows without recomputing it.
+the accepted prefix's cache reaches the k x n candidate rows without recomputing it; `graft` forks rows
+followed by keys/values computed earlier (a rollout kept from the previous step), and `tail` copies
+the last positions' keys/values out. With `share=True` a fork does not copy: its rows attend to one
+copy of their prompt's prefix through cascade attention (decoding/cascade.py, decoder.shared_prefix).
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from . import cascade
 
 
 @lru_cache(maxsize=None)
@@ -29,7 +36,10 @@ def _keeps_last_logits(model_class) -> bool:
 def _forward(model, cache, **inputs):
     if _keeps_last_logits(type(model)):
         inputs["logits_to_keep"] = 1  # only the last position's logits are used: skip the LM head elsewhere
-    out = model(**inputs, **{_cache_argument(type(model)): cache}, use_cache=True)
+    if isinstance(cache, cascade.SharedPrefixCache):
+        inputs["shared_prefix"] = cache  # read by cascade attention (a forward kwarg the model passes on to attention)
+    with cascade.cascade(model) if isinstance(cache, cascade.SharedPrefixCache) else nullcontext():
+        out = model(**inputs, **{_cache_argument(type(model)): cache}, use_cache=True)
     new_cache = getattr(out, "cache", None)
     return out, (new_cache if new_cache is not None else out.past_key_values)
 
@@ -43,6 +53,7 @@ class KVStream:
         self.next_position = next_position  # (B,) position id of each row's next token
         self.logits = logits  # (B, V) float32 next-token logits after the last token fed
         self.tokens_fed = 0
+        self._shareable: bool | None = None
 
     @classmethod
     @torch.no_grad()
@@ -79,13 +90,50 @@ class KVStream:
         if self.logits is not None:
             self.logits = self.logits[rows]
 
-    def fork(self, rows: torch.Tensor) -> "KVStream":
-        """A new stream whose row r copies row `rows[r]` of this one (cache included)."""
+    @property
+    def shareable(self) -> bool:
+        """Forks of this stream can share its cache instead of copying it (`fork(..., share=True)`): a model cascade
+        attention supports (decoding/cascade.py) and a cache of plain full-attention layers."""
+        if self._shareable is None:
+            self._shareable = cascade.unsupported(self.model) is None and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return self._shareable
+
+    def fork(self, rows: torch.Tensor, share: bool = False) -> "KVStream":
+        """A new stream whose row r copies row `rows[r]` of this one (cache included). With `share` (see `shareable`)
+        the rows attend to this stream's cache, one copy per prompt, and keep only their own new positions."""
+        return self.graft(rows, None, share)
+
+    def graft(self, rows: torch.Tensor, suffix: list[tuple[torch.Tensor, torch.Tensor]] | None, share: bool = False) -> "KVStream":
+        """`fork`, each new row followed by `suffix`: per layer, the keys and values (R, H, S, D) of S more tokens at
+        the next positions, already computed (a kept rollout, decoder.reuse_rollouts); None: nothing more."""
         rows = rows.to(self.mask.device)
-        data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in self.cache.layers]
-        cache = DynamicCache(ddp_cache_data=data)
-        logits = self.logits.index_select(0, rows) if self.logits is not None else None
-        return KVStream(self.model, cache, self.mask.index_select(0, rows), self.next_position.index_select(0, rows), logits, self.role)
+        length = suffix[0][0].shape[2] if suffix else 0
+        if share:
+            cache = cascade.shared_fork(self.cache, self.mask, rows.tolist(), suffix)
+        else:
+            data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in self.cache.layers]
+            if suffix:
+                data = [
+                    (torch.cat([keys, more_keys], dim=2), torch.cat([values, more_values], dim=2))
+                    for (keys, values), (more_keys, more_values) in zip(data, suffix)
+                ]
+            cache = DynamicCache(ddp_cache_data=data)
+        mask = self.mask.index_select(0, rows)
+        if length:
+            mask = torch.cat([mask, torch.ones((mask.shape[0], length), dtype=mask.dtype, device=mask.device)], dim=1)
+        logits = self.logits.index_select(0, rows) if (self.logits is not None and not length) else None
+        return KVStream(self.model, cache, mask, self.next_position.index_select(0, rows) + length, logits, self.role)
+
+    def steps(self):
+        """A context for a run of `step`s: a shared stream switches its model's attention once for all of them."""
+        return cascade.cascade(self.model) if isinstance(self.cache, cascade.SharedPrefixCache) else nullcontext()
+
+    def tail(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, a copy of the keys and values (B, H, length, D) of the last `length` positions of every row."""
+        return [
+            (layer.keys[:, :, layer.keys.shape[2] - length :].clone(), layer.values[:, :, layer.values.shape[2] - length :].clone())
+            for layer in self.cache.layers
+        ]
 
     @property
     def rows(self) -> int:

@@ -54,6 +54,8 @@ class DecoderSettings:
     rollout_top_k: int | None = None  # sampled rollouts draw from the rollout model's top k tokens only; None = whole vocabulary
     sample_top_k: int | None = None  # sampled plain decoding (sft, baseline, best_of_n): top-k sampling; None = whole vocabulary
     prune: bool = True  # exact bound pruning of candidates where it is exact (see `prunes`); false: value every candidate
+    reuse_rollouts: bool = True  # greedy rollouts: reuse the chosen candidate's rollout at the next step (see `reuses_rollouts`)
+    shared_prefix: bool = True  # rollout rows attend to one copy of their prompt's prefix (decoding/cascade.py) where the model allows
 
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> ConfigError:
@@ -81,8 +83,9 @@ class DecoderSettings:
         for key in _POSITIVE:
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
                 raise bad(key, "must be a number > 0")
-        if not isinstance(self.prune, bool):
-            raise bad("prune", "must be true or false")
+        for key in ("prune", "reuse_rollouts", "shared_prefix"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "must be true or false")
         stops = self.stop_strings
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
             raise bad("stop_strings", "must be a list of non-empty strings")
@@ -172,6 +175,14 @@ class DecoderSettings:
         whose best possible score loses cannot be chosen), Q within the reward's bounds, alpha >= 0. Elsewhere
         decoder.prune=true is inactive, not an error (the default works everywhere)."""
         return self.prune and self.selection == "greedy" and self.q_within_reward_bounds and self.alpha >= 0
+
+    @property
+    def reuses_rollouts(self) -> bool:
+        """decoder.reuse_rollouts is active: one greedy rollout per candidate (rollout.selection=greedy, rollout.num=1), so
+        the rollout [tau_1, ..., tau_L] of the token chosen at step t is, from tau_2 on, the rollout of candidate tau_1 at
+        step t+1 short of its last token (docs/architecture.md). Elsewhere (sampled rollouts, ARGS, plain decoding,
+        best-of-n) decoder.reuse_rollouts=true is inert, not an error."""
+        return self.reuse_rollouts and self.uses_rollouts and self.rollout_selection == "greedy" and self.rollout_num == 1
 
 
 def _is_number(value: Any) -> bool:
