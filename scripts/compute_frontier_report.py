@@ -3,7 +3,7 @@
 
 For each build seed and method, the method's best mean target reward at a budget B is the highest reward of
 its points that cost at most B FLOPs per response (its reward-vs-compute frontier; a method with no point
-that cheap has none). At each budget (powers of ten spanning the sweep) the table gives every method's best
+that cheap has none). At each budget (half-decades spanning the sweep) the table gives every method's best
 reward, mean ± s.e. over seeds, and the method that is best on every seed, or "differs by seed" (with each
 seed's winner). The winner on a seed is the plain argmax; its lead over the runner-up (smallest over the
 seeds) is reported beside it, so that close calls are visible.
@@ -31,9 +31,10 @@ def best_at(points: pd.DataFrame, budget: float) -> float | None:
 
 
 def budgets(table: pd.DataFrame) -> list[float]:
-    low = math.floor(math.log10(table["flops_per_response"].min()))
-    high = math.ceil(math.log10(table["flops_per_response"].max()))
-    return [10.0**e for e in range(low, high + 1)]
+    """Half-decades (1, 3.16, 10, ...) from the cheapest point's to past the dearest's."""
+    low = math.floor(2 * math.log10(table["flops_per_response"].min()))
+    high = math.ceil(2 * math.log10(table["flops_per_response"].max()))
+    return [10.0 ** (e / 2) for e in range(low, high + 1)]
 
 
 def frontier_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -92,7 +93,7 @@ def main() -> int:
         cells = [fmt(r[m], r[f"{m}_se"]) for m in methods]
         best = r["best"] if r["best"] != "differs by seed" else f"differs ({r['winners_by_seed']})"
         margin = "–" if pd.isna(r["smallest_margin"]) else f"{r['smallest_margin']:.3f}"
-        print(f"| {r['flops_per_response_at_most']:.0e} | " + " | ".join(cells) + f" | {best} | {margin} |")
+        print(f"| {r['flops_per_response_at_most']:.1e} | " + " | ".join(cells) + f" | {best} | {margin} |")
     print("\nsmallest margin: the winner's lead over the runner-up on the seed where it is smallest")
     cost = table.groupby("arm")["flops_per_response"].agg(["min", "max"])
     print("\nFLOPs per response by arm (min - max over its points):")
