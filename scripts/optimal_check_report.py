@@ -86,6 +86,7 @@ def compare(run: Path, folder: Path, samples: int, cache_dir: str | None) -> dic
         "alpha": float(cfg.decoder.alpha),
         "top_k": int(cfg.decoder.top_k),
         "rollouts": int(cfg.decoder.rollout.num),
+        "rollout_len": int(cfg.decoder.rollout.max_new_tokens),
         "rollout_top_k": rollout_top_k,
         "target": target,
         "prompts": len(prompts),
@@ -118,13 +119,15 @@ def main() -> int:
     if not rows:
         raise SystemExit(f"no run in {args.folder} has a matching optimum curve point (rebuild with recipe v6 or later)")
     print(
-        "| beta (alpha) | k | rollouts | prompts | optimum | reward | its E[r] (IS) | difference | KL | its KL to SFT (IS) | difference | s / response |"
+        "| beta (alpha) | k | rollouts x length | prompts | optimum | reward | its E[r] (IS) | difference | KL | its KL to SFT (IS) | difference | s / response |"
     )
     print("|---|---:|---:|---:|---|---|---|---|---|---|---|---:|")
-    for r in sorted(rows, key=lambda r: (r["target"] == "rho*_beta", -r["prompts"], -r["beta"], r["top_k"], r["rollouts"])):
+    for r in sorted(
+        rows, key=lambda r: (r["target"] == "rho*_beta", -r["prompts"], -r["beta"], r["top_k"], r["rollouts"], r["rollout_len"])
+    ):
         mark = {True: " ✓", False: " ✗"}
         print(
-            f"| {r['beta']:g} ({r['alpha']:g}) | {r['top_k']} | {r['rollouts']} | {r['prompts']} | {r['target']} | {fmt(r['reward'], r['reward_se'])} | "
+            f"| {r['beta']:g} ({r['alpha']:g}) | {r['top_k']} | {r['rollouts']} x {r['rollout_len']} | {r['prompts']} | {r['target']} | {fmt(r['reward'], r['reward_se'])} | "
             f"{fmt(r['optimum_reward'], r['optimum_reward_se'])} | {fmt(r['reward_diff'], r['reward_diff_se'])}{mark[r['reward_match']]} | "
             f"{fmt(r['kl'], r['kl_se'])} | {fmt(r['optimum_kl'], r['optimum_kl_se'])} | {fmt(r['kl_diff'], r['kl_diff_se'])}{mark[r['kl_match']]} | "
             f"{r['seconds_per_response']:.2f} |"
