@@ -162,6 +162,25 @@ def implied_reward_slope(
     }
 
 
+def baseline_checks(rows: Sequence[dict], sft_rewards_by_prompt: Sequence[Sequence[float]], key: str, beta: float) -> dict:
+    """A baseline against the optimum it was built for, rho*_beta of the reward ``key``: (a) its sampled reward
+    and E_{rho*}[r], (b) its KL to pi_sft and rho*'s, (c) its implied-reward slope. ``rows``: the baseline's samples,
+    each with ``prompt_index``, the reward ``key``, ``logprob`` (the baseline's), ``sft_logprob`` and ``finished``;
+    ``sft_rewards_by_prompt``: the rewards ``key`` of pi_sft's samples, grouped by prompt in prompt order."""
+    prompt_of = [int(r["prompt_index"]) for r in rows]
+    rewards = [r[key] for r in rows]
+    return {
+        "reward": key,
+        "beta": beta,
+        "sampled_reward": sample_reward(rewards, prompt_of),
+        "optimum_reward": optimum_reward(sft_rewards_by_prompt, beta),
+        "kl": sample_kl([[r["logprob"]] for r in rows], [[r["sft_logprob"]] for r in rows], prompt_of),
+        "optimum_kl": optimum_kl(sft_rewards_by_prompt, beta),
+        "implied_reward_slope": implied_reward_slope([r["logprob"] - r["sft_logprob"] for r in rows], rewards, beta, prompt_of),
+        "finished_frac": sum(r["finished"] for r in rows) / len(rows),
+    }
+
+
 def _group(values: list[float], prompt_of: Sequence[int] | None) -> list[list[float]]:
     if prompt_of is None:
         return [[v] for v in values]

@@ -93,17 +93,8 @@ def premise_checks(
         )
         del model
         prompt_of = _prompt_of(rows)
-        rewards = [r[key] for r in rows]
-        sft_rewards = rewards_by_prompt(sft_rows, key)
         checks[name] = {
-            "reward": key,
-            "beta": beta,
-            "sampled_reward": premise.sample_reward(rewards, prompt_of),
-            "optimum_reward": premise.optimum_reward(sft_rewards, beta),
-            "kl": premise.sample_kl([[r["logprob"]] for r in rows], [[r["sft_logprob"]] for r in rows], prompt_of),
-            "optimum_kl": premise.optimum_kl(sft_rewards, beta),
-            "implied_reward_slope": premise.implied_reward_slope([r["logprob"] - r["sft_logprob"] for r in rows], rewards, beta, prompt_of),
-            "finished_frac": sum(r["finished"] for r in rows) / len(rows),
+            **premise.baseline_checks(rows, rewards_by_prompt(sft_rows, key), key, beta),
             # both rewards of its samples, and what it gains over the SFT model on each (paired by prompt)
             "sampled": {k: premise.sample_reward([r[k] for r in rows], prompt_of) for k in REWARD_KEYS},
             "gain_over_sft": {k: paired_gain(rows, sft_rows, k) for k in REWARD_KEYS},

@@ -96,19 +96,7 @@ def premise_checks(
             update=task(f"premise: {name} samples", len(prompts)),
             sft_model=sft,
         )
-        prompt_of = [r["prompt_index"] for r in rows]
-        rewards = [r[key] for r in rows]
-        sft_rewards = rewards_by_prompt(sft_rows, key)
-        checks[name] = {
-            "reward": key,
-            "beta": beta,
-            "sampled_reward": premise.sample_reward(rewards, prompt_of),
-            "optimum_reward": premise.optimum_reward(sft_rewards, beta),
-            "kl": premise.sample_kl([[r["logprob"]] for r in rows], [[r["sft_logprob"]] for r in rows], prompt_of),
-            "optimum_kl": premise.optimum_kl(sft_rewards, beta),
-            "implied_reward_slope": premise.implied_reward_slope([r["logprob"] - r["sft_logprob"] for r in rows], rewards, beta, prompt_of),
-            "finished_frac": sum(r["finished"] for r in rows) / len(rows),
-        }
+        checks[name] = premise.baseline_checks(rows, rewards_by_prompt(sft_rows, key), key, beta)
     return _rounded(checks)
 
 
