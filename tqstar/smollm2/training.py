@@ -81,8 +81,9 @@ def train_dpo(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
+
+    from ..synthetic.training import quiet_cpu_trainer_args, without_printed_logs
 
     class _SampledPairsTrainer(DPOTrainer):
         """DPOTrainer on pairs that arrive tokenised, with their reference log-probs (see the module docstring)."""
@@ -139,24 +140,13 @@ def train_dpo(
             lr_scheduler_type="cosine",
             warmup_steps=params.warmup_ratio,  # a fraction of the steps
             weight_decay=0.0,
-            seed=seed,
-            data_seed=seed,
             max_length=None,  # responses are at most max_new_tokens long
             precompute_ref_log_probs=True,  # read from the dataset (see _SampledPairsTrainer)
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,  # like the rest of the build: the same weights on any machine
-            dataloader_num_workers=0,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=1,
-            disable_tqdm=True,
-            log_level="error",
+            **quiet_cpu_trainer_args(seed, logging_steps=1),
         )
-        trainer = _SampledPairsTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[_Steps()])
-        for callback in (PrinterCallback, ProgressCallback):  # our own progress bar instead of printed logs
-            trainer.remove_callback(callback)
+        trainer = without_printed_logs(
+            _SampledPairsTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[_Steps()])
+        )
         result = trainer.train()
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     model = trainer.model.eval()

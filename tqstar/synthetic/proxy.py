@@ -219,8 +219,9 @@ def train_proxy(task: Path, out: Path, prompts: list[str], pairs: list[dict], pa
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import RewardConfig, RewardTrainer
+
+    from .training import quiet_cpu_trainer_args, without_printed_logs
 
     tokenizer = AutoTokenizer.from_pretrained(task / "sft")
     torch.manual_seed(params.seed)  # the score head is the only newly initialised weight
@@ -251,23 +252,12 @@ def train_proxy(task: Path, out: Path, prompts: list[str], pairs: list[dict], pa
             warmup_steps=0.05,
             weight_decay=0.0,
             center_rewards_coefficient=params.center_coef or None,
-            seed=params.seed,
-            data_seed=params.seed,
             max_length=None,  # truncated above, like the reward class does
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,  # like the rest of the build: the same weights on any machine
-            dataloader_num_workers=0,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=10,
-            disable_tqdm=True,
-            log_level="error",
+            **quiet_cpu_trainer_args(params.seed, logging_steps=10),
         )
-        trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[_Steps()])
-        for callback in (PrinterCallback, ProgressCallback):  # our own progress bar instead of printed logs
-            trainer.remove_callback(callback)
+        trainer = without_printed_logs(
+            RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[_Steps()])
+        )
         result = trainer.train()
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     model = trainer.model.eval()
