@@ -16,7 +16,8 @@ authors' code does), and the floor's rate is measured at the engine's row count 
 batch's first prompt).
 
 The engine's savings, each on by default and switched off by a flag:
-  exact bound pruning    decoder.prune            --no-prune          (VADER's bounds; a reward model has none)
+  exact bound pruning    decoder.prune            --no-prune          (VADER's bounds; a reward model's logit has none,
+                                                                      its probability (--rm-output probability) [0, 1])
   greedy rollout reuse   decoder.reuse_rollouts   --no-reuse
   shared-prefix rollouts decoder.shared_prefix    --no-shared-prefix  (cascade attention, no prefix copies)
   reward prefix cache    reward.prefix_cache      --no-prefix-cache   (--reward rm)
@@ -40,6 +41,8 @@ Settings (--setting), prompts (--prompt-tokens) and reward (--reward):
              in float32 on the CPU) as AutoModelForSequenceClassification with a one-logit score
              head initialised with --rm-seed, saved once to outputs/bench/rm-<setting>-seed<N>/ and
              loaded by path through tqstar.rewards.hf.HFClassifierReward (unbounded: no pruning)
+  --reward rm --rm-output probability   the same model scored by the sigmoid of its logit
+             (reward.output=probability, bounds [0, 1]: pruning applies; another reward, so other tokens)
 
   python scripts/bench_decode.py --setting smollm2 --prompts 8 --batch-size 8 --json outputs/bench/smollm2_vader_b8.json
   python scripts/bench_decode.py --setting smollm2 --reward rm --prompts 8 --batch-size 8 --json outputs/bench/smollm2_rm_b8.json
@@ -275,7 +278,7 @@ def reward_model_folder(setting: str, sft, seed: int) -> Path:
     return folder
 
 
-def build_rewards(kind: str, setting: str, sft, device: str, dtype: str, seed: int, batch_size: int):
+def build_rewards(kind: str, setting: str, sft, device: str, dtype: str, seed: int, batch_size: int, output: str = "logit"):
     """(reward for a run: prefix_cache -> Reward, the loaded reward model's path or None)."""
     from tqstar.rewards import VaderReward
 
@@ -296,7 +299,13 @@ def build_rewards(kind: str, setting: str, sft, device: str, dtype: str, seed: i
     def fresh(prefix_cache: bool):
         # A new reward object per run on the loaded model: the prefix cache starts empty and its counters at zero.
         return HFClassifierReward(
-            loaded.model, loaded.tokenizer, batch_size=batch_size, stop_strings=STOPS, name=str(folder), prefix_cache=prefix_cache
+            loaded.model,
+            loaded.tokenizer,
+            batch_size=batch_size,
+            stop_strings=STOPS,
+            name=str(folder),
+            prefix_cache=prefix_cache,
+            output=output,
         )
 
     return fresh, str(folder)
@@ -349,6 +358,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, choices=[170, 600, 1200], default=170, help="prompt length (smollm2, tiny)")
     parser.add_argument("--reward", choices=["vader", "rm"], default="vader")
     parser.add_argument("--rm-seed", type=int, default=0, help="seed of the reward model's score head")
+    parser.add_argument(
+        "--rm-output",
+        choices=["logit", "probability"],
+        default="logit",
+        help="reward.output of --reward rm: the raw logit (unbounded, no pruning) or its sigmoid (bounds [0, 1]: pruning applies)",
+    )
     parser.add_argument("--reward-batch-size", type=int, default=80, help="texts per reward-model forward (reward.batch_size)")
     parser.add_argument("--prompts", type=int, default=2, help="prompts (each decoded by every method)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of engine and floor per prompt (median reported)")
@@ -386,7 +401,9 @@ def main() -> None:
     for key, value in (("max_new_tokens", args.max_new_tokens), ("top_k", args.top_k), ("rollout_max_new_tokens", args.rollout_tokens)):
         if value:
             knobs[key] = value
-    reward_for, reward_model = build_rewards(args.reward, args.setting, sft, args.device, args.dtype, args.rm_seed, args.reward_batch_size)
+    reward_for, reward_model = build_rewards(
+        args.reward, args.setting, sft, args.device, args.dtype, args.rm_seed, args.reward_batch_size, args.rm_output
+    )
     savings = dict(prune=not args.no_prune, reuse_rollouts=not args.no_reuse, shared_prefix=not args.no_shared_prefix)
     prefix_cache = not args.no_prefix_cache
     settings = DecoderSettings(method="tqstar", alpha=1.0, batch_size=args.batch_size, stop_strings=STOPS, **knobs, **savings)
@@ -409,11 +426,13 @@ def main() -> None:
         batch = prompts[b0 : b0 + args.batch_size]
         n_prompt = [len(tokenizer(prompt)["input_ids"]) for prompt in batch]
         label = f"prompts {b0}-{b0 + len(batch) - 1}" if len(batch) > 1 else f"prompt {b0}"
-        engine_times = []
+        engine_times, phase_runs = [], []
         reset_peak(device)
         for _ in range(args.repeats):
-            seconds, generations, counters, rm_saved, decoder = engine_run(settings, prefix_cache)
+            with PhaseClock(device) as clock:
+                seconds, generations, counters, rm_saved, decoder = engine_run(settings, prefix_cache)
             engine_times.append(seconds)
+            phase_runs.append(clock.shares(seconds))
         engine_peak = peak_memory_mb(device)
         shares = settings.shared_prefix and _shareable(decoder)
         print(
@@ -476,6 +495,8 @@ def main() -> None:
             "reference_prompts": len(reference_times),
             "engine_s": engine_s,
             "engine_runs_s": engine_times,
+            # where the engine's time went, in the run whose time is the median
+            "engine_phases": phase_runs[engine_times.index(statistics.median_low(engine_times))],
             "reference_s": statistics.mean(reference_times) if reference_times else None,
             "reference_runs_s": reference_times,
             "floor_s": floor_equivalent,
@@ -522,6 +543,7 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "reward": args.reward,
         "reward_model": reward_model,
+        "reward_output": args.rm_output if args.reward == "rm" else None,
         "device": str(device),
         "dtype": str(sft.model.dtype),
         "torch_threads": torch.get_num_threads(),
@@ -600,12 +622,70 @@ def main() -> None:
             f"peak MB {saved['peak_mb']:.0f}; same tokens: {summary['all_savings_off']['identical_tokens']}"
         )
     print(f"device {summary['device']} ({summary['dtype']}), {summary['machine']}, torch threads {summary['torch_threads']}")
+    phases = per_batch[0]["engine_phases"]
+    print("where the engine's time goes (first batch): " + ", ".join(f"{p} {v['fraction']:.0%}" for p, v in phases.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
     if not summary["all_identical"]:
         raise SystemExit("engine and reference disagree under greedy decoding")
+
+
+class PhaseClock:
+    """Where the engine's time goes: wall seconds inside each phase of the token loop, by wrapping
+    the methods that run them (a few thousand calls per run, so the wrappers cost nothing
+    measurable). Phases: prefill (prompt caches), propose (the SFT model's next-token step and
+    top-k), rollouts (the baseline's continuations: forks, model forward passes, stop checks),
+    reward (scoring the rollout texts; "reward-model forward" is the part spent in the reward
+    model itself, the rest is tokenising and the prefix bookkeeping), append (advancing the caches
+    by the chosen token); the rest of the loop (Q from rewards, scores, selection, traces) is "other"."""
+
+    def __init__(self, device) -> None:
+        from tqstar.decoding import engine, rollouts
+        from tqstar.rewards import hf
+
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.targets = [
+            (engine._Batch, "__init__", "prefill"),
+            (engine._Batch, "propose", "propose"),
+            (rollouts.RolloutRunner, "run", "rollouts"),
+            (engine.Decoder, "score", "reward"),
+            (hf.HFClassifierReward, "_forward", "reward-model forward"),
+            (engine._Batch, "append", "append"),
+        ]
+        self.originals = []
+
+    def __enter__(self) -> "PhaseClock":
+        import functools
+
+        for owner, name, phase in self.targets:
+            original = getattr(owner, name)
+            self.originals.append((owner, name, original))
+
+            def timed(*args, _original=original, _phase=phase, **kwargs):
+                sync(self.device)
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    sync(self.device)
+                    self.seconds[_phase] = self.seconds.get(_phase, 0.0) + time.perf_counter() - start
+
+            setattr(owner, name, functools.wraps(original)(timed))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self.originals):
+            setattr(owner, name, original)
+
+    def shares(self, total: float) -> dict[str, dict[str, float]]:
+        """Seconds and fraction of `total` per phase; "reward-model forward" is part of "reward"."""
+        top = ("prefill", "propose", "rollouts", "reward", "append")
+        out = {phase: self.seconds.get(phase, 0.0) for phase in (*top, "reward-model forward")}
+        out["other"] = max(total - sum(out[p] for p in top), 0.0)
+        return {phase: {"s": round(seconds, 3), "fraction": round(seconds / total, 4) if total else 0.0} for phase, seconds in out.items()}
 
 
 def _shareable(decoder) -> bool:

@@ -36,8 +36,8 @@ def make_bpe_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
 
 
-def make_classifier(arch: str, vocab_size: int, seed: int = 0, layers: int = 2):
-    """A tiny one-logit causal-LM sequence classifier with random weights."""
+def make_classifier(arch: str, vocab_size: int, seed: int = 0, layers: int = 2, labels: int = 1):
+    """A tiny causal-LM sequence classifier with random weights (one logit unless `labels` says otherwise)."""
     from transformers import (
         GPT2Config,
         GPT2ForSequenceClassification,
@@ -48,7 +48,7 @@ def make_classifier(arch: str, vocab_size: int, seed: int = 0, layers: int = 2):
     )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, num_labels=1, pad_token_id=None, bos_token_id=0, eos_token_id=0)
+    common = dict(vocab_size=vocab_size, num_labels=labels, pad_token_id=None, bos_token_id=0, eos_token_id=0)
     if arch == "llama":
         config = LlamaConfig(
             hidden_size=16,
@@ -264,3 +264,63 @@ def test_decoding_with_the_cache_picks_the_same_tokens_and_reads_fewer(sft_model
     assert on == off and sum(map(len, on)) > 4
     assert calls_on == calls_off and saved_off == 0
     assert read_on < read_off and read_on + saved_on == read_off
+
+
+@pytest.mark.parametrize("labels", [1, 3])
+def test_probability_output_is_the_labels_probability_with_bounds(labels):
+    """reward.output=probability: sigmoid of one logit, softmax over several, the same with the prefix cache on and
+    off, and declared bounds [0, 1] (so decoding can prune); the default scores with the raw logit, unbounded."""
+    tokenizer = make_bpe_tokenizer()
+    model = make_classifier("llama", len(tokenizer), seed=3, labels=labels)
+    label = None if labels == 1 else 2
+    prompts = [PROMPT] * 4
+    responses = [" the food was good and" + t for t in (" great", " bad day", " fine", " love it")]
+    logit = HFClassifierReward(model, make_bpe_tokenizer(), label=label, prefix_cache=False)
+    assert logit.bounds is None and logit.output == "logit"
+    raw = torch.tensor(logit(prompts, responses))
+    with torch.no_grad():
+        batch = logit.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True)
+        full = model(**batch).logits
+    expected = full[:, 0].sigmoid() if labels == 1 else full.softmax(-1)[:, 2]
+    for cache in (False, True):
+        reward = HFClassifierReward(model, make_bpe_tokenizer(), label=label, prefix_cache=cache, output="probability")
+        assert reward.bounds == (0.0, 1.0)
+        assert reward(prompts, responses) == pytest.approx(expected.tolist(), abs=ATOL)
+    if labels == 1:
+        assert expected.tolist() == pytest.approx(raw.sigmoid().tolist(), abs=ATOL)
+    declared = HFClassifierReward(model, make_bpe_tokenizer(), label=label, output="probability", bounds=(0.0, 0.99))
+    assert declared.bounds == (0.0, 0.99)  # a declaration of the user's is kept
+    with pytest.raises(ConfigError, match=r"^reward.output='odds' is not allowed; allowed: logit, probability$"):
+        HFClassifierReward(model, make_bpe_tokenizer(), label=label, output="odds")
+
+
+def test_the_output_key_in_configs():
+    """reward.output is checked at validation; its default (logit) leaves run hashes as they were before the key."""
+    from tqstar.config import config_hash
+
+    base = ["reward=hf", "reward.name_or_path=some/rm"]
+    assert compose(base).reward.output == "logit"
+    validate(compose([*base, "reward.output=probability"]))
+    with pytest.raises(ConfigError, match=r"^reward.output='odds' is not allowed"):
+        validate(compose([*base, "reward.output=odds"]))
+    without = compose(base)
+    OmegaConf.set_struct(without, False)
+    del without.reward["output"]
+    assert config_hash(compose(base)) == config_hash(without)
+    assert config_hash(compose([*base, "reward.output=probability"])) != config_hash(without)
+
+
+def test_a_probability_reward_prunes_greedy_decoding_and_keeps_its_tokens(sft_model, tokenizer):
+    """Greedy cd guided by a classifier's probability: its bounds [0, 1] let decoding skip candidates that cannot
+    win; the tokens are those of decoding without pruning."""
+    prompts = [f"{HUMAN} the movie was bad{ASSISTANT}", f"{HUMAN} at first the food was awful but then it was great{ASSISTANT}"]
+    classifier = make_classifier("gpt_neox", len(make_bpe_tokenizer()), seed=5).double()
+    results = {}
+    for prune in (True, False):
+        reward = HFClassifierReward(classifier, make_bpe_tokenizer(), output="probability", stop_strings=[HUMAN])
+        settings = DecoderSettings(method="cd", top_k=6, alpha=1.0, max_new_tokens=8, rollout_max_new_tokens=3, batch_size=2, prune=prune)
+        decoder = Decoder(sft_model, tokenizer, reward=reward, settings=settings)
+        results[prune] = [g.token_ids for g in decoder.decode(prompts)], decoder.counters["candidates_pruned"]
+    (pruned_tokens, pruned), (full_tokens, none) = results[True], results[False]
+    assert pruned_tokens == full_tokens and sum(map(len, full_tokens)) > 4
+    assert pruned > 0 and none == 0

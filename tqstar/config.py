@@ -30,6 +30,8 @@ _HASH_DROPPED_AT = (
     (("decoder", "rollout", "top_k"), None),
     (("reward", "prefix_cache"), None),  # null = auto: the same scores within float tolerance
     (("baseline_reward", "prefix_cache"), None),
+    (("reward", "output"), "logit"),  # hf rewards: the raw logit, as before the key existed
+    (("baseline_reward", "output"), "logit"),
     (("decoder", "reuse_rollouts"), True),  # the same tokens, fewer rollout tokens
     (("decoder", "shared_prefix"), True),  # the same rollouts within float tolerance, less memory
 )
@@ -219,7 +221,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         from .smollm2.params import params_from_config  # torch-free
 
         params_from_config(OmegaConf.select(cfg, "smollm2.params"))
-    from .rewards.base import check_bounds  # torch-free
+    from .rewards.base import HF_OUTPUTS, check_bounds  # torch-free
 
     for mount in ("reward", "baseline_reward"):
         if OmegaConf.select(cfg, mount) is not None:
@@ -227,6 +229,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             check_bounds(OmegaConf.select(cfg, f"{mount}.bounds"), f"{mount}.bounds")
             cache = OmegaConf.select(cfg, f"{mount}.prefix_cache")  # hf rewards: null = auto, true, false
             _require(cache is None or isinstance(cache, bool), f"{mount}.prefix_cache", cache, "null (auto), true or false")
+            if OmegaConf.select(cfg, f"{mount}.output") is not None:
+                _choice(cfg, f"{mount}.output", HF_OUTPUTS)
     _choice(cfg, "dataset.name", DATASETS)
     limit = cfg.dataset.limit
     _require(
@@ -286,8 +290,10 @@ def config_hash(cfg: DictConfig) -> str:
         block = data
         for part in path:
             block = block.get(part) if isinstance(block, dict) else None
-        if isinstance(block, dict) and key in block and block[key] is default:
-            del block[key]
+        if isinstance(block, dict) and key in block:
+            value = block[key]  # None and True by identity (1 is not True); strings by value
+            if value is default or (isinstance(default, str) and value == default):
+                del block[key]
     if uses_synthetic(data):
         from .synthetic.cache import task_dir
         from .synthetic.proxy import PROXY_NAME, proxy_key

@@ -95,4 +95,5 @@ def _build_hf(cfg, default_device: str, stops: list[str], bounds: tuple[float, f
         name=source,
         bounds=bounds,
         prefix_cache=cfg.get("prefix_cache"),  # null = auto; HFClassifierReward refuses anything but null / true / false
+        output=str(cfg.get("output") or "logit"),
     )

@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 from ..errors import ConfigError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+# What a Hugging Face classifier reward scores with (config `reward.output`): its raw logit, or the label's probability.
+HF_OUTPUTS = ("logit", "probability")
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

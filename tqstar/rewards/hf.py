@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Sequence
 
 from ..errors import ConfigError
+from .base import HF_OUTPUTS as OUTPUTS
 from .base import Reward
 
 OVERFLOW_POLICIES = ("truncate_left", "skip", "error")
@@ -54,6 +55,12 @@ class HFClassifierReward(Reward):
     `last_tokens` counts the tokens the model actually read per pair: a group's prefix tokens (those
     fed this call) are charged once, to the group's first row; `prefix_tokens_saved` counts the
     tokens not re-read thanks to the cache.
+
+    Output (`output`, config `reward.output`): 'logit' (default) scores with the classifier's raw logit
+    at `label`, unbounded, as HH reward models are used; 'probability' scores with the label's
+    probability (sigmoid of a one-logit head, softmax over the labels otherwise), as classifier rewards
+    such as sentiment or toxicity models are often used. A probability lies in [0, 1], so those are its
+    bounds unless `bounds` says otherwise, and greedy cd / tqstar can prune candidates (decoder.prune).
     """
 
     def __init__(
@@ -71,8 +78,14 @@ class HFClassifierReward(Reward):
         name: str = "hf",
         bounds: Sequence[float] | None = None,
         prefix_cache: bool | None = None,
+        output: str = "logit",
     ):
+        if output not in OUTPUTS:
+            raise ConfigError(f"reward.output={output!r} is not allowed; allowed: {', '.join(OUTPUTS)}")
+        if output == "probability" and bounds is None:
+            bounds = (0.0, 1.0)
         super().__init__(stop_strings, bounds)
+        self.output = output
         self.model, self.tokenizer, self.name = model, tokenizer, name
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"reward.overflow={overflow!r} is not allowed; allowed: {', '.join(OVERFLOW_POLICIES)}")
@@ -185,8 +198,19 @@ class HFClassifierReward(Reward):
             ).to(device)
             with torch.no_grad():
                 logits = self.model(**batch).logits
-            for i, value in zip(chunk, logits[:, self.label_index].float().cpu().tolist()):
+            for i, value in zip(chunk, self._values(logits)):
                 scores[i] = value
+
+    def _values(self, logits) -> list[float]:
+        """Each row's score from the classifier's logits (rows, labels): the label's logit or its probability."""
+        logits = logits.float()
+        if self.output == "logit":
+            picked = logits[:, self.label_index]
+        elif logits.shape[-1] == 1:
+            picked = logits[:, 0].sigmoid()
+        else:
+            picked = logits.softmax(-1)[:, self.label_index]
+        return picked.cpu().tolist()
 
     # ------------------------------------------------------------------ prefix cache
     def _score_with_prefixes(self, prompts: Sequence[str], encoded: list[list[int]], rows: list[int], scores: list) -> list[int]:
@@ -302,7 +326,7 @@ class HFClassifierReward(Reward):
                 use_cache=True,
                 **{_cache_argument(type(self.model)): cache},
             )
-        values = out.logits[:, self.label_index].float().cpu().tolist()
+        values = self._values(out.logits)
         if not keep_cache:
             return values, None
         grown = getattr(out, "cache", None)
