@@ -652,7 +652,8 @@ class PhaseClock:
             (engine._Batch, "propose", "propose"),
             (rollouts.RolloutRunner, "run", "rollouts"),
             (engine.Decoder, "score", "reward"),
-            (hf.HFClassifierReward, "_forward", "reward-model forward"),
+            (hf.HFClassifierReward, "_forward", "reward-model forward"),  # on cached prefixes
+            (hf.HFClassifierReward, "_score_whole", "reward-model forward"),  # texts encoded whole
             (engine._Batch, "append", "append"),
         ]
         self.originals = []

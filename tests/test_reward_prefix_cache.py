@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_rows_sharing_a_prefix_score_as_full_encoding(arch):
     assert sum(off.last_tokens) == sum(len(ids(off, p + r)) for p, r in zip(prompts, responses))
     assert sum(on.last_tokens) < sum(off.last_tokens) / 2
     assert on.prefix_tokens_saved == sum(off.last_tokens) - sum(on.last_tokens)
-    assert set(on._prefixes) == {PROMPT, "the day"}  # 'it was' has one row: encoded whole, nothing cached
+    assert set(on._prefixes) == {PROMPT, "the day", "it was"}  # a single row is cached too, for the next call
     assert on.calls == off.calls == len(prompts)
 
 
@@ -324,3 +325,16 @@ def test_a_probability_reward_prunes_greedy_decoding_and_keeps_its_tokens(sft_mo
     (pruned_tokens, pruned), (full_tokens, none) = results[True], results[False]
     assert pruned_tokens == full_tokens and sum(map(len, full_tokens)) > 4
     assert pruned > 0 and none == 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_single_row_is_cached_for_the_next_call(arch):
+    """Pruned decoding often values one candidate a step: a prompt's single row is cached, and the next call (the
+    response one token longer) reads only the tokens after the part they share; scores equal full encoding."""
+    on, off = pair(arch)
+    first, second = [" the food was good and great"], [" the food was good and fine trip"]
+    for responses in (first, second):
+        assert on([PROMPT], responses) == pytest.approx(off([PROMPT], responses), abs=ATOL)
+    shared = len(os.path.commonprefix([ids(on, PROMPT + first[0]), ids(on, PROMPT + second[0])]))
+    assert on.last_tokens == [len(ids(on, PROMPT + second[0])) - shared]
+    assert on.last_tokens[0] < off.last_tokens[0]

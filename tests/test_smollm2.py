@@ -145,7 +145,7 @@ def test_the_key_covers_seed_params_and_recipe_version(tmp_path, monkeypatch):
     folder = cache.build_dir(0, tmp_path)
     assert folder.parent == tmp_path / "smollm2" and folder.name == f"v{params.VERSION}-{cache.build_key(0, Smollm2Params())}"
     assert cache.build_dir(1, tmp_path) != folder
-    assert cache.build_dir(0, tmp_path, Smollm2Params(lr=1e-5)) != folder
+    assert cache.build_dir(0, tmp_path, Smollm2Params(lr=2e-5)) != folder
     assert cache.find_built(0, tmp_path) is None
     monkeypatch.setattr("tqstar.smollm2.cache.VERSION", params.VERSION + 1)
     assert cache.build_dir(0, tmp_path) != folder
@@ -201,7 +201,7 @@ def test_runs_on_the_build_hash_its_key_and_other_runs_keep_their_hash(monkeypat
     base = config_hash(offline)
     assert config_hash(compose(["experiment=smollm2_offline", "smollm2.cache_dir=/elsewhere"])) == base  # placement only
     assert config_hash(compose(["experiment=smollm2_offline", "smollm2.seed=1"])) != base
-    assert config_hash(compose(["experiment=smollm2_offline", "smollm2.params.lr=1e-5"])) != base
+    assert config_hash(compose(["experiment=smollm2_offline", "smollm2.params.lr=2e-5"])) != base
     # a config that does not read the build hashes as before the smollm2 block existed
     synthetic, hh = compose([]), compose(["experiment=hh_pythia"])
     for cfg in (synthetic, hh):

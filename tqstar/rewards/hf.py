@@ -50,8 +50,9 @@ class HFClassifierReward(Reward):
     (equal within float tolerance). At the next call a prompt's remembered prefix is reused as far as
     the new prefix's token ids agree with it (compared as ids: re-tokenisation may merge across the
     old boundary) and only the rest is fed. Caches of at most max(32, prompts of the call) prompts
-    are kept (least recently used dropped). Rows that overflow `max_length`, a prompt with a single
-    row and nothing cached, and texts of pad tokens only are encoded whole, as without the cache.
+    are kept (least recently used dropped). Rows that overflow `max_length`, texts of one token and texts of
+    pad tokens only are encoded whole, as without the cache. A prompt with a single row is cached too (the
+    same tokens read; under pruning a step often values one candidate, and the next step reuses it).
     `last_tokens` counts the tokens the model actually read per pair: a group's prefix tokens (those
     fed this call) are charged once, to the group's first row; `prefix_tokens_saved` counts the
     tokens not re-read thanks to the cache.
@@ -238,9 +239,11 @@ class HFClassifierReward(Reward):
             target = tuple(seqs[0][:length])
             known = self._prefixes.get(prompt)
             shared = len(os.path.commonprefix([known.ids, target])) if known is not None else 0
-            if length < 1 or (len(members) < 2 and shared < 1):
-                whole.extend(members)  # nothing shared to save
+            if length < 1:
+                whole.extend(members)  # nothing to keep: the text is one token
                 continue
+            # A single row with nothing cached reads as many tokens as its text whole; its prefix is kept anyway, so
+            # the prompt's next call (decoding's next step, where pruning often values one candidate) reads only new tokens.
             plans.append(_Plan(prompt, members, target, known, shared))
         if not plans:
             return whole
