@@ -338,3 +338,15 @@ def test_a_single_row_is_cached_for_the_next_call(arch):
     shared = len(os.path.commonprefix([ids(on, PROMPT + first[0]), ids(on, PROMPT + second[0])]))
     assert on.last_tokens == [len(ids(on, PROMPT + second[0])) - shared]
     assert on.last_tokens[0] < off.last_tokens[0]
+
+
+def test_single_rows_of_a_large_call_are_encoded_whole(monkeypatch):
+    """Scoring a finished run (one row per prompt, many prompts) keeps no caches: nothing would reuse them."""
+    monkeypatch.setattr(hf_module, "PREFIX_CACHE_PROMPTS", 2)
+    on, off = pair("llama")
+    prompts = [PROMPT, "the day", "it was"]
+    responses = [" good", " bad trip", " fine"]
+    assert on(prompts, responses) == pytest.approx(off(prompts, responses), abs=ATOL)
+    assert on.last_tokens == off.last_tokens and not on._prefixes
+    on(prompts[:2], responses[:2])  # a call of at most PREFIX_CACHE_PROMPTS prompts caches its single rows
+    assert set(on._prefixes) == {PROMPT, "the day"}

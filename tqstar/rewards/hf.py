@@ -51,8 +51,9 @@ class HFClassifierReward(Reward):
     the new prefix's token ids agree with it (compared as ids: re-tokenisation may merge across the
     old boundary) and only the rest is fed. Caches of at most max(32, prompts of the call) prompts
     are kept (least recently used dropped). Rows that overflow `max_length`, texts of one token and texts of
-    pad tokens only are encoded whole, as without the cache. A prompt with a single row is cached too (the
-    same tokens read; under pruning a step often values one candidate, and the next step reuses it).
+    pad tokens only are encoded whole, as without the cache. A prompt with a single row is cached too in a
+    call of at most 32 prompts (the same tokens read; under pruning a decoding step often values one candidate,
+    and the next step reuses it); in a larger call, such as scoring a finished run, it is encoded whole.
     `last_tokens` counts the tokens the model actually read per pair: a group's prefix tokens (those
     fed this call) are charged once, to the group's first row; `prefix_tokens_saved` counts the
     tokens not re-read thanks to the cache.
@@ -239,11 +240,13 @@ class HFClassifierReward(Reward):
             target = tuple(seqs[0][:length])
             known = self._prefixes.get(prompt)
             shared = len(os.path.commonprefix([known.ids, target])) if known is not None else 0
-            if length < 1:
-                whole.extend(members)  # nothing to keep: the text is one token
+            # A single row with nothing cached reads as many tokens as its text whole; its prefix is kept anyway when the
+            # call is one of decoding's (a batch of at most PREFIX_CACHE_PROMPTS prompts), so the prompt's next call (the
+            # next step, where pruning often values one candidate) reads only new tokens. A larger call (scoring a whole
+            # run) encodes such rows whole: nothing would reuse their caches, and keeping them all would cost memory.
+            if length < 1 or (len(members) < 2 and shared < 1 and len(groups) > PREFIX_CACHE_PROMPTS):
+                whole.extend(members)
                 continue
-            # A single row with nothing cached reads as many tokens as its text whole; its prefix is kept anyway, so
-            # the prompt's next call (decoding's next step, where pruning often values one candidate) reads only new tokens.
             plans.append(_Plan(prompt, members, target, known, shared))
         if not plans:
             return whole
