@@ -1,4 +1,6 @@
 # make demo / make test work on a fresh clone: each sets up .venv first when it is missing.
+# make demo: the demo-sized synthetic testbed (built once, about a minute on 2 CPU cores), then TQ* on its 16 held-out
+# prompts (conf/experiment/demo.yaml); `tqstar prepare synthetic` builds the full testbed (about 33 min).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tqstar decode
+	$(VENV)/bin/tqstar decode experiment=demo
 
 # ruff: lint and format check (settings in pyproject.toml); `$(PY) -m ruff format .` fixes the format.
 lint: setup

@@ -110,31 +110,85 @@ def _decode(overrides: list[str], show_config: bool) -> None:
 def _print_decode_summary(console, cfg, result) -> None:
     from rich.table import Table
 
+    from .decode import build_evaluation
     from .stats import mean_and_stderr
+
+    def pm(mean, stderr) -> str:
+        return "" if mean is None else f"{mean:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
 
     rewards = [r["reward"] for r in result.rows]
     mean, stderr = mean_and_stderr(rewards)
     seconds = [r["seconds"] for r in result.rows]
     lengths = [r["num_tokens"] for r in result.rows]
+    # The build's greedy SFT / baseline rewards on the same prompts, when the run decoded all of them (make demo).
+    references = build_evaluation(cfg, result.rows)
     table = Table(title=f"{cfg.decoder.method} on {cfg.experiment_name}")
-    for column in ("prompts", "new", "mean reward", "tokens / response", "s / response"):
-        table.add_column(column, justify="right")
-    table.add_row(
+    columns = ("prompts", "new", "mean reward", "tokens / response", "s / response")
+    if references:
+        table.add_column("decoder", no_wrap=True)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=column == "mean reward")
+    cells = [
         str(len(result.rows)),
         str(result.new_rows),
-        "" if mean is None else f"{mean:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}"),
+        pm(mean, stderr),
         f"{sum(lengths) / max(len(lengths), 1):.1f}",
         f"{sum(seconds) / max(len(seconds), 1):.3f}",
-    )
+    ]
+    table.add_row(*([f"{cfg.decoder.method} (this run)"] if references else []), *cells)
+    for ref in references:
+        reward = ref["reward"]
+        tokens = "" if ref["tokens"] is None else f"{ref['tokens']:.1f}"
+        table.add_row(f"{ref['model']} (greedy)", str(ref["prompts"]), "", pm(reward.get("mean"), reward.get("se")), tokens, "")
+    if references:
+        names = ", ".join(ref["model"] for ref in references)
+        table.caption = f"{names} (greedy): the build's own evaluation, same prompts, ≤{references[0]['max_new_tokens']} tokens"
     console.print(table)
     if result.skipped:
         console.print(f"skipped prompts: {result.skipped}")
     console.print(f"run folder: {result.run.path}")
+    synthetic = cfg.get("synthetic")
+    if synthetic is not None and synthetic.get("size") == "demo":
+        _print_demo_next(console, result.run.path)
+
+
+def _print_demo_next(console, run_path) -> None:
+    """What to try after `make demo` (a run on the demo build): one table, the run folder first."""
+    from pathlib import Path
+
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    from .synthetic.params import BUILD_SECONDS
+
+    path = Path(run_path)
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    table = Table(title="what next", show_header=False, show_lines=True)
+    table.add_column("", overflow="fold")
+    table.add_row(f"run folder: [bold]{escape(str(path))}[/]")
+    for command, what in (
+        (f"tqstar evaluate {path}", "every metric of the run (reward, diversity, coherence, cost) and a comparison table"),
+        ("tqstar decode experiment=demo decoder=sft", "the same prompts without steering (or decoder=cd, decoder=args, decoder=best_of_n)"),
+        (f"tqstar evaluate {path.parent}", "the demo runs side by side"),
+        (
+            "tqstar prepare synthetic",
+            f"the full testbed (about {BUILD_SECONDS['full'] / 60:.0f} min on 2 CPU cores, once): five baselines, "
+            "128 held-out prompts; plain `tqstar decode` and the results pages use it",
+        ),
+    ):
+        table.add_row(Group(Text(command, style="bold"), Padding(what, (0, 0, 0, 2))))
+    console.print(table)
 
 
 @prepare_app.command("synthetic")
 def prepare_synthetic(
-    overrides: Optional[List[str]] = typer.Argument(None, help="e.g. synthetic.seed=1"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="e.g. synthetic.seed=1; experiment=demo: the demo-sized build of make demo"),
     proxy: bool = typer.Option(
         False, "--proxy", help="Also build the learned proxy of the target reward (reward=synthetic_proxy); cached next to the task."
     ),
@@ -147,17 +201,24 @@ def _prepare_synthetic(overrides: list[str], proxy: bool = False) -> None:
     from rich.table import Table
 
     from .config import compose
+    from .decode import check_synthetic_size, synthetic_params
     from .synthetic import ensure_built, load_manifest
 
     cfg = compose(overrides)
-    folder = ensure_built(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True)
+    params = synthetic_params(cfg.synthetic)  # synthetic=demo: the demo build
+    if proxy:
+        check_synthetic_size(cfg.synthetic, None, "--proxy")
+    threads = cfg.get("num_threads")  # experiment=demo: 1
+    folder = ensure_built(
+        seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True, params=params, num_threads=threads
+    )
     if proxy:
         from .synthetic.proxy import ensure_proxy
 
-        ensure_proxy(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True)
+        ensure_proxy(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True, num_threads=threads)
     manifest = load_manifest(folder)
     console = _console()
-    console.print(f"synthetic task: {folder} (built in {manifest['seconds']['total']:.0f} s)")
+    console.print(f"synthetic task ({cfg.synthetic.size} build): {folder} (built in {manifest['seconds']['total']:.0f} s)")
     premise = manifest.get("premise") or {}
     table = Table(title="baselines against rho*_beta on the held-out prompts (sampled, T=1)")
     for column in ("model", "reward, beta", "sampled reward", "E_rho*[r] (IS)", "KL to SFT", "KL(rho*‖SFT)", "implied slope", "greedy r"):
@@ -186,7 +247,8 @@ def _prepare_synthetic(overrides: list[str], proxy: bool = False) -> None:
             ]
         table.add_row(name, *cells, pm(evaluation["target_reward"]))
     console.print(table)
-    console.print(_proxy_summary(int(cfg.synthetic.seed), cfg.synthetic.cache_dir), soft_wrap=True)
+    if cfg.synthetic.size == "full":  # the proxy reward is trained next to the full build only
+        console.print(_proxy_summary(int(cfg.synthetic.seed), cfg.synthetic.cache_dir), soft_wrap=True)
 
 
 def _proxy_summary(seed: int, cache_dir) -> str:
@@ -378,6 +440,49 @@ def merge(shards: List[str] = typer.Argument(..., help="Run folders of one decod
 
         run = merge_shards(shards)
         _console().print(f"merged {len(shards)} shard(s) into {run.path}")
+
+    _guarded(body)
+
+
+@app.command()
+def report(
+    source: Optional[str] = typer.Argument(None, help="A sweep folder (outputs/sweeps/<study>) or a report archive (docs/results/<study>)"),
+    study: Optional[str] = typer.Option(None, "--study", help="Which results page (default: the source folder's name)"),
+    out: str = typer.Option("docs/results", "--out", "-o", help="Where pages go: <out>/<study>.md and <out>/<study>/"),
+    all_pages: bool = typer.Option(False, "--all", help="Regenerate every page under --out from its archive"),
+    seeds: Optional[List[int]] = typer.Option(
+        None, "--seeds", help="synthetic_premise: the build seeds to read (e.g. --seeds 0 --seeds 1)"
+    ),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Synthetic builds (default: $TQSTAR_CACHE or ~/.cache/tqstar)"),
+) -> None:
+    """Write a results page (Markdown, CSV, PNG) from a sweep's run folders, with its environment and checks.
+
+    Beside the page it archives what the page was computed from, so `tqstar report docs/results/<study>` (or
+    `--all`) regenerates it from the repository alone."""
+
+    def body():
+        from pathlib import Path
+
+        from .errors import ConfigError
+        from .studies import premise_from_builds, regenerate_all, study_for, write_report
+
+        target = Path(out)
+        if all_pages:
+            for page in regenerate_all(target):
+                _console().print(f"wrote {page}")
+            return
+        if source is None and not seeds:
+            raise ConfigError("give a sweep folder or report archive, --all, or --study synthetic_premise --seeds ...")
+        if source is not None and not Path(source).is_dir():
+            raise ConfigError(
+                f"{source!r} is not a folder (give a sweep folder, e.g. outputs/sweeps/transfer_study, or docs/results/<study>)"
+            )
+        chosen = study_for(study, Path(source) if source else None)
+        data = premise_from_builds(list(seeds), cache_dir) if seeds and source is None else None
+        page, written, checks = write_report(Path(source) if source else None, chosen, target, cache_dir, data=data)
+        _console().print(f"wrote {page} and {len(written) - 1} file(s) in {target / chosen.name}")
+        for check in checks:
+            _console().print(f"  check: {check}", soft_wrap=True)
 
     _guarded(body)
 

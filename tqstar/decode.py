@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from .config import validate
 from .errors import ConfigError, did_you_mean
 from .methods import spec
-from .runs import RunFolder, provenance
+from .runs import RunFolder, machine_load, provenance
 
 
 @dataclass
@@ -61,6 +61,8 @@ def check_sources(cfg: DictConfig) -> None:
             what, names = built[prefix]
             if name not in names:
                 raise ConfigError(f"{mount}.name_or_path={source!r}: the {what} has no model {name!r}; {did_you_mean(name, names)}")
+            if prefix == "synthetic":
+                check_synthetic_size(cfg.get("synthetic"), name, f"{mount}.name_or_path={source!r}")
             continue
         resolved, _ = resolve_source(model_cfg)  # packaged:<name>, gguf_file inside a folder
         check_source(resolved, config_key(model_cfg, "name_or_path"))
@@ -75,6 +77,7 @@ def check_sources(cfg: DictConfig) -> None:
                 value = str(reward_cfg.get(key) or "")
                 if value.startswith("synthetic:"):
                     check_synthetic_reward(value, f"{mount}.{key}")
+                    check_synthetic_size(cfg.get("synthetic"), None, f"{mount}.{key}={value!r}")
                 elif value:
                     check_source(value, f"{mount}.{key}", "reward model")
         elif reward_cfg.type == "callable":
@@ -90,6 +93,31 @@ def check_synthetic_reward(source: str, key: str) -> None:
     name = source.split(":", 1)[1]
     if name not in SYNTHETIC_REWARDS:
         raise ConfigError(f"{key}={source!r}: the synthetic task has no reward model {name!r}; {did_you_mean(name, SYNTHETIC_REWARDS)}")
+
+
+def synthetic_params(synthetic: DictConfig | None):
+    """The recipe (`BuildParams`) of the synthetic build a config's `synthetic` block names (`synthetic.size`)."""
+    from .synthetic.params import params_for
+
+    return params_for(synthetic.get("size") if synthetic is not None else None)
+
+
+def check_synthetic_size(synthetic: DictConfig | None, model: str | None, what: str) -> None:
+    """A named size of the synthetic build other than full holds only some models and no proxy reward
+    (``model`` None): one line naming what is missing and how to get the full build."""
+    from .synthetic.params import DEFAULT_SIZE
+
+    size = str(synthetic.get("size") or DEFAULT_SIZE) if synthetic is not None else DEFAULT_SIZE
+    if size == DEFAULT_SIZE:
+        return
+    names = synthetic_params(synthetic).model_names
+    if model is not None and model in names:
+        return
+    missing = f"no model {model!r}" if model is not None else "no proxy reward"
+    raise ConfigError(
+        f"{what}: the {size} build of the synthetic task (synthetic={size}) has {missing}, only {', '.join(names)}; "
+        "use the full build: synthetic=default (built ahead by `tqstar prepare synthetic`)"
+    )
 
 
 def resolve_reward(reward_cfg: DictConfig | None, synthetic: DictConfig | None = None) -> DictConfig | None:
@@ -108,8 +136,11 @@ def resolve_reward(reward_cfg: DictConfig | None, synthetic: DictConfig | None =
     from .synthetic.proxy import ensure_proxy
 
     check_synthetic_reward(source, config_key(reward_cfg, "name_or_path"))
+    check_synthetic_size(synthetic, None, f"{config_key(reward_cfg, 'name_or_path')}={source!r}")
     folder = ensure_proxy(
-        seed=int(synthetic.seed) if synthetic is not None else 0, cache_dir=synthetic.cache_dir if synthetic is not None else None
+        seed=int(synthetic.seed) if synthetic is not None else 0,
+        cache_dir=synthetic.cache_dir if synthetic is not None else None,
+        build_params=synthetic_params(synthetic),
     )
     data = OmegaConf.to_container(reward_cfg, resolve=True)
     data["name_or_path"] = str(folder)
@@ -128,8 +159,50 @@ def synthetic_dir(cfg: DictConfig) -> Path | None:
 
     synthetic = cfg.get("synthetic")
     return ensure_built(
-        seed=int(synthetic.seed) if synthetic is not None else 0, cache_dir=synthetic.cache_dir if synthetic is not None else None
+        seed=int(synthetic.seed) if synthetic is not None else 0,
+        cache_dir=synthetic.cache_dir if synthetic is not None else None,
+        params=synthetic_params(synthetic),
+        num_threads=cfg.get("num_threads"),
     )
+
+
+def build_evaluation(cfg: DictConfig, rows: list[dict]) -> list[dict]:
+    """The synthetic build's own greedy evaluation of its SFT model and of the config's baseline, when the run
+    decoded exactly the prompts the build evaluated them on (all of its held-out prompts; `make demo` does):
+    ``[{"model", "prompts", "reward": {"mean", "se", "n"}, "tokens", "max_new_tokens"}]``, else []. Reads only
+    the cached build's files (never builds)."""
+    if cfg.dataset.name != "synthetic" or str(cfg.dataset.get("split", "test")) != "test" or not rows:
+        return []
+    from .files import read_jsonl
+    from .synthetic.cache import is_built, load_manifest, task_dir
+
+    synthetic = cfg.get("synthetic")
+    folder = task_dir(
+        seed=int(synthetic.seed) if synthetic is not None else 0,
+        cache_dir=synthetic.cache_dir if synthetic is not None else None,
+        params=synthetic_params(synthetic),
+    )
+    if not is_built(folder) or not (folder / "prompts" / "test.jsonl").is_file():
+        return []
+    if sorted(str(p["id"]) for p in read_jsonl(folder / "prompts" / "test.jsonl")) != sorted(str(r["prompt_id"]) for r in rows):
+        return []
+    manifest = load_manifest(folder)
+    evaluation = manifest.get("eval") or {}
+    names = ["sft"]
+    baseline = str(cfg.baseline.name_or_path) if cfg.get("baseline") is not None else ""
+    if baseline.startswith("synthetic:") and baseline.split(":", 1)[1] != "sft":
+        names.append(baseline.split(":", 1)[1])
+    return [
+        {
+            "model": name,
+            "prompts": evaluation[name]["target_reward"]["n"],
+            "reward": evaluation[name]["target_reward"],
+            "tokens": evaluation[name].get("mean_new_tokens"),
+            "max_new_tokens": (manifest.get("eval_settings") or {}).get("max_new_tokens"),
+        }
+        for name in names
+        if name in evaluation
+    ]
 
 
 def smollm2_dir(cfg: DictConfig) -> Path | None:
@@ -144,6 +217,7 @@ def smollm2_dir(cfg: DictConfig) -> Path | None:
         seed=int(block.seed) if block is not None else 0,
         cache_dir=block.cache_dir if block is not None else None,
         params=params_from_config(block.get("params") if block is not None else None),
+        num_threads=cfg.get("num_threads"),
     )
 
 
@@ -221,6 +295,8 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
     validate(cfg)
     check_sources(cfg)
     torch.manual_seed(int(cfg.seed))
+    if cfg.get("num_threads"):  # tiny CPU models decode several times faster on 1 thread when the cores are shared
+        torch.set_num_threads(int(cfg.num_threads))
     run = RunFolder.for_config(cfg)
     started = time.perf_counter()
     with run:
@@ -286,7 +362,7 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
             seconds = time.perf_counter() - started
             timings = dict(previous.get("timings") or {})
             timings["decode_seconds"] = round(timings.get("decode_seconds", 0.0) + seconds, 3)
-            run.update_status(status="completed", rows=len(rows), timings=timings)
+            run.update_status(status="completed", rows=len(rows), timings=timings, load_at_end=machine_load())
         except KeyboardInterrupt:
             run.update_status(status="interrupted", error="KeyboardInterrupt")
             raise

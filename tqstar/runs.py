@@ -167,12 +167,38 @@ class RunFolder:
         return OmegaConf.load(self.path / CONFIG)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor()); None where neither says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_load() -> dict:
+    """The 1-minute load average and the number of CPUs: a load above the run's own threads means other work
+    shared the machine, so its times are upper bounds (`tqstar report` says so in a page's header)."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    return {"load_1min": load, "cpu_count": os.cpu_count()}
+
+
 def provenance(device: str, seed: int) -> dict:
+    import torch
+
     return {
         "tqstar_version": __version__,
         "git_commit": git_commit(),
         "versions": library_versions(),
         "host": platform.node(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "load_at_start": machine_load(),
         "device": device,
         "seed": seed,
     }

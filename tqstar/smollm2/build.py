@@ -40,7 +40,7 @@ from ..errors import ConfigError
 from ..files import write_jsonl
 from .cache import build_dir, build_key, build_once, versions
 from .evaluation import premise_checks
-from .params import BASELINE_REWARD, MODEL_NAMES, PROMPT_FORMAT, STOP_STRINGS, TARGET_REWARD, VERSION, Smollm2Params
+from .params import BASELINE_REWARD, BUILD_SECONDS, MODEL_NAMES, PROMPT_FORMAT, STOP_STRINGS, TARGET_REWARD, VERSION, Smollm2Params
 from .prompts import make_prompts
 from .sampling import format_prompts, sample
 from .training import label_pairs, train_dpo
@@ -211,6 +211,7 @@ def ensure_built(
     the build (default $OMP_NUM_THREADS, else min(4, cpu count); not part of the key).
     """
     from ..synthetic.build import _Progress, _quiet_libraries, _torch_threads
+    from ..synthetic.cache import first_use_line
 
     params = params or Smollm2Params()
 
@@ -218,4 +219,11 @@ def ensure_built(
         with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
             return _build(tmp, seed, params, bar)
 
-    return build_once(build_dir(seed, cache_dir, params), build)
+    default = params == Smollm2Params()
+    announce = first_use_line(
+        "the SmolLM2 experiment (SmolLM2-135M-Instruct SFT samples, DPO baselines dpo and dpo_bl, premise checks)"
+        + ("" if default else ", custom params"),
+        BUILD_SECONDS if default else None,
+        "tqstar prepare smollm2" + ("" if default else " <the same smollm2.params overrides>"),
+    )
+    return build_once(build_dir(seed, cache_dir, params), build, announce=announce if progress else None)

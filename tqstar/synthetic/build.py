@@ -4,7 +4,8 @@
 
     sft/                          the SFT model pi_sft (HF folders: config, weights, generation config, tokenizer)
     rho1/ rho0.5/ rho0.25/ rho0.1/  baselines of the target reward r, distilled towards rho*_beta (a ladder of beta)
-    rho_bl/                       the indirect-transfer baseline, distilled towards rho*_beta of r_bl
+    rho_bl/                       the indirect-transfer baseline, distilled towards rho*_beta of r_bl (none when
+                                  baseline_reward_beta is None: the demo build, params.SIZES)
     prompts/train.jsonl           {"id", "prompt"} per line (the distillation samples are drawn on these)
     prompts/test.jsonl            held-out prompts (none of them occurs in the SFT corpus)
     corpus.jsonl                  the SFT dialogues
@@ -47,11 +48,11 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from ..files import write_jsonl
-from .cache import _versions, build_key, build_once, task_dir
+from .cache import _versions, build_key, build_once, first_use_line, task_dir
 from .corpus import Dialogue, generate_corpus, generate_prompts, tokenizer_texts
 from .distill import resampled_rows, sample_responses
 from .evaluation import evaluate_folder, premise_checks
-from .params import DEFAULT_BASELINE, STOP_STRINGS, VERSION, BuildParams
+from .params import BUILD_SECONDS, DEFAULT_BASELINE, STOP_STRINGS, VERSION, BuildParams, size_of
 from .tokenizer import train_tokenizer, vocab_size_of
 from .training import load_saved, make_model, save_model, train_sft, train_weighted
 
@@ -207,7 +208,8 @@ def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
 
     # 5. baselines: reward-weighted distillation of the SFT model towards rho*_beta (a ladder for r, one for r_bl)
     baselines = {name: ("target_reward", beta) for name, beta in params.rungs.items()}
-    baselines["rho_bl"] = ("baseline_reward", params.baseline_reward_beta)
+    if params.baseline_reward_beta is not None:  # None: no indirect-transfer baseline (the demo build)
+        baselines["rho_bl"] = ("baseline_reward", params.baseline_reward_beta)
     distill_stats = {}
     for name, (key, beta) in baselines.items():
         t0 = time.perf_counter()
@@ -302,4 +304,16 @@ def ensure_built(
         with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
             return _build(tmp, seed, params, bar)
 
-    return build_once(task_dir(seed, cache_dir, params), build)
+    return build_once(task_dir(seed, cache_dir, params), build, announce=build_line(params) if progress else None)
+
+
+def build_line(params: BuildParams) -> str:
+    """The line a build of ``params`` prints when it starts: what, how long on 2 cores, how to build it ahead."""
+    size = size_of(params)
+    if size is None:
+        return first_use_line(f"the synthetic task (recipe v{VERSION}, custom params)", None, "tqstar.synthetic.ensure_built(params=...)")
+    if size == "full":
+        what = f"the synthetic testbed (recipe v{VERSION}: SFT, 64 samples per train prompt, five distilled baselines, premise checks)"
+        return first_use_line(what, BUILD_SECONDS[size], "tqstar prepare synthetic")
+    what = f"the {size}-sized synthetic testbed (recipe v{VERSION} at {size} size: {', '.join(params.model_names)} only)"
+    return first_use_line(what, BUILD_SECONDS[size], f"tqstar prepare synthetic experiment={size}")

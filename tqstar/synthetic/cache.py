@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -73,9 +74,23 @@ def load_manifest(folder: str | os.PathLike) -> dict:
     return read_json(Path(folder) / "manifest.json")
 
 
-def build_once(final: Path, build: Callable[[Path], dict]) -> Path:
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def first_use_line(what: str, seconds: float | None, ahead: str) -> str:
+    """The one line a build prints when it starts (every build started on first use says the same three things):
+    what it builds, how long that took on a 2-core CPU machine (``seconds``: the constant kept next to the
+    build's params; None: not measured) and the command that builds it ahead of time."""
+    took = "" if seconds is None else f": about {_duration(seconds)} on a 2-core CPU machine"
+    return f"building {what}{took}, once (cached); `{ahead}` builds it ahead"
+
+
+def build_once(final: Path, build: Callable[[Path], dict], announce: str | None = None) -> Path:
     """Return ``final`` if it holds a complete build; else run ``build(tmp)`` (which fills the
-    temp folder and returns the manifest), write the manifest last and rename tmp -> final."""
+    temp folder and returns the manifest), write the manifest last and rename tmp -> final.
+
+    ``announce``: a line printed (stderr) when the build starts, not when it is found built (`first_use_line`)."""
     final = Path(final)
     if is_built(final):
         return final
@@ -83,6 +98,8 @@ def build_once(final: Path, build: Callable[[Path], dict]) -> Path:
     with file_lock(final.parent / f"{final.name}.lock"):
         if is_built(final):  # another process built it while we waited
             return final
+        if announce:
+            print(announce, file=sys.stderr, flush=True)
         if final.exists():  # a stray incomplete folder (no manifest): never trust it
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-building-", dir=final.parent))

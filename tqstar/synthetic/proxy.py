@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import read_jsonl, write_jsonl
-from .cache import _versions, build_once, is_built, load_manifest, task_dir
+from .cache import _versions, build_once, first_use_line, is_built, load_manifest, task_dir
 from .params import STOP_STRINGS, BuildParams
 
 # Bump whenever the recipe changes what a proxy build writes (a new proxy folder; the build is untouched).
@@ -68,6 +68,11 @@ class ProxyParams:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Wall seconds of a proxy build (default ProxyParams, on the full build) on a 2-core CPU machine: 250-335 s measured
+# for seeds 0, 1, 2 (README). What its first-use line quotes.
+PROXY_BUILD_SECONDS = 300
 
 
 def proxy_key(params: ProxyParams | None = None) -> str:
@@ -111,7 +116,13 @@ def ensure_proxy(
         with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
             return _build_proxy(tmp, task, seed, params, bar)
 
-    return build_once(proxy_dir(task, params), build)
+    announce = first_use_line(
+        f"the learned proxy reward of the synthetic task (reward=synthetic_proxy, next to {task.name})"
+        + ("" if params == ProxyParams() else ", custom params"),
+        PROXY_BUILD_SECONDS if params == ProxyParams() else None,
+        "tqstar prepare synthetic --proxy",
+    )
+    return build_once(proxy_dir(task, params), build, announce=announce if progress else None)
 
 
 # ----------------------------------------------------------------------------- pairs and measures (pure)
