@@ -1,0 +1,295 @@
+"""`tqstar report`: the statistics of the results pages, a fixture sweep folder end to end, and the committed pages.
+
+The fixture is a sweep folder written by hand (results.csv, run folders with run.json, config.yaml and
+metrics_per_prompt.jsonl): no model runs, so every number below is known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tqstar.cli import app
+from tqstar.studies import STUDIES, regenerate_all, write_report
+from tqstar.studies import analysis as A
+from tqstar.studies.catalog import optimal_rows
+from tqstar.studies.page import environment_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- analysis ---------------------------------------------------------------------------------------------
+
+
+def test_across_seeds_keeps_best_of_n_sizes_apart():
+    points = pd.DataFrame(
+        {
+            "label": ["bon"] * 4,
+            "method": ["best_of_n"] * 4,
+            "n": [2, 2, 16, 16],
+            "seed": [0, 1, 0, 1],
+            "reward_mean": [0.5, 0.7, 0.9, 0.95],
+        }
+    )
+    table = A.across_seeds(points, ["reward_mean"])
+    assert list(table["n"]) == [2, 16]
+    assert table["reward_mean"].tolist() == pytest.approx([0.6, 0.925])
+    assert table["seeds"].tolist() == [2, 2]
+    assert table["reward_mean_min"].tolist() == [0.5, 0.9]
+    assert table["reward_mean_se_seeds"].iloc[0] == pytest.approx(0.1)  # std 0.1414 / sqrt(2)
+
+
+def test_paired_difference_uses_shared_prompts_only():
+    per_prompt = pd.DataFrame(
+        {"run": ["a", "a", "a", "b", "b"], "prompt_id": ["p0", "p1", "p2", "p0", "p1"], "reward": [1.0, 0.5, 9.0, 0.0, 0.0]}
+    )
+    mean, se, n = A.paired(per_prompt, "a", "b")
+    assert n == 2 and mean == pytest.approx(0.75) and se == pytest.approx(0.25)
+    assert A.paired(per_prompt, "a", "b", prompts=["p0"])[:2] == (1.0, None)
+
+
+@pytest.mark.parametrize(
+    "diff, se, tolerance, expected",
+    [
+        (-0.001, 0.044, 0.1, "match"),  # beta 1's reward: within 2 s.e., and 2 s.e. = 0.088 within 0.1
+        (0.437, 0.266, 0.25, "undecidable"),  # beta 0.1's KL excess: within 2 s.e. only because the s.e. is wide
+        (0.234, 0.066, 0.25, "differs"),
+        (0.0, None, 0.1, "undecidable"),
+    ],
+)
+def test_verdict(diff, se, tolerance, expected):
+    assert A.verdict(diff, se, tolerance) == expected
+
+
+def test_seed_claim():
+    assert (
+        A.seed_claim({0: (-0.15, 0.03), 1: (-0.03, 0.03), 2: (-0.07, 0.03)}) == "lower on every seed (3 of 3); by 2 s.e. or more on 2 of 3"
+    )
+    assert A.seed_claim({0: (0.1, None), 1: (-0.1, None)}).startswith("differs in sign")
+    assert A.seed_claim({0: (0.1, None)}).endswith("(difference of means; no paired s.e.)")
+    assert A.seed_claim({}) == "no data"
+
+
+def test_optimum_interpolation_and_bound():
+    curve = [(0.0, 0.2), (1.0, 0.6), (2.0, 0.8)]
+    assert A.optimum_at(curve, 0.5) == pytest.approx(0.4)
+    assert A.optimum_at(curve, 2.5) is None
+    assert A.fraction_of_optimum(0.3, 0.5, curve) == (pytest.approx(0.75), False)
+    assert A.fraction_of_optimum(0.4, 3.0, curve) == (pytest.approx(0.5), True)
+
+
+def test_best_at_budget_includes_every_method_and_names_the_winner():
+    points = pd.DataFrame(
+        {
+            "method": ["baseline", "baseline", "best_of_n", "best_of_n", "best_of_n", "best_of_n"],
+            "seed": [0, 1, 0, 1, 0, 1],
+            "flops_per_response": [1.5e8, 1.5e8, 1.0e8, 1.0e8, 1.0e9, 1.0e9],
+            "reward_mean": [0.95, 0.94, 0.15, 0.14, 0.90, 0.96],
+        }
+    )
+    table = A.best_at_budget(points)
+    assert set(table.columns) >= {"baseline", "best_of_n", "best", "smallest_margin"}
+    assert table["flops_per_response_at_most"].tolist() == pytest.approx([1e8, 10**8.5, 1e9])
+    at_1e8, at_3e8, at_1e9 = (table.iloc[i] for i in range(3))
+    assert at_1e8["baseline"] is None or math.isnan(at_1e8["baseline"])
+    assert at_1e8["best"] == "best_of_n"
+    assert at_3e8["best"] == "baseline" and at_3e8["smallest_margin"] == pytest.approx(0.80)
+    assert at_1e9["best"] == "differs by seed" and at_1e9["winners_by_seed"] == "0: baseline, 1: best_of_n"
+
+
+# --- a fixture sweep folder ---------------------------------------------------------------------------------
+
+ARMS = [
+    # arm, method, baseline, selection, alpha, n, per-seed reward offsets
+    ("sft", "sft", "", "greedy", 1.0, None, 0.1),
+    ("baseline", "baseline", "synthetic:rho1", "greedy", 1.0, None, 0.6),
+    ("baseline", "baseline", "synthetic:rho0.1", "greedy", 1.0, None, 0.9),
+    ("best_of_n", "best_of_n", "", "sample", 1.0, 8, 0.85),
+    ("cd", "cd", "", "greedy", 1.0, None, 0.8),
+    ("tqstar", "tqstar", "synthetic:rho1", "greedy", 1.0, None, 0.7),
+    ("tqstar", "tqstar", "synthetic:rho0.1", "greedy", 1.0, None, 0.4),
+    ("best_of_n_sampled", "best_of_n", "", "sample", 1.0, 2, 0.5),
+    ("best_of_n_sampled", "best_of_n", "", "sample", 1.0, 4, 0.7),
+    ("cd_sampled", "cd", "", "sample", 4.0, None, 0.8),
+]
+PROMPTS = 6
+
+
+def _prompt_reward(offset: float, seed: int, prompt: int) -> float:
+    return round(offset + 0.01 * seed + 0.02 * ((prompt * 7 + seed) % 3 - 1), 6)
+
+
+def make_sweep(folder: Path, seeds=(0, 1)) -> Path:
+    rows = []
+    for seed in seeds:
+        for number, (arm, method, baseline, selection, alpha, n, offset) in enumerate(ARMS):
+            run = folder / f"20261201-0000{number:02d}-{method}-s{seed}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(f"decoder:\n  method: {method}\n  beta: 0.1\n  rollout:\n    top_k: null\n")
+            (run / "run.json").write_text(
+                json.dumps(
+                    {
+                        "status": "completed",
+                        "git_commit": "abc1234",
+                        "versions": {"torch": "2.13.0", "python": "3.11.9"},
+                        "host": "box",
+                        "cpu": "AMD EPYC 9B14",
+                        "threads": 1,
+                        "load_at_start": {"load_1min": 0.1 + seed, "cpu_count": 2},
+                        "load_at_end": {"load_1min": 1.0, "cpu_count": 2},
+                    }
+                )
+            )
+            rewards = [_prompt_reward(offset, seed, p) for p in range(PROMPTS)]
+            kl = 0.0 if method == "sft" else 0.5 + alpha / 4
+            (run / "metrics_per_prompt.jsonl").write_text(
+                "".join(
+                    json.dumps({"index": p, "prompt_id": f"test-{p}", "reward": r, "kl": kl, "seconds": 0.5, "num_tokens": 10}) + "\n"
+                    for p, r in enumerate(rewards)
+                )
+            )
+            rows.append(
+                {
+                    "arm": arm,
+                    "point": f"decoder={method} synthetic.seed={seed}" + (f" decoder.n={n}" if n else ""),
+                    "run": f"outputs/sweeps/{folder.name}/{run.name}",
+                    "seed": seed,
+                    "baseline": baseline or None,
+                    "method": method,
+                    "alpha": alpha,
+                    "top_k": 10,
+                    "n": n,
+                    "selection": selection,
+                    "rollout_len": 20,
+                    "rollout_num": 1,
+                    "num_prompts": PROMPTS,
+                    "reward_mean": sum(rewards) / PROMPTS,
+                    "kl": kl,
+                    "diversity": 0.8,
+                    "coherence": 0.4,
+                    "tokens_mean": 10.0,
+                    "seconds_per_response": 0.5,
+                    "flops_per_response": 1e8 * (1 + number),
+                    "q_spread": None,
+                    "optimism_gap": None,
+                }
+            )
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    (folder / "sweep.json").write_text(json.dumps({"seconds": 12.5, "executor": "local"}))
+    return folder
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    return make_sweep(tmp_path / "sweeps" / "transfer_study")
+
+
+def test_report_from_a_sweep_folder_then_from_its_archive(sweep, tmp_path):
+    out = tmp_path / "results"
+    page, written, checks = write_report(sweep, STUDIES["transfer_study"], out)
+    text = page.read_text()
+    assert page == out / "transfer_study.md"
+    # environment header from the run folders
+    assert "git commit: abc1234" in text and "CPU: AMD EPYC 9B14" in text and "torch 2.13.0" in text
+    assert "other work shared the machine" in text  # seed 1's runs started at load 1.1
+    assert "sweep wall time: 12 s (executor local)" in text
+    # (b) keeps best-of-N's n apart
+    sampled = pd.read_csv(out / "transfer_study" / "sampled.csv")
+    assert sorted(sampled[sampled["method"] == "best_of_n"]["n"].tolist()) == [2, 4]
+    # (c) paired per seed, from the per-prompt rows: tqstar (rho0.1) - cd is -0.4 on every prompt of every seed
+    differences = pd.read_csv(out / "transfer_study" / "differences.csv")
+    row = differences[(differences["comparison"] == "tqstar (rho0.1) - cd") & (differences["seed"] == 0)].iloc[0]
+    assert row["diff"] == pytest.approx(-0.4) and row["se"] == pytest.approx(0.0, abs=1e-9)
+    assert "tqstar (rho0.1) − cd: lower on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in checks
+    assert "tqstar (rho1) − baseline (rho1): higher on every seed (2 of 2)" in " ".join(checks)
+    # (d) says why it is missing: no build manifests here
+    assert "(d): not computed" in text
+    # the archive regenerates the same page and tables
+    first = {p.name: p.read_bytes() for p in (out / "transfer_study").glob("*.csv")}
+    again, _, _ = write_report(out / "transfer_study", STUDIES["transfer_study"], out)
+    assert again.read_text() == text
+    assert {p.name: p.read_bytes() for p in (out / "transfer_study").glob("*.csv")} == first
+    assert regenerate_all(out) == [out / "transfer_study.md"]
+
+
+def test_environment_header_of_a_quiet_run():
+    lines = environment_lines({"source": "x", "load_at_start": [0.0, 0.2], "load_at_end": [1.0, 1.1], "cpu_count": [2]})
+    assert any("quiet at every run's start" in line for line in lines)
+
+
+def test_optimal_rows_add_rows_on_the_prompts_runs_share():
+    points = pd.DataFrame(
+        [
+            {
+                "run": "long",
+                "seed": 0,
+                "beta": 0.25,
+                "alpha": 4.0,
+                "top_k": 10,
+                "rollout_top_k": 10,
+                "rollout_num": 16,
+                "rollout_len": 32,
+                "num_prompts": 4,
+            },
+            {
+                "run": "short",
+                "seed": 0,
+                "beta": 0.25,
+                "alpha": 4.0,
+                "top_k": 10,
+                "rollout_top_k": 10,
+                "rollout_num": 4,
+                "rollout_len": 32,
+                "num_prompts": 2,
+            },
+        ]
+    )
+    per_prompt = pd.DataFrame(
+        [{"run": "long", "index": i, "prompt_id": f"t-{i}", "reward": 0.5 + 0.1 * i, "kl": 1.0, "seconds": 1.0} for i in range(4)]
+        + [{"run": "short", "index": i, "prompt_id": f"t-{i}", "reward": 0.5, "kl": 2.0, "seconds": 1.0} for i in range(2)]
+    )
+    curve = [{"beta": 0.25, "reward_by_prompt": [0.5, 0.5, 0.5, 0.5], "kl_by_prompt": [1.0, 1.0, 1.0, 1.0]}]
+    rows = optimal_rows(points, per_prompt, lambda seed, k: curve if k == 10 else None)
+    by = {(r["run"], r["prompts"]): r for r in rows}
+    assert set(by) == {("long", 4), ("long", 2), ("short", 2)}
+    assert by[("long", 2)]["subset"] and by[("long", 2)]["reward_diff"] == pytest.approx(0.05)
+    assert by[("long", 4)]["reward_diff"] == pytest.approx(0.15)
+    assert by[("short", 2)]["kl_diff"] == pytest.approx(1.0)
+
+
+# --- the CLI and the committed pages ---------------------------------------------------------------------
+
+
+def test_cli_refuses_bad_input_with_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "is not a folder" in result.output
+    (tmp_path / "transfer_studdy").mkdir()
+    result = runner.invoke(app, ["report", str(tmp_path / "transfer_studdy")])
+    assert result.exit_code == 2 and "did you mean 'transfer_study'" in result.output
+
+
+def test_cli_writes_a_page(sweep, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(sweep), "--out", str(tmp_path / "pages")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pages" / "transfer_study.md").is_file() and "check: " in result.output
+
+
+def test_committed_pages_are_what_report_writes(tmp_path):
+    """Every page in docs/results/ is the output of `tqstar report` on its archive: nothing edited by hand."""
+    import shutil
+
+    committed = ROOT / "docs" / "results"
+    archives = sorted(p.parent.name for p in committed.glob("*/environment.json"))
+    assert set(archives) == set(STUDIES), "every study has a committed page"
+    for name in archives:
+        shutil.copytree(committed / name, tmp_path / name)
+    for page in regenerate_all(tmp_path):
+        assert page.read_text() == (committed / page.name).read_text(), f"{page.name} differs from `tqstar report --all`"
+        for table in (committed / page.stem).glob("*.csv"):
+            assert (tmp_path / page.stem / table.name).read_text() == table.read_text(), f"{page.stem}/{table.name}"

@@ -1,0 +1,514 @@
+"""The results pages: one renderer per study, and the registry `STUDIES` that `tqstar report` reads.
+
+A renderer turns a `StudyData` into a `Page`: tables from `analysis` functions, and checks (sentences such as
+"lower on every seed") computed, not read off a table. A section whose input the source lacks says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from ..metrics import win_tie
+from . import analysis as A
+from .page import Page, fmt, fmt_across
+from .sources import StudyData
+
+ACROSS = ("reward_mean", "gold_reward_mean", "baseline_reward_mean", "kl", "diversity", "coherence", "tokens_mean")
+ACROSS += ("seconds_per_response", "flops_per_response", "q_spread", "optimism_gap")
+NO_PER_PROMPT = "this source has no per-prompt rows (its run folders were not kept); rerun the sweep and `tqstar report` it"
+
+
+def _knob(row) -> str:
+    """A sampled point's strength: n for best-of-N, alpha otherwise."""
+    if row.get("method") == "best_of_n" and row.get("n") == row.get("n"):
+        return f"n={int(row['n'])}"
+    return f"{row['alpha']:g}"
+
+
+def _records(frame) -> list[dict]:
+    return frame.to_dict("records")
+
+
+def _seed_difference(points, label_a: str, label_b: str, per_prompt=None) -> dict[int, tuple]:
+    """Per seed: (a - b, s.e.) paired by prompt when per-prompt rows exist, else the difference of the runs'
+    means with no s.e."""
+    out = {}
+    for seed in sorted(points["seed"].dropna().unique()):
+        a = points[(points["label"] == label_a) & (points["seed"] == seed)]
+        b = points[(points["label"] == label_b) & (points["seed"] == seed)]
+        if a.empty or b.empty:
+            continue
+        if per_prompt is not None:
+            mean, se, _ = A.paired(per_prompt, a["run"].iloc[0], b["run"].iloc[0])
+        else:
+            mean, se = float(a["reward_mean"].iloc[0]) - float(b["reward_mean"].iloc[0]), None
+        out[int(seed)] = (mean, se)
+    return out
+
+
+def _comparison_table(page: Page, name: str, points, comparisons: list[tuple[str, str]], per_prompt) -> None:
+    seeds = [int(s) for s in sorted(points["seed"].dropna().unique())]
+    rows, frame = [], []
+    for a, b in comparisons:
+        by_seed = _seed_difference(points, a, b, per_prompt)
+        if not by_seed:
+            continue
+        claim = A.seed_claim(by_seed)
+        rows.append([f"{a} − {b}", *[fmt(*by_seed[s]) if s in by_seed else "–" for s in seeds], claim])
+        frame += [{"comparison": f"{a} - {b}", "seed": s, "diff": m, "se": se} for s, (m, se) in by_seed.items()]
+        page.check(f"{a} − {b}: {claim}")
+    import pandas as pd
+
+    page.table(name, ["comparison", *[f"seed {s}" for s in seeds], "on every seed"], rows, pd.DataFrame(frame))
+
+
+def transfer_study(data: StudyData, page: Page) -> None:
+    points = data.points
+    greedy = points[(points["selection"] == "greedy") | ((points["method"] == "best_of_n") & (points["arm"] == "best_of_n"))]
+    sampled = points[(points["selection"] == "sample") & (points["arm"] != "best_of_n")]
+    page.text(
+        "## (a) Greedy at the authors' defaults\n\nMean over build seeds ± s.e. across seeds [min, max of the seeds' means]. "
+        "Q spread: per step, max Q − min Q over the k candidates; optimism gap: Q of the chosen candidate minus the reward "
+        "the final response earned (from the trace)."
+    )
+    table = A.across_seeds(greedy, ACROSS, keys=("label",))
+    metrics = ("reward_mean", "diversity", "coherence", "tokens_mean", "seconds_per_response", "q_spread", "optimism_gap")
+    page.table(
+        "greedy",
+        ["run", "seeds", "reward", "diversity", "coherence", "tokens", "s / response", "Q spread", "optimism gap"],
+        [[r["label"], r["seeds"], *[fmt_across(r, m, spread=m == "reward_mean") for m in metrics]] for r in _records(table)],
+        table,
+    )
+    page.text(
+        "## (b) Sampled (T=1): reward and KL to the SFT model per response\n\nBy alpha; best-of-n by n (its KL is the "
+        "analytic bound log n − (n−1)/n). One row per setting, n included."
+    )
+    table = A.across_seeds(sampled, ACROSS)
+    page.table(
+        "sampled",
+        ["run", "alpha / n", "seeds", "reward", "KL"],
+        [[r["label"], _knob(r), r["seeds"], fmt_across(r, "reward_mean"), fmt_across(r, "kl")] for r in _records(table)],
+        table,
+    )
+    page.text(
+        "## (c) Differences on the same prompts (greedy), per seed\n\n"
+        + (
+            "Mean ± s.e. over prompts of the paired difference."
+            if data.per_prompt is not None
+            else "Differences of the runs' mean rewards (no paired s.e.: " + NO_PER_PROMPT + ")."
+        )
+    )
+    labels = list(dict.fromkeys(greedy["label"]))
+    rungs = [label.split("(", 1)[1].rstrip(")") for label in labels if label.startswith("tqstar (")]
+    comparisons = [pair for rung in rungs for pair in ((f"tqstar ({rung})", "cd"), (f"tqstar ({rung})", f"baseline ({rung})"))]
+    comparisons.append(("cd", "best_of_n"))
+    _comparison_table(page, "differences", greedy, [(a, b) for a, b in comparisons if a in labels and b in labels], data.per_prompt)
+    _against_optimum(data, sampled, page)
+
+
+def _against_optimum(data: StudyData, sampled, page: Page) -> None:
+    page.text("## (d) Sampled points against the optimum rho*_beta at the same KL")
+    curves = (data.curves or {}).get("rho*_beta")
+    if not curves:
+        page.missing("(d)", "no optimum curve (the builds' manifests were not available to this report)")
+        return
+    rows, frame = [], []
+    for _, group in sampled.groupby([c for c in ("label", "alpha", "n") if c in sampled], sort=False, dropna=False):
+        fractions, past = [], 0
+        for r in _records(group):
+            curve = [(p[0], p[1]) for p in curves[str(int(r["seed"]))]]
+            fraction, bound = A.fraction_of_optimum(float(r["reward_mean"]), float(r["kl"]), curve)
+            fractions.append(fraction)
+            past += bound
+        mean, se = A.mean_and_stderr(fractions)
+        first = _records(group)[0]
+        cell = ("≤ " if past else "") + fmt(mean, se) + (f" (KL past the curve on {past} of {len(group)} seeds)" if past else "")
+        rows.append([first["label"], _knob(first), group["seed"].nunique(), cell])
+        frame.append({"label": first["label"], "knob": _knob(first), "fraction": mean, "fraction_se": se, "seeds_past_curve": past})
+    import pandas as pd
+
+    page.table("against_optimum", ["run", "alpha / n", "seeds", "fraction of the optimum's reward at that KL"], rows, pd.DataFrame(frame))
+
+    def draw(path):
+        from ..plots import plot_frontier
+
+        means = A.across_seeds(sampled, ("reward_mean", "kl"))
+        means["curve"], means["knob"] = means["label"], [_knob(r) for r in _records(means)]
+        betas = sorted({p[2] for c in curves.values() for p in c if p[2] is not None}, reverse=True)
+        mean_curve = [(0.0, sum(c[0][1] for c in curves.values()) / len(curves))]
+        for beta in betas:
+            at = [p for c in curves.values() for p in c if p[2] == beta]
+            mean_curve.append((sum(p[0] for p in at) / len(at), sum(p[1] for p in at) / len(at)))
+        plot_frontier(
+            means.rename(columns={"reward_mean": "reward"}),
+            x="kl",
+            y="reward",
+            label_cols=["knob"],
+            path=path,
+            yerr="reward_mean_se_seeds",
+            group="curve",
+            title="reward against KL to the SFT model (sampled, mean over seeds)",
+            xlabel="KL(decoder || SFT) per response",
+            ylabel="mean target reward",
+            reference=([k for k, _ in mean_curve], [r for _, r in mean_curve], "rho*_beta (IS estimate)"),
+            xmax=8.0,
+        )
+
+    page.figure("frontier", "reward against KL, with rho*_beta's curve", draw)
+
+
+def compute_frontier(data: StudyData, page: Page) -> None:
+    points = data.points
+    groups = list(dict.fromkeys(points["method"]))
+    page.text(
+        "## Best reward at a compute budget\n\nFor each build seed and method, its best mean target reward among its points "
+        "that cost at most B FLOPs per response; mean ± s.e. over seeds (– where some seed has no point that cheap). "
+        "'best on every seed' is the plain argmax on each seed; 'smallest margin' is the winner's smallest lead."
+    )
+    if "baseline" not in groups:
+        page.text(
+            "The baseline decoded alone is not among this source's points (conf/sweep/compute_frontier.yaml has it since "
+            "this report was introduced; a rerun adds it)."
+        )
+    table = A.best_at_budget(points, group="method")
+    rows = []
+    for r in _records(table):
+        best = r["best"] if r["best"] != "differs by seed" else f"differs ({r['winners_by_seed']})"
+        margin = "–" if r["smallest_margin"] is None or math.isnan(r["smallest_margin"]) else f"{r['smallest_margin']:.3f}"
+        rows.append([f"{r['flops_per_response_at_most']:.1e}", *[fmt(r[g], r[f"{g}_se"]) for g in groups], best, margin])
+        if r["best"] not in ("none reachable", "differs by seed"):
+            page.check(f"at ≤ {r['flops_per_response_at_most']:.1e} FLOPs per response, {r['best']} is best on every seed")
+    page.table("best_at_budget", ["FLOPs / response ≤", *groups, "best on every seed", "smallest margin"], rows, table)
+    cost = points.groupby("arm")["flops_per_response"].agg(["min", "max"]).reset_index()
+    page.table(
+        "cost_by_arm",
+        ["arm", "FLOPs / response, min", "max"],
+        [[r["arm"], f"{r['min']:.2e}", f"{r['max']:.2e}"] for r in _records(cost)],
+        cost,
+    )
+
+    def draw(path):
+        from ..plots import plot_frontier
+
+        means = A.across_seeds(points, ("reward_mean", "flops_per_response"))
+        plot_frontier(
+            means,
+            x="flops_per_response",
+            y="reward_mean",
+            label_cols=[],
+            path=path,
+            yerr="reward_mean_se_seeds",
+            group="arm",
+            logx=True,
+            title="reward against FLOPs per response (mean over seeds)",
+        )
+
+    page.figure("reward_vs_flops", "reward against FLOPs per response", draw)
+
+
+def proxy_guided(data: StudyData, page: Page) -> None:
+    points = data.points
+    page.text(
+        "## Guided by the proxy, judged by the gold reward\n\nEvery run is guided by the learned proxy (its `reward`) and "
+        "scored by both; mean over seeds ± s.e. across seeds [min, max]."
+    )
+    table = A.across_seeds(points, ACROSS)
+    page.table(
+        "results",
+        ["run", "alpha / n", "seeds", "proxy (guide)", "gold", "FLOPs / response"],
+        [
+            [
+                r["label"],
+                _knob(r),
+                r["seeds"],
+                fmt_across(r, "reward_mean", 2, False),
+                fmt_across(r, "gold_reward_mean"),
+                f"{r['flops_per_response']:.1e}",
+            ]
+            for r in _records(table)
+        ],
+        table,
+    )
+    for label, group in points.groupby("label", sort=False):
+        knob = "n" if group["method"].iloc[0] == "best_of_n" else "alpha"
+        for seed, by_seed in group.groupby("seed"):
+            ordered = by_seed.sort_values(knob)
+            gold = ordered["gold_reward_mean"].tolist()
+            knobs = ordered[knob].tolist()
+            falls = [(knobs[i], knobs[i + 1]) for i in range(len(gold) - 1) if gold[i + 1] < gold[i]]
+            if len(gold) > 1:
+                state = "rises at every step" if not falls else "falls between " + ", ".join(f"{knob} {a:g} and {b:g}" for a, b in falls)
+                page.check(f"{label}, seed {int(seed)}: gold reward {state} ({knob} {knobs[0]:g} to {knobs[-1]:g})")
+
+    def draw(path):
+        from ..sweep import plot_gold_vs_guide
+
+        means = A.across_seeds(points, ("reward_mean", "gold_reward_mean"))
+        means["curve"] = means["label"]
+        plot_gold_vs_guide(means, "reward_mean", "gold_reward_mean", path)
+
+    page.figure("gold_vs_guide", "gold against guide reward", draw)
+
+
+def optimal_rows(points, per_prompt, curve_of: Callable) -> list[dict]:
+    """Each run of the optimal decoder against the optimum it targets at its beta, paired by prompt, on all its
+    prompts and, where runs of one setting group ran on different numbers of prompts, on the prompts they share
+    (so that rows can be compared on the same prompts). `curve_of(seed, top_k or None)` gives the optimum's
+    curve points (beta, reward_by_prompt, kl_by_prompt)."""
+    rows = []
+    for r in _records(points):
+        truncated = r.get("rollout_top_k") == r.get("rollout_top_k") and r.get("rollout_top_k") is not None
+        truncated = truncated and int(r["rollout_top_k"]) == int(r["top_k"])
+        curve = curve_of(int(r["seed"]), int(r["top_k"]) if truncated else None)
+        point = next((p for p in curve or [] if abs(float(p["beta"]) - float(r["beta"])) < 1e-9), None)
+        if point is None:
+            continue
+        own = per_prompt[per_prompt["run"] == r["run"]].sort_values("index")
+        subsets = [None] + sorted({n for n in points["num_prompts"] if n < len(own)})
+        for limit in subsets:
+            kept = own if limit is None else own.head(int(limit))
+            row = {
+                "run": r["run"],
+                "seed": int(r["seed"]),
+                "beta": float(r["beta"]),
+                "alpha": float(r["alpha"]),
+                "top_k": int(r["top_k"]),
+                "rollouts": int(r["rollout_num"]),
+                "rollout_len": int(r["rollout_len"]),
+                "target": f"rho*_(beta,{int(r['top_k'])})" if truncated else "rho*_beta",
+                "prompts": len(kept),
+                "subset": limit is not None,
+                "seconds_per_response": float(kept["seconds"].mean()),
+            }
+            for name, column, key in (("reward", "reward", "reward_by_prompt"), ("kl", "kl", "kl_by_prompt")):
+                decoded = kept[column].astype(float).tolist()
+                optimum = [float(point[key][int(i)]) for i in kept["index"]]
+                row[name], row[f"{name}_se"] = A.mean_and_stderr(decoded)
+                row[f"optimum_{name}"], row[f"optimum_{name}_se"] = A.mean_and_stderr(optimum)
+                row[f"{name}_diff"], row[f"{name}_diff_se"] = A.paired_difference(decoded, optimum)
+            rows.append(row)
+    return rows
+
+
+def optimal_check(data: StudyData, page: Page) -> None:
+    import pandas as pd
+
+    page.text(
+        "## The optimal decoder against the optimum it targets\n\nPaired by prompt (the decoder's and the importance-sampling "
+        f"estimate's errors combined). ✓ match: |difference| ≤ {A.Z:g} s.e. and {A.Z:g} s.e. ≤ the tolerance "
+        f"(reward {A.TOLERANCE['reward']:g}, KL {A.TOLERANCE['kl']:g} nats); ✗ differs: |difference| > {A.Z:g} s.e.; "
+        "? undecidable: within 2 s.e. but the interval is wider than the tolerance."
+    )
+    if data.per_prompt is not None and data.curves:
+        rows = pd.DataFrame(optimal_rows(data.points, data.per_prompt, lambda seed, k: _optimum_points(data.curves, seed, k)))
+    elif "rows" in data.tables:
+        rows = data.tables["rows"].copy()
+        rows["subset"] = rows.get("subset", False)
+        page.text("Rows as archived (per-run differences against the optimum); this source has no per-prompt rows, so no subset rows.")
+    else:
+        page.missing("the check", NO_PER_PROMPT)
+        return
+    for name in ("reward", "kl"):
+        rows[f"{name}_verdict"] = [A.verdict(d, s, A.TOLERANCE[name]) for d, s in zip(rows[f"{name}_diff"], rows[f"{name}_diff_se"])]
+    rows = rows.sort_values(
+        ["target", "subset", "prompts", "beta", "top_k", "rollouts", "rollout_len"], ascending=[True, True, False, False, True, True, True]
+    )
+    table = []
+    for r in _records(rows):
+        table.append(
+            [
+                f"{r['beta']:g} ({r['alpha']:g})",
+                r["top_k"],
+                f"{r['rollouts']} x {r['rollout_len']}",
+                f"{r['prompts']}" + (" (shared subset)" if r.get("subset") else ""),
+                r["target"],
+                fmt(r["reward"], r["reward_se"]),
+                fmt(r["optimum_reward"], r["optimum_reward_se"]),
+                f"{fmt(r['reward_diff'], r['reward_diff_se'])} {A.MARK[r['reward_verdict']]}",
+                fmt(r["kl"], r["kl_se"]),
+                fmt(r["optimum_kl"], r["optimum_kl_se"]),
+                f"{fmt(r['kl_diff'], r['kl_diff_se'])} {A.MARK[r['kl_verdict']]}",
+                f"{r['seconds_per_response']:.2f}",
+            ]
+        )
+        page.check(
+            f"beta {r['beta']:g}, k {r['top_k']}, {r['rollouts']} x {r['rollout_len']}, {r['prompts']} prompts against {r['target']}: "
+            f"reward {r['reward_verdict']}, KL {r['kl_verdict']}"
+        )
+    page.table(
+        "check",
+        [
+            "beta (alpha)",
+            "k",
+            "rollouts x length",
+            "prompts",
+            "optimum",
+            "reward",
+            "its E[r] (IS)",
+            "difference",
+            "KL",
+            "its KL (IS)",
+            "difference",
+            "s / response",
+        ],
+        table,
+        rows,
+    )
+
+
+def _optimum_points(curves: dict, seed: int, top_k: int | None):
+    key = f"rho*_(beta,{top_k})" if top_k else "rho*_beta_by_prompt"
+    return (curves.get(key) or {}).get(str(seed))
+
+
+def smollm2_methods(data: StudyData, page: Page) -> None:
+    import pandas as pd
+
+    points = data.points
+    reference = points[points["arm"] == "baseline"]
+    page.text(
+        "## The methods on SmolLM2\n\nΔ and win/tie/lose are paired by prompt against the DPO baseline decoded alone; "
+        "r_bl is the on-topic reward."
+    )
+    rows, frame = [], []
+    for r in _records(points):
+        diff = se = wins = None
+        if r["arm"] != "baseline" and not reference.empty:
+            if data.per_prompt is not None:
+                diff, se, _ = A.paired(data.per_prompt, r["run"], reference["run"].iloc[0])
+                a = data.per_prompt[data.per_prompt["run"] == r["run"]].set_index("prompt_id")["reward"]
+                b = data.per_prompt[data.per_prompt["run"] == reference["run"].iloc[0]].set_index("prompt_id")["reward"]
+                shared = [p for p in a.index if p in b.index]
+                rates = win_tie(a.loc[shared].tolist(), b.loc[shared].tolist())
+                wins = (rates["win_rate"], rates["tie_rate"], rates["lose_rate"])
+            elif "comparison" in data.tables:
+                c = data.tables["comparison"]
+                match = c[c["run"].astype(str).str.endswith(r["run"])]
+                if not match.empty:
+                    m = match.iloc[0]
+                    diff, se = m["reward_diff_vs_reference"], m["reward_diff_vs_reference_stderr"]
+                    wins = (m["win_rate"], m["tie_rate"], m["lose_rate"])
+        significance = None
+        if diff is not None and se is not None:
+            ratio = abs(diff) / se if se else math.inf
+            significance = f"{'differs from' if ratio > A.Z else 'does not differ significantly from'} the baseline ({ratio:.2f} s.e.)"
+            page.check(f"{r['label']}: Δ {fmt(diff, se)}, {significance}")
+        rows.append(
+            [
+                r["label"],
+                fmt(r["reward_mean"], r["reward_stderr"]),
+                fmt(diff, se) if diff is not None else "–",
+                "/".join(f"{w:.0f}" for w in wins) if wins else "–",
+                fmt(r.get("baseline_reward_mean"), r.get("baseline_reward_stderr")),
+                fmt(r["diversity"]),
+                fmt(r["coherence"]),
+                f"{r['seconds_per_response']:.2f}",
+            ]
+        )
+        frame.append({"label": r["label"], "run": r["run"], "reward_diff": diff, "reward_diff_se": se, "significance": significance})
+    page.table(
+        "methods",
+        ["method", "VADER r", "Δ vs baseline", "win/tie/lose %", "on-topic r_bl", "diversity", "coherence", "s / response"],
+        rows,
+        pd.DataFrame(frame),
+    )
+    if data.per_prompt is None and "comparison" in data.tables:
+        page.text("Δ and win/tie/lose as `tqstar evaluate -r <baseline run>` wrote them (inputs/comparison.csv); " + NO_PER_PROMPT + ".")
+
+
+PREMISE_FIELDS = (
+    ("sampled_reward", "sampled reward"),
+    ("optimum_reward", "E_rho*[r] (IS)"),
+    ("gap", "gap"),
+    ("kl", "KL(rho_bl ‖ sft)"),
+    ("optimum_kl", "KL(rho* ‖ sft)"),
+    ("implied_slope", "implied slope"),
+)
+
+
+def synthetic_premise(data: StudyData, page: Page) -> None:
+    premise = data.tables.get("premise")
+    if premise is None:
+        page.missing("the premise table", "no build manifests and no archived premise table")
+        return
+    page.text(
+        "## Each baseline against the optimum it was built for\n\nOn the build's held-out prompts: the baseline's sampled "
+        "(T=1) reward against a self-normalised importance-sampling estimate of E_rho*_beta[r] from SFT samples, KL to the "
+        "SFT model against KL(rho*_beta ‖ pi_sft), and the implied-reward slope (1 at the optimum). Mean ± s.e. over seeds "
+        "[min, max]."
+    )
+    table = A.across_seeds(premise.assign(label=premise["baseline"]), [f for f, _ in PREMISE_FIELDS], keys=("label",))
+    page.table(
+        "premise",
+        ["baseline", "seeds", *[title for _, title in PREMISE_FIELDS]],
+        [[r["label"], r["seeds"], *[fmt_across(r, f) for f, _ in PREMISE_FIELDS]] for r in _records(table)],
+        table,
+    )
+    ladder = premise[premise["reward"] == "target_reward"]
+    ordered = []
+    for _seed, group in ladder.groupby("seed"):
+        rewards = group.sort_values("beta", ascending=False)["sampled_reward"].tolist()
+        ordered.append(all(b > a for a, b in zip(rewards, rewards[1:])))
+    page.check(
+        "the ladder's sampled reward rises as beta falls on "
+        + ("every seed" if all(ordered) else f"{sum(ordered)} of {len(ordered)} seeds")
+        + f" ({len(ordered)} seeds)"
+    )
+    gaps, ratios = premise["gap"], premise["kl"] / premise["optimum_kl"]
+    page.check(
+        f"every baseline on every seed falls short of its optimum's reward by {-gaps.max():.3f} to {-gaps.min():.3f}"
+        if (gaps < 0).all()
+        else f"gap to the optimum's reward ranges {gaps.min():+.3f} to {gaps.max():+.3f} (not below zero everywhere)"
+    )
+    page.check(f"KL(rho_bl ‖ sft) / KL(rho* ‖ sft): {ratios.min():.2f} to {ratios.max():.2f} over baselines and seeds")
+
+
+def premise_rows(seed: int, manifest: dict) -> list[dict]:
+    """One row per baseline of a synthetic build's manifest (`premise` section)."""
+    rows = []
+    for name, check in manifest["premise"].items():
+        if name == "sft":
+            continue
+        rows.append(
+            {
+                "seed": seed,
+                "baseline": name,
+                "reward": check["reward"],
+                "beta": check["beta"],
+                "sampled_reward": check["sampled_reward"]["mean"],
+                "sampled_reward_se": check["sampled_reward"]["se"],
+                "optimum_reward": check["optimum_reward"]["mean"],
+                "optimum_reward_se": check["optimum_reward"]["se"],
+                "gap": check["sampled_reward"]["mean"] - check["optimum_reward"]["mean"],
+                "kl": check["kl"]["mean"],
+                "optimum_kl": check["optimum_kl"]["mean"],
+                "implied_slope": check["implied_reward_slope"]["slope"],
+                "sft_reward": manifest["premise"]["sft"][check["reward"]]["mean"],
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Study:
+    """A results page: its title, its renderer, and whether a sweep source needs the synthetic optimum curves."""
+
+    name: str
+    title: str
+    render: Callable[[StudyData, Page], None]
+    synthetic_curves: bool = False
+
+
+STUDIES = {
+    s.name: s
+    for s in (
+        Study("transfer_study", "When does transfer help? The transfer study", transfer_study, synthetic_curves=True),
+        Study("compute_frontier", "At equal compute: the reward-compute frontier", compute_frontier),
+        Study("proxy_guided", "Guided by a learned proxy, judged by the gold reward", proxy_guided),
+        Study("optimal_check", "Ground truth: the optimal decoder against rho*_(beta,k)", optimal_check),
+        Study("smollm2_methods", "The methods on SmolLM2-135M with a DPO baseline", smollm2_methods),
+        Study("synthetic_premise", "The synthetic testbed's baselines against the optimum", synthetic_premise),
+    )
+}

@@ -1,0 +1,207 @@
+"""What a results page is computed from, read from a sweep folder or from the archive a report leaves behind.
+
+A sweep folder (`outputs/sweeps/<name>`) holds results.csv (one row per point, from the sweep's aggregation)
+and the run folders, each with run.json (provenance) and metrics_per_prompt.jsonl (from `tqstar evaluate`).
+`tqstar report` reads it into a `StudyData` and writes, next to the page, an archive of exactly what the page
+used (points.csv, per_prompt.csv.gz, curves.json, environment.json, and any extra input tables), so the page
+can be regenerated from the repository alone: `tqstar report docs/results/<study>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..runs import RunFolder
+from ..stats import finite
+
+POINTS = "points.csv"
+PER_PROMPT = "per_prompt.csv.gz"
+CURVES = "curves.json"
+ENVIRONMENT = "environment.json"
+# What a page reads of each prompt of each run (metrics_per_prompt.jsonl columns).
+PER_PROMPT_COLUMNS = ("index", "prompt_id", "reward", "baseline_reward", "gold_reward", "coherence", "kl", "num_tokens", "seconds", "flops")
+
+
+@dataclass
+class StudyData:
+    """Everything a page may use. `per_prompt` and `curves` are None where the source lacks them (a page
+    then says which of its sections it cannot compute and why); `tables` holds extra inputs by name."""
+
+    name: str
+    points: object  # pandas.DataFrame, one row per sweep point
+    environment: dict
+    source: str
+    per_prompt: object | None = None  # pandas.DataFrame: run, prompt_id, index, reward, ...
+    curves: dict | None = None  # curve name -> {seed: [[kl, reward, beta], ...]}
+    tables: dict = field(default_factory=dict)  # name -> pandas.DataFrame
+
+
+def is_archive(folder: Path) -> bool:
+    return (Path(folder) / ENVIRONMENT).is_file()
+
+
+def load(folder: str | Path, name: str) -> StudyData:
+    """A study's data from a sweep folder (results.csv and run folders) or from a report's archive."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{str(folder)!r} is not a folder (give a sweep folder such as outputs/sweeps/{name}, or docs/results/{name})")
+    if is_archive(folder):
+        return read_archive(folder, name)
+    if (folder / "results.csv").is_file():
+        return read_sweep(folder, name)
+    raise ConfigError(f"{str(folder)!r} holds neither a sweep's results.csv nor a report archive ({ENVIRONMENT})")
+
+
+def normalise_points(points):
+    """Columns every page relies on: `run` as the run folder's name, `n` (best-of-N), `baseline` as text and
+    a `label` that tells apart the points of one arm that differ only by their baseline model."""
+    points = points.rename(columns={"selection_x": "selection"}).copy()
+    points["run"] = [Path(str(run)).name for run in points["run"]]
+    points["baseline"] = points["baseline"].fillna("") if "baseline" in points else ""
+    if "n" not in points.columns and "point" in points.columns:  # aggregated before the n column existed
+        points["n"] = points["point"].str.extract(r"decoder\.n=(\d+)")[0].astype(float)
+    if "arm" not in points.columns or points["arm"].isna().all():
+        points["arm"] = points["method"]
+    points["arm"] = points["arm"].fillna(points["method"])
+    several = {arm for arm, group in points.groupby("arm") if group["baseline"].nunique() > 1}
+    points["label"] = [
+        f"{arm} ({str(b).split(':', 1)[-1]})" if arm in several and b else str(arm) for arm, b in zip(points["arm"], points["baseline"])
+    ]
+    return points
+
+
+def read_sweep(folder: Path, name: str) -> StudyData:
+    import pandas as pd
+
+    points = pd.read_csv(folder / "results.csv")
+    points = normalise_points(points)
+    runs = [RunFolder(folder / run) for run in points["run"]]
+    missing = [run.path.name for run in runs if not run.path.is_dir()]
+    if missing:
+        raise ConfigError(f"{len(missing)} run folder(s) of {folder}/results.csv are missing, e.g. {missing[0]}")
+    extra = {"beta": [], "rollout_top_k": []}  # settings a page needs that results.csv does not carry
+    rows = []
+    for run in runs:
+        cfg = run.config()
+        extra["beta"].append(cfg.decoder.get("beta"))
+        extra["rollout_top_k"].append((cfg.decoder.get("rollout") or {}).get("top_k"))
+        rows += [{"run": run.path.name, **{k: r.get(k) for k in PER_PROMPT_COLUMNS}} for r in per_prompt_rows(run.path)]
+    for column, values in extra.items():
+        points[column] = values
+    per_prompt = pd.DataFrame(rows) if rows else None
+    if per_prompt is not None:
+        per_prompt["prompt_id"] = per_prompt["prompt_id"].astype(str)
+    sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").is_file() else {}
+    environment = environment_of([run.status() for run in runs], [run.path.name for run in runs])
+    environment.update(source=f"sweep folder {folder}", sweep_seconds=sweep.get("seconds"), executor=sweep.get("executor"))
+    return StudyData(name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt)
+
+
+def per_prompt_rows(run: Path) -> list[dict]:
+    """A run's metrics_per_prompt rows (jsonl or parquet, as `tqstar evaluate` wrote them)."""
+    jsonl, parquet = run / "metrics_per_prompt.jsonl", run / "metrics_per_prompt.parquet"
+    if jsonl.is_file():
+        return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    if parquet.is_file():
+        import pandas as pd
+
+        return pd.read_parquet(parquet).to_dict("records")
+    raise ConfigError(f"run {run} has no metrics_per_prompt file: run `tqstar evaluate {run}` first")
+
+
+def _span(values: list) -> list | None:
+    kept = finite(values)
+    return [min(kept), max(kept)] if kept else None
+
+
+def environment_of(statuses: list[dict], run_ids: list[str]) -> dict:
+    """What the run folders say of where and when they ran: dates (from the run ids), git commits, hosts,
+    CPU models, threads, library versions and the machine's load at each run's start and end."""
+    dates = sorted(f"{r[:4]}-{r[4:6]}-{r[6:8]} {r[9:11]}:{r[11:13]}" for r in run_ids if len(r) > 15 and r[:8].isdigit())
+    versions: dict[str, list] = {}
+    for status in statuses:
+        for lib, version in (status.get("versions") or {}).items():
+            versions.setdefault(lib, [])
+            if version not in versions[lib]:
+                versions[lib].append(version)
+
+    def distinct(key):
+        return sorted({str(s[key]) for s in statuses if s.get(key) is not None})
+
+    return {
+        "runs": len(statuses),
+        "dates": [dates[0], dates[-1]] if dates else None,
+        "git_commits": distinct("git_commit"),
+        "hosts": distinct("host"),
+        "cpus": distinct("cpu"),
+        "threads": sorted({int(s["threads"]) for s in statuses if s.get("threads") is not None}),
+        "cpu_count": sorted({int(s["load_at_start"]["cpu_count"]) for s in statuses if (s.get("load_at_start") or {}).get("cpu_count")}),
+        "devices": distinct("device"),
+        "versions": versions,
+        "load_at_start": _span([(s.get("load_at_start") or {}).get("load_1min") for s in statuses]),
+        "load_at_end": _span([(s.get("load_at_end") or {}).get("load_1min") for s in statuses]),
+        "notes": [],
+    }
+
+
+def read_archive(folder: Path, name: str) -> StudyData:
+    import pandas as pd
+
+    environment = json.loads((folder / ENVIRONMENT).read_text())
+    points = pd.read_csv(folder / POINTS) if (folder / POINTS).is_file() else pd.DataFrame()
+    if len(points):
+        points["baseline"] = points["baseline"].fillna("") if "baseline" in points else ""
+    per_prompt = pd.read_csv(folder / PER_PROMPT, dtype={"prompt_id": str}) if (folder / PER_PROMPT).is_file() else None
+    curves = json.loads((folder / CURVES).read_text()) if (folder / CURVES).is_file() else None
+    tables = {}
+    for path in sorted((folder / "inputs").glob("*.csv")) if (folder / "inputs").is_dir() else []:
+        tables[path.stem] = pd.read_csv(path)
+    return StudyData(
+        name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt, curves=curves, tables=tables
+    )
+
+
+def write_archive(data: StudyData, folder: Path) -> list[Path]:
+    """What the page was computed from, next to it: regenerating from here gives the same page."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if len(data.points):
+        data.points.to_csv(folder / POINTS, index=False)
+        written.append(folder / POINTS)
+    if data.per_prompt is not None:
+        data.per_prompt.to_csv(folder / PER_PROMPT, index=False, compression={"method": "gzip", "mtime": 0})
+        written.append(folder / PER_PROMPT)
+    if data.curves is not None:
+        (folder / CURVES).write_text(json.dumps(data.curves, indent=1) + "\n")
+        written.append(folder / CURVES)
+    if data.tables:
+        (folder / "inputs").mkdir(exist_ok=True)
+        for table_name, table in data.tables.items():
+            table.to_csv(folder / "inputs" / f"{table_name}.csv", index=False)
+            written.append(folder / "inputs" / f"{table_name}.csv")
+    (folder / ENVIRONMENT).write_text(json.dumps(data.environment, indent=1) + "\n")
+    written.append(folder / ENVIRONMENT)
+    return written
+
+
+def synthetic_curves(seeds, cache_dir: str | None = None) -> dict | None:
+    """rho*_beta's reward-KL curve of each seed's synthetic build (its manifest's premise.sft.optimum_curve),
+    from KL 0 (the SFT model) upwards; None when a build of the current recipe is missing or has no curve."""
+    from ..synthetic import load_manifest, task_dir
+    from ..synthetic.cache import is_built
+
+    curves = {}
+    for seed in seeds:
+        folder = task_dir(int(seed), cache_dir)
+        if not is_built(folder):
+            return None
+        sft = (load_manifest(folder).get("premise") or {}).get("sft") or {}
+        curve = (sft.get("optimum_curve") or {}).get("target_reward")
+        if not curve:
+            return None
+        points = [[0.0, float(sft["target_reward"]["mean"]), None]]
+        curves[str(int(seed))] = points + sorted([float(p["kl"]), float(p["reward"]), float(p["beta"])] for p in curve)
+    return {"rho*_beta": curves}
