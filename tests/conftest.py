@@ -62,6 +62,22 @@ def make_llama(tokenizer, seed: int, layers: int = 2, hidden: int = 32):
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tests outside the slow tier run torch on one CPU thread: their models are tiny, so a second thread buys
+    nothing, while on a busy machine two threads contending with other processes slow them several-fold (the
+    engine tests took 141 s instead of 23 s beside one other job). Slow tests (real builds) keep torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -84,14 +84,23 @@ def cut(response: str) -> str:
     return response.split("\n\nHuman:")[0]
 
 
+@pytest.fixture(scope="session")
+def run_templates(tmp_path_factory):
+    """The three runs of `runs`, made once (three config composes) and copied for each test."""
+    root = tmp_path_factory.mktemp("run-templates")
+    make_run(root, "sft", ["decoder=sft"], BAD)
+    make_run(root, "tqstar", ["decoder=tqstar", "decoder.alpha=2", "decoder.selection=sample"], GOOD, policy_shift=0.5)
+    make_run(root, "bon", ["decoder=best_of_n", "decoder.n=4"], GOOD[:2] + BAD[2:])
+    return root
+
+
 @pytest.fixture
-def runs(tmp_path, hydra_clean):
+def runs(tmp_path, hydra_clean, run_templates):
+    import shutil
+
     root = tmp_path / "outputs" / "synthetic"
-    return {
-        "sft": make_run(root, "sft", ["decoder=sft"], BAD),
-        "tqstar": make_run(root, "tqstar", ["decoder=tqstar", "decoder.alpha=2", "decoder.selection=sample"], GOOD, policy_shift=0.5),
-        "bon": make_run(root, "bon", ["decoder=best_of_n", "decoder.n=4"], GOOD[:2] + BAD[2:]),
-    }
+    shutil.copytree(run_templates, root)
+    return {name: root / name for name in ("sft", "tqstar", "bon")}
 
 
 def read_metrics(path: Path) -> dict:

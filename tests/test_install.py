@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a pip install of the package
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

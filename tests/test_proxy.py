@@ -65,7 +65,7 @@ def test_proxy_key_and_location_leave_the_build_key_alone(tmp_path):
     assert proxy.find_proxy(0, tmp_path) is None
 
 
-# ----------------------------------------------------------------------------- the build on the tiny task
+# ----------------------------------------------------------------------------- the build on the tiny task (slow: TRL)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,7 @@ def built(tiny_synthetic_cache):
     return folder, before
 
 
+@pytest.mark.slow  # the proxy is trained with TRL's RewardTrainer
 def test_proxy_builds_end_to_end_and_measures_itself(built):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -108,6 +109,7 @@ def test_proxy_builds_end_to_end_and_measures_itself(built):
     assert not list(folder.parent.glob(".*building*"))
 
 
+@pytest.mark.slow  # the proxy is trained with TRL's RewardTrainer
 def test_second_call_finds_the_cache_and_the_build_is_untouched(built, tiny_synthetic_cache, monkeypatch):
     folder, before = built
 
@@ -133,6 +135,7 @@ def default_proxy(built):
     return built[0]
 
 
+@pytest.mark.slow  # the proxy is trained with TRL's RewardTrainer
 def test_reward_synthetic_proxy_scores_through_the_hf_classifier(default_proxy, tiny_synthetic_cache, hydra_clean):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -175,7 +178,7 @@ def test_reward_synthetic_proxy_scores_through_the_hf_classifier(default_proxy, 
     assert again == pytest.approx([r["proxy_reward"] for r in rows], abs=1e-5)
 
 
-def test_synthetic_reward_names_are_checked_early(hydra_clean, tiny_synthetic_cache):
+def test_synthetic_reward_names_are_checked_early(hydra_clean):
     from tqstar.decode import check_sources
 
     cfg = compose(["reward=synthetic_proxy", "reward.name_or_path=synthetic:proxxy", "decoder=sft"])
@@ -194,6 +197,7 @@ def test_run_hash_covers_the_proxy_key(hydra_clean, monkeypatch):
     assert config_hash(vader) == before_vader  # configs without the proxy hash as before
 
 
+@pytest.mark.slow  # the proxy is trained with TRL's RewardTrainer
 def test_decode_and_evaluate_with_the_proxy_reward(default_proxy, tiny_synthetic_cache, tmp_path, hydra_clean):
     from tqstar.decode import run_decode
     from tqstar.evaluate import evaluate_runs
@@ -236,6 +240,7 @@ def _conf(name):
 # ----------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow  # the proxy is trained with TRL's RewardTrainer
 def test_prepare_synthetic_builds_and_reports_the_proxy(default_proxy, tiny_synthetic_cache, hydra_clean, monkeypatch):
     from typer.testing import CliRunner
 

@@ -70,6 +70,7 @@ def comparable(rows):
     return [(r["prompt_id"], r["response"], r["token_ids"]) for r in rows]
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_kill_9_then_rerun_resumes_without_loss_or_duplicates(setup):
     tmp_path, overrides = setup
     code, _, err = run_cli(["decode", *overrides, f"output_dir={tmp_path / 'clean'}"])
@@ -104,6 +105,27 @@ def test_kill_9_then_rerun_resumes_without_loss_or_duplicates(setup):
     assert json.loads(next(out.rglob("run.json")).read_text())["status"] == "completed"
 
 
+def test_a_cut_run_is_finished_by_a_rerun_without_loss_or_duplicates(setup, hydra_clean):
+    """The kill -9 test's in-process twin: a run folder left "running" with some rows and a torn last line is
+    finished by a rerun, which decodes only the missing prompts and ends with the rows of an uncut run."""
+    from tqstar.config import compose
+    from tqstar.decode import run_decode
+
+    tmp_path, overrides = setup
+    small = [*overrides, "dataset.limit=8"]
+    expected = comparable(run_decode(compose([*small, f"output_dir={tmp_path / 'clean'}"])).rows)
+    cut = run_decode(compose(small)).run
+    lines = cut.generations_path.read_text().splitlines(keepends=True)
+    cut.generations_path.write_text("".join(lines[:3]) + '{"index": 99, "prompt_id": "p1')
+    cut.update_status(status="running")
+    again = run_decode(compose(small))
+    assert again.run.path == cut.path and again.new_rows == 5
+    assert comparable(again.rows) == expected
+    assert comparable(rows_of(tmp_path / "out")) == expected  # on disk: no torn line, no duplicate
+    assert json.loads(next((tmp_path / "out").rglob("run.json")).read_text())["status"] == "completed"
+
+
+@pytest.mark.slow  # CLI subprocesses
 def test_second_process_on_the_same_run_folder_is_refused(setup):
     tmp_path, overrides = setup
     from tqstar.config import compose
@@ -151,11 +173,28 @@ def test_nan_reward_stops_with_the_prompt_and_value(setup, hydra_clean):
         run_decode(cfg)
 
 
-@pytest.mark.parametrize(
-    "case", ["empty_dataset", "broken_line", "non_utf8", "missing_column", "typo", "no_model", "unwritable", "range", "reward_bounds"]
-)
-def test_bad_input_exits_2_with_one_line(case, setup):
+def test_a_run_folder_in_use_is_refused_in_process(setup, hydra_clean):
+    """The second-process test's in-process twin (the run folder's lock is held by another open file here):
+    `tqstar decode` exits 2 with one line on stderr and writes nothing."""
+    from typer.testing import CliRunner
+
+    from tqstar.cli import app
+    from tqstar.config import compose
+    from tqstar.runs import RunFolder
+
     tmp_path, overrides = setup
+    with RunFolder.for_config(compose(overrides)) as holder:
+        result = CliRunner().invoke(app, ["decode", *overrides])
+    assert result.exit_code == 2, result.output
+    assert "in use by pid" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (holder.path / "generations.jsonl").exists()
+
+
+BAD_INPUTS = ["empty_dataset", "broken_line", "non_utf8", "missing_column", "typo", "no_model", "unwritable", "range", "reward_bounds"]
+
+
+def bad_input(case: str, tmp_path: Path) -> tuple[list[str], str]:
+    """The overrides that make `tqstar decode` fail on bad input ``case``, and a needle of its one-line message."""
     data = tmp_path / "bad.jsonl"
     extra = []
     needle = ""
@@ -182,6 +221,29 @@ def test_bad_input_exits_2_with_one_line(case, setup):
         extra, needle = ["decoder.alpha=-2"], "decoder.alpha"
     elif case == "reward_bounds":  # a declaration VADER breaks at once (neutral or negative text): the value and bounds named
         extra, needle = ["reward.bounds=[0.5,1]"], "outside its declared bounds [0.5, 1.0]"
+    return extra, needle
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line_in_process(case, setup, hydra_clean):
+    """Through the CLI app in this process (typer's CliRunner): exit code 2 and one line on stderr."""
+    from typer.testing import CliRunner
+
+    from tqstar.cli import app
+
+    tmp_path, overrides = setup
+    extra, needle = bad_input(case, tmp_path)
+    result = CliRunner().invoke(app, ["decode", *overrides, *extra])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # CLI subprocesses: also no stray warning or log line of any library on the real stderr
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, setup):
+    tmp_path, overrides = setup
+    extra, needle = bad_input(case, tmp_path)
     code, out, err = run_cli(["decode", *overrides, *extra])
     assert code == 2, (out, err)
     assert needle in err

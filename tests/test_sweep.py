@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from test_reliability import ROOT, write_prompts
+from test_reliability import write_prompts
 
 from tqstar.config import ConfigError, compose, group_options
 from tqstar.sweep import expand_grid, run_sweep, sweep_folder
@@ -46,9 +44,16 @@ def tiny(tmp_path, saved_models):
     ]
 
 
-def test_sweep_runs_resumes_and_aggregates(tiny, hydra_clean, monkeypatch):
+@pytest.mark.parametrize(
+    "axes, prompts",
+    [
+        pytest.param(["decoder=tqstar,args", "dataset.limit=3"], 3, id="2-points"),
+        pytest.param(["decoder=tqstar,args", "decoder.alpha=0.5,2"], 6, id="4-points", marks=pytest.mark.slow),
+    ],
+)
+def test_sweep_runs_resumes_and_aggregates(axes, prompts, tiny, hydra_clean, monkeypatch):
     tmp_path, base = tiny
-    grid = base + ["decoder=tqstar,args", "decoder.alpha=0.5,2"]
+    grid = base + axes
     folder, points = sweep_folder(grid, None)
     calls = []
     from tqstar import sweep as sweep_module
@@ -57,8 +62,8 @@ def test_sweep_runs_resumes_and_aggregates(tiny, hydra_clean, monkeypatch):
 
     def interrupted(point, where):
         calls.append(point)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the sweep is stopped after two points
+        if len(calls) == len(points) // 2 + 1:
+            raise KeyboardInterrupt  # the sweep is stopped after half its points
         return original(point, where)
 
     monkeypatch.setattr(sweep_module, "run_point", interrupted)
@@ -66,7 +71,7 @@ def test_sweep_runs_resumes_and_aggregates(tiny, hydra_clean, monkeypatch):
         run_sweep(grid)
     monkeypatch.setattr(sweep_module, "run_point", lambda p, w: calls.append(p) or original(p, w))
     table = run_sweep(grid)
-    assert len(table) == 4
+    assert len(table) == len(points)
     for column in ("method", "alpha", "top_k", "run", "reward_mean", "reward_stderr", "diversity", "coherence", "sft_logprob_per_token"):
         assert column in table.columns
     assert set(table["method"]) == {"tqstar", "args"}
@@ -75,11 +80,12 @@ def test_sweep_runs_resumes_and_aggregates(tiny, hydra_clean, monkeypatch):
     # Finished points were skipped the second time: their run folders gained no rows.
     for run in table["run"]:
         rows = (tmp_path / run if not run.startswith("/") else __import__("pathlib").Path(run)) / "generations.jsonl"
-        assert len(rows.read_text().splitlines()) == 6
+        assert len(rows.read_text().splitlines()) == prompts
     again = run_sweep(grid)
     assert list(again["reward_mean"]) == list(table["reward_mean"])
 
 
+@pytest.mark.slow  # submitit worker processes
 def test_local_executor_runs_points_in_worker_processes(tiny, hydra_clean):
     tmp_path, base = tiny
     grid = base + ["decoder=sft,args", "decoder.alpha=1,2", "dataset.limit=3"]
@@ -124,6 +130,9 @@ def test_slurm_executor_gets_partition_gpus_and_time(tmp_path, monkeypatch):
 
 
 def test_shard_and_merge_equals_the_unsplit_run(tiny, hydra_clean):
+    from typer.testing import CliRunner
+
+    from tqstar.cli import app
     from tqstar.decode import run_decode
     from tqstar.runs import merge_shards
 
@@ -131,8 +140,8 @@ def test_shard_and_merge_equals_the_unsplit_run(tiny, hydra_clean):
     base = base + ["decoder=tqstar", "decoder.selection=sample", "decoder.seed=5"]
     unsplit = run_decode(compose(base + [f"output_dir={tmp_path / 'whole'}"])).rows
     shards = [run_decode(compose(base + [f"dataset.shard={i}/3"])).run.path for i in range(3)]
-    code = subprocess.run([sys.executable, "-m", "tqstar.cli", "merge", *map(str, shards)], cwd=ROOT, capture_output=True, text=True)
-    assert code.returncode == 0, code.stderr
+    code = CliRunner().invoke(app, ["merge", *map(str, shards)])
+    assert code.exit_code == 0, code.output
     merged = merge_shards(shards)
     rows = merged.read_rows()
     keep = ("index", "prompt_id", "response", "token_ids", "reward")
@@ -205,12 +214,50 @@ def test_transfer_study_quick_end_to_end(full_build_cache, tmp_path, hydra_clean
     )
 
 
-@pytest.mark.parametrize("name", group_options("sweep"))
-def test_every_point_of_every_named_sweep_validates(name, tmp_path, hydra_clean):
+def covering(points: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """Some of an expansion's (arm, point)s: each arm's first point (so every arm's keys compose together), then,
+    greedily, the point with the most overrides not yet seen until every override of the sweep has been seen."""
+    kept, seen = [], set()
+    for arm, point in points:
+        if arm not in {a for a, _ in kept}:
+            kept.append((arm, point))
+            seen |= set(point)
+    left = [item for item in points if item not in kept]
+    while left:
+        best = max(left, key=lambda item: len(set(item[1]) - seen))
+        if not set(best[1]) - seen:
+            break
+        kept.append(best)
+        seen |= set(best[1])
+        left.remove(best)
+    return kept
+
+
+def test_covering_keeps_every_arm_and_every_override():
+    points = [("a", [f"x={x}", f"y={y}", "z=1"]) for x in range(3) for y in range(2)] + [("b", ["x=0"]), ("b", ["x=0"])]
+    kept = covering(points)
+    assert len(kept) == 4 and [arm for arm, _ in kept] == ["a", "b", "a", "a"]
+    assert {o for _, p in points for o in p} == {o for _, p in kept for o in p}
+
+
+def _validate_named_sweep(name, folder, every_point: bool):
     from tqstar.sweep import expand_arms, load_named_sweep, point_config
 
     named = load_named_sweep(name)
     points = expand_arms(named.get("grid", []), named.get("arms"))
     assert points
-    for _, point in points:
-        point_config(point, tmp_path / "sweeps" / name)
+    for _, point in points if every_point else covering(points):
+        point_config(point, folder / "sweeps" / name)
+
+
+@pytest.mark.parametrize("name", group_options("sweep"))
+def test_every_override_of_every_named_sweep_validates(name, tmp_path, hydra_clean):
+    """A point of each arm, and points enough to try every value of the sweep (about a third of the points); a
+    value valid in one arm but not in another is left to the slow tier, which validates every point."""
+    _validate_named_sweep(name, tmp_path, every_point=False)
+
+
+@pytest.mark.slow  # a Hydra compose per point: ~25 s over all named sweeps
+@pytest.mark.parametrize("name", group_options("sweep"))
+def test_every_point_of_every_named_sweep_validates(name, tmp_path, hydra_clean):
+    _validate_named_sweep(name, tmp_path, every_point=True)
