@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tqstar.config import ConfigError, compose, config_hash, validate
+from tqstar.config import ConfigError, compose, validate
+from tqstar.identity import config_hash, same_run
 
 
 @pytest.fixture(autouse=True)
@@ -67,32 +68,26 @@ def test_hash_ignores_placement_but_not_settings():
     assert config_hash(base) != config_hash(compose(["decoder.alpha=2"]))
 
 
-def test_keys_added_later_leave_the_hash_alone_while_null():
-    """decoder.sample_top_k and decoder.rollout.top_k came after runs were made: null (their default) hashes as
-    if the keys were absent, so those runs still resume; a value changes the hash."""
+def test_keys_added_later_match_old_runs_at_their_default():
+    """decoder.sample_top_k and decoder.rollout.top_k came after runs were made: an old run's config lacks them and
+    is the same run at their default (null); a value is another run. (More in tests/test_identity.py.)"""
     from omegaconf import OmegaConf
 
     base = compose(["decoder=cd", "decoder.rollout.selection=sample", "decoder.selection=sample"])
     older = OmegaConf.to_container(base)
-    del older["decoder"]["sample_top_k"], older["decoder"]["rollout"]["top_k"]
-    assert config_hash(base) == config_hash(OmegaConf.create(older))
-    assert config_hash(base) != config_hash(
-        compose(["decoder=cd", "decoder.rollout.selection=sample", "decoder.selection=sample", "decoder.rollout.top_k=5"])
+    del older["decoder"]["sample_top_k"], older["decoder"]["rollout"]["top_k"], older["choices"]
+    assert same_run(older, base)
+    assert not same_run(
+        older, compose(["decoder=cd", "decoder.rollout.selection=sample", "decoder.selection=sample", "decoder.rollout.top_k=5"])
     )
 
 
 @pytest.mark.parametrize("key", ["reuse_rollouts", "shared_prefix"])
-def test_speed_keys_leave_the_hash_alone_at_their_default(key):
-    """decoder.reuse_rollouts and decoder.shared_prefix (true: the same tokens, less work) came after runs were made: at
-    their default they hash as if absent, so those runs still resume; false is hashed."""
-    from omegaconf import OmegaConf
-
+def test_speed_keys_are_execution_only(key):
+    """decoder.reuse_rollouts and decoder.shared_prefix change how much work is done, not what is generated."""
     base = compose(["decoder=cd"])
     assert base.decoder[key] is True
-    older = OmegaConf.to_container(base)
-    del older["decoder"][key]
-    assert config_hash(base) == config_hash(OmegaConf.create(older)) == config_hash(compose(["decoder=cd", f"decoder.{key}=true"]))
-    assert config_hash(base) != config_hash(compose(["decoder=cd", f"decoder.{key}=false"]))
+    assert config_hash(base) == config_hash(compose(["decoder=cd", f"decoder.{key}=false"]))
 
 
 def test_synthetic_runs_hash_the_build_they_read(monkeypatch):

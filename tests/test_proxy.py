@@ -9,7 +9,8 @@ import random
 import pytest
 from omegaconf import OmegaConf
 
-from tqstar.config import ConfigError, compose, config_hash
+from tqstar.config import ConfigError, compose
+from tqstar.identity import config_hash
 from tqstar.synthetic import cache, proxy
 from tqstar.synthetic.params import BuildParams
 

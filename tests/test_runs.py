@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tqstar.config import ConfigError, compose, config_hash
+from tqstar.config import ConfigError, compose
+from tqstar.identity import config_hash
 from tqstar.runs import RunFolder
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError, did_you_mean
 
@@ -22,22 +20,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("raw", "chat")
 REWARD_TYPES = ("vader", "hf", "callable")
 DATASETS = ("synthetic", "smollm2", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "local")
-# Keys that place or post-process a run but do not change what it generates: left out of the hash,
-# so the same experiment resumes in the same folder whatever the output location.
-_HASH_EXCLUDED = ("output_dir", "experiment_name", "evaluate", "num_threads")
-# Keys added after runs were made, with the value that reproduces what those runs generated: left out of the hash
-# while they hold it, so those runs are still resumed (and found) by the same command; any other value is hashed.
-_HASH_DROPPED_AT = (
-    (("decoder", "sample_top_k"), None),
-    (("decoder", "rollout", "top_k"), None),
-    (("reward", "prefix_cache"), None),  # null = auto: the same scores within float tolerance
-    (("baseline_reward", "prefix_cache"), None),
-    (("reward", "output"), "logit"),  # hf rewards: the raw logit, as before the key existed
-    (("baseline_reward", "output"), "logit"),
-    (("decoder", "reuse_rollouts"), True),  # the same tokens, fewer rollout tokens
-    (("decoder", "shared_prefix"), True),  # the same rollouts within float tolerance, less memory
-    (("synthetic", "size"), "full"),  # the full build, as before the key existed (its key is hashed as synthetic_build)
-)
 
 
 def conf_dir() -> Path:
@@ -137,13 +119,19 @@ def _compose_cached(overrides: tuple[str, ...], config_name: str) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="tqstar"):
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except MissingConfigException as exc:
         raise ConfigError(_explain_missing(exc, overrides)) from None
     except ConfigCompositionException as exc:
         raise ConfigError(_explain_composition(exc, config_name)) from None
     finally:
         GlobalHydra.instance().clear()
+    # The groups this config was composed from (decoder: cd, experiment: ...): a run folder keeps them, and a
+    # later command fills keys an older run lacks from the same groups' defaults (tqstar.identity).
+    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if not k.startswith("hydra/")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.choices = choices
     OmegaConf.resolve(cfg)
     _apply_defaults(cfg)
     return cfg
@@ -274,56 +262,3 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
-
-
-def uses_synthetic(data: dict) -> bool:
-    """Whether a (resolved, plain) config reads the synthetic task: its dataset or a ``synthetic:`` model."""
-    dataset = data.get("dataset") or {}
-    return dataset.get("name") == "synthetic" or '"synthetic:' in json.dumps(data, default=str)
-
-
-def uses_smollm2(data: dict) -> bool:
-    """Whether a (resolved, plain) config reads the SmolLM2 build: its dataset or a ``smollm2:`` model."""
-    dataset = data.get("dataset") or {}
-    return dataset.get("name") == "smollm2" or '"smollm2:' in json.dumps(data, default=str)
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """8 hex digits identifying what a run generates (placement keys excluded).
-
-    A config that reads the synthetic task also hashes the build's key (recipe version, seed,
-    parameters, library versions): ``synthetic:rho0.1`` names a different model after a recipe
-    change, and a finished run of the old build must not be taken for one of the new. A config that
-    reads the learned proxy reward (``synthetic:proxy``) also hashes the proxy's key, for the same reason.
-    The ``smollm2`` block (seed, cache folder, recipe) is replaced by the SmolLM2 build's folder name
-    (its key) when the config reads that build, and left out otherwise, so runs made before the block
-    existed keep their hash."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _HASH_EXCLUDED:
-        data.pop(key, None)
-    smollm2 = data.pop("smollm2", None) or {}
-    if uses_smollm2(data):
-        from .smollm2.cache import build_dir
-        from .smollm2.params import params_from_config
-
-        seed = int(smollm2.get("seed") or 0)
-        data["smollm2_build"] = build_dir(seed=seed, cache_dir="/", params=params_from_config(smollm2.get("params"))).name
-    for (*path, key), default in _HASH_DROPPED_AT:
-        block = data
-        for part in path:
-            block = block.get(part) if isinstance(block, dict) else None
-        if isinstance(block, dict) and key in block:
-            value = block[key]  # None and True by identity (1 is not True); strings by value
-            if value is default or (isinstance(default, str) and value == default):
-                del block[key]
-    if uses_synthetic(data):
-        from .synthetic.cache import task_dir
-        from .synthetic.params import params_for
-        from .synthetic.proxy import PROXY_NAME, proxy_key
-
-        block = data.get("synthetic") or {}
-        data["synthetic_build"] = task_dir(seed=int(block.get("seed") or 0), cache_dir="/", params=params_for(block.get("size"))).name
-        if f'"synthetic:{PROXY_NAME}"' in json.dumps(data, default=str):
-            data["synthetic_proxy"] = proxy_key()
-    blob = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]

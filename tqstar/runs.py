@@ -24,9 +24,9 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .config import config_hash
 from .errors import ConfigError
 from .files import read_json, write_json_atomic
+from .identity import config_hash, defaults_of, same_run
 
 GENERATIONS = "generations.jsonl"
 RUN_JSON = "run.json"
@@ -54,6 +54,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _earlier_run(parent: Path, method: str, digest: str, cfg: DictConfig) -> Path | None:
+    """A folder of this run named by an earlier rule for run hashes, or made before keys this config has
+    existed: same method, and the same identity once its stored config is filled with today's defaults
+    (`tqstar.identity.same_run`). Newest first; None when there is none."""
+    candidates = [p for p in sorted(parent.glob(f"*-{method}-*"), reverse=True) if (p / CONFIG).is_file()]
+    if not candidates:
+        return None
+    defaults = defaults_of(cfg)
+    for path in candidates:
+        try:
+            stored = OmegaConf.to_container(OmegaConf.load(path / CONFIG), resolve=True)
+        except Exception:  # an unreadable config is not this run
+            continue
+        if same_run(stored, cfg, defaults):
+            return path
+    return None
+
+
 class RunFolder:
     """One run: its folder, its lock, its rows."""
 
@@ -77,6 +95,9 @@ class RunFolder:
         existing = sorted(parent.glob(f"*-{method}-{digest}"))
         if existing:
             return cls(existing[-1])
+        earlier = _earlier_run(parent, method, digest, cfg)
+        if earlier is not None:
+            return cls(earlier)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = parent / f"{stamp}-{method}-{digest}"
         path.mkdir()
