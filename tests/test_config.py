@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from tqstar.config import ConfigError, compose, validate
+from tqstar.config import ConfigError, compose, group_options, validate
 from tqstar.identity import config_hash, same_run
+from tqstar.methods import METHOD_NAMES
 
 
 @pytest.fixture(autouse=True)
@@ -100,9 +101,14 @@ def test_synthetic_runs_hash_the_build_they_read(monkeypatch):
     assert config_hash(hh) == before[2]
 
 
-@pytest.mark.parametrize("method", ["sft", "baseline", "best_of_n", "args", "cd", "tqstar"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_every_decoder_composes(method):
+    """Every method of the registry has its decoder config (and no config names a method the registry lacks)."""
     assert validate(compose([f"decoder={method}"])).decoder.method == method
+
+
+def test_decoder_configs_are_the_registry():
+    assert set(group_options("decoder")) == set(METHOD_NAMES)
 
 
 def test_cli_import_does_not_load_torch():
