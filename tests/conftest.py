@@ -37,29 +37,96 @@ def make_tokenizer():
     return tokenizer
 
 
-def make_llama(tokenizer, seed: int, layers: int = 2, hidden: int = 32):
+# One factory for every tiny random model the tests build: a family's config (these sizes, then the caller's
+# overrides), its head, made after torch.manual_seed(seed).
+FAMILIES = {
+    "llama": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256
+    ),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "bert": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+}
+CONFIGS = {"llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig", "gpt2": "GPT2Config", "bert": "BertConfig"}
+HEADS = {
+    "causal_lm": {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel"},
+    "classifier": {
+        "llama": "LlamaForSequenceClassification",
+        "gpt_neox": "GPTNeoXForSequenceClassification",
+        "gpt2": "GPT2ForSequenceClassification",
+        "bert": "BertForSequenceClassification",
+    },
+    "base": {"bert": "BertModel"},
+}
+
+
+def tiny_model(
+    family: str, vocab_size: int, seed: int = 0, head: str = "causal_lm", sharpen: float | None = None, portable: bool = False, **overrides
+):
+    """A tiny random `family` model with `head` (causal_lm | classifier | base), in eval mode.
+
+    sharpen: multiply the output embeddings by it (random init is nearly uniform; x20 makes greedy paths decisive
+    and varied). portable: draw the weights from numpy's legacy RandomState(seed) (uniform, std 0.02; norms keep
+    their ones, biases zero) instead of torch's init, whose normal_ takes another code path on AVX2 CPUs than on
+    others: the same bits on every machine, and across library versions while the architecture's parameters keep their
+    names and shapes (the golden decode test needs that)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    vocab_size = max(tokenizer.get_vocab().values()) + 1
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    config = getattr(transformers, CONFIGS[family])(vocab_size=vocab_size, **{**FAMILIES[family], **overrides})
+    model = getattr(transformers, HEADS[head][family])(config)
+    with torch.no_grad():
+        if portable:
+            _portable_init_(model, seed)
+        if sharpen is not None:
+            model.get_output_embeddings().weight.mul_(sharpen)
+    return model.eval()
+
+
+def _portable_init_(model, seed: int, std: float = 0.02) -> None:
+    import math
+
+    import numpy as np
+    import torch
+
+    rng = np.random.RandomState(seed)  # its stream is frozen by numpy's compatibility policy
+    bound = std * math.sqrt(3.0)
+    norms = {
+        f"{owner}.{name}".lstrip(".")
+        for owner, module in model.named_modules()
+        if "norm" in type(module).__name__.lower()
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    for name, param in sorted(model.named_parameters()):
+        if name in norms:  # LayerNorm / RMSNorm: their deterministic ones and zeros
+            continue
+        if name.endswith("bias"):
+            param.zero_()
+            continue
+        values = ((rng.random_sample(param.numel()) * 2.0 - 1.0) * bound).astype(np.float32)
+        param.copy_(torch.from_numpy(values).view(param.shape))
+
+
+def vocab_size_of(tokenizer) -> int:
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+def make_llama(tokenizer, seed: int, layers: int = 2, hidden: int = 32, portable: bool = False):
+    """The tiny Llama policy most tests decode with (output embeddings sharpened x20)."""
+    return tiny_model(
+        "llama",
+        vocab_size_of(tokenizer),
+        seed,
+        sharpen=20.0,
+        portable=portable,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    model = LlamaForCausalLM(config)
-    # Random init is nearly uniform; sharpen it so greedy paths are decisive and varied.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model.eval()
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +225,7 @@ def write_tiny_build(out, seed: int = 0) -> dict:
     from tqstar.synthetic.params import BuildParams
 
     params = BuildParams(**TINY_BUILD)
-    build._sft_stage(out, seed, params, build._Progress(False), seconds={})
+    build._sft_stage(out, seed, params, build.Progress(False), seconds={})
     return {"task": "synthetic", "seed": seed, "params": params.to_dict(), "seconds": {"total": 0.0}, "eval": {}, "premise": {}}
 
 

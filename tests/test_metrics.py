@@ -221,24 +221,15 @@ def test_minilm_matches_sentence_transformers():
 
 def _tiny_bert(folder, sentence_transformers_pooling: str | None = None):
     """A tiny random BERT with a pooler (the SimCSE architecture), saved like a hub checkpoint."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertTokenizerFast
+
+    from conftest import tiny_model
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "how do i bake bread the stock market fell sourdough".split()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(
-        BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(folder)
+    tiny_model("bert", len(vocab), seed=0, head="base", max_position_embeddings=64).save_pretrained(folder)
     if sentence_transformers_pooling:
         (folder / "1_Pooling").mkdir()
         (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{sentence_transformers_pooling}": True}))

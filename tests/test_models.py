@@ -17,7 +17,7 @@ from tqstar.config import ConfigError, compose, validate
 from tqstar.data.sources import text_id
 from tqstar.decode import build_decoder, run_decode
 
-from conftest import ASSISTANT, HUMAN, make_llama, make_tokenizer
+from conftest import ASSISTANT, HUMAN, make_llama, make_tokenizer, tiny_model, vocab_size_of
 
 HH_FIXTURE = [
     {"chosen": f"{HUMAN} the movie was good{ASSISTANT} it was great", "rejected": f"{HUMAN} the movie was good{ASSISTANT} bad"},
@@ -27,26 +27,16 @@ HH_FIXTURE = [
 
 
 def make_neox(tokenizer, seed: int):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    vocab_size = max(tokenizer.get_vocab().values()) + 1
-    config = GPTNeoXConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
+    return tiny_model(
+        "gpt_neox",
+        vocab_size_of(tokenizer),
+        seed,
+        sharpen=20.0,  # sharpen the near-uniform init, as make_llama does
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = GPTNeoXForCausalLM(config)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0)  # sharpen the near-uniform init, as conftest does for Llama
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -39,35 +39,16 @@ def make_bpe_tokenizer():
 
 def make_classifier(arch: str, vocab_size: int, seed: int = 0, layers: int = 2, labels: int = 1):
     """A tiny causal-LM sequence classifier with random weights (one logit unless `labels` says otherwise)."""
-    from transformers import (
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPTNeoXConfig,
-        GPTNeoXForSequenceClassification,
-        LlamaConfig,
-        LlamaForSequenceClassification,
-    )
+    from conftest import tiny_model
 
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, num_labels=labels, pad_token_id=None, bos_token_id=0, eos_token_id=0)
+    common = dict(num_labels=labels, pad_token_id=None, bos_token_id=0, eos_token_id=0)
     if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-        return LlamaForSequenceClassification(config).eval()
-    if arch == "gpt_neox":
-        config = GPTNeoXConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=128, **common
-        )
-        return GPTNeoXForSequenceClassification(config).eval()
-    config = GPT2Config(n_embd=16, n_layer=layers, n_head=2, n_positions=128, **common)
-    return GPT2ForSequenceClassification(config).eval()
+        sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128)
+    elif arch == "gpt_neox":
+        sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=128)
+    else:
+        sizes = dict(n_embd=16, n_layer=layers, n_head=2, n_positions=128)
+    return tiny_model(arch, vocab_size, seed, head="classifier", **sizes, **common)
 
 
 def pair(arch: str, **kwargs):
@@ -206,13 +187,9 @@ def test_caches_kept_are_bounded(monkeypatch):
 
 
 def bert_classifier(tokenizer):
-    from transformers import BertConfig, BertForSequenceClassification
+    from conftest import tiny_model
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=1
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_model("bert", len(tokenizer), seed=0, head="classifier", num_labels=1)
 
 
 def test_a_bidirectional_encoder_falls_back_and_refuses_true(caplog):

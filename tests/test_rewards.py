@@ -27,14 +27,15 @@ def make_reward_tokenizer():
 
 def save_reward_model(folder, num_labels: int = 1, max_positions: int = 64, seed: int = 3):
     """A tiny GPT-NeoX sequence classifier (the pythia reward model's architecture), saved by path."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+    from conftest import tiny_model
 
     tokenizer = make_reward_tokenizer()
-    torch.manual_seed(seed)
     labels = {0: "negative", 1: "positive"} if num_labels == 2 else {0: "score"}
-    config = GPTNeoXConfig(
-        vocab_size=len(RM_WORDS),
+    model = tiny_model(
+        "gpt_neox",
+        len(RM_WORDS),
+        seed,
+        head="classifier",
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
@@ -47,7 +48,6 @@ def save_reward_model(folder, num_labels: int = 1, max_positions: int = 64, seed
         bos_token_id=0,
         pad_token_id=None,
     )
-    model = GPTNeoXForSequenceClassification(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

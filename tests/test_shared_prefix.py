@@ -14,29 +14,14 @@ from tqstar.decoding.reference import reference_decode
 
 def tiny(family: str, tokenizer, dtype=torch.float64):
     """A tiny random model of each family cascade attention supports (grouped-query attention for Llama)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+    from conftest import make_llama, tiny_model, vocab_size_of
 
-    from conftest import make_llama
-
-    torch.manual_seed(4)
-    vocab_size = max(tokenizer.get_vocab().values()) + 1
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     if family == "llama":
-        model = make_llama(tokenizer, seed=4)
-    elif family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids))
+        model = make_llama(tokenizer, seed=4)  # sharpened x20 here, and once more below
     else:
-        model = GPTNeoXForCausalLM(
-            GPTNeoXConfig(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=128,
-                **ids,
-            )
-        )
+        sizes = {} if family == "gpt2" else dict(max_position_embeddings=128)
+        model = tiny_model(family, vocab_size_of(tokenizer), seed=4, **sizes, **ids)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20.0)
     return model.to(dtype).eval()
