@@ -60,6 +60,7 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,9 +230,11 @@ def load_setting(name: str, device: str, dtype: str, prompt_count: int, prompt_t
         if prompt_tokens != 170:
             raise SystemExit("--prompt-tokens applies to the smollm2 and tiny settings (the synthetic task has its own prompts)")
         task = ensure_built()
-        sft = load_model(OmegaConf.create({"name_or_path": "synthetic:sft", "dtype": dtype, "device": device}), device, task)
-        baseline = load_model(OmegaConf.create({"name_or_path": "synthetic:rho0.1", "dtype": dtype, "device": device}), device, task)
-        data = load_prompts(OmegaConf.create({"name": "synthetic", "split": "test", "limit": prompt_count}), synthetic_dir=task)
+        sft = load_model(OmegaConf.create({"name_or_path": "synthetic:sft", "dtype": dtype, "device": device}), device, {"synthetic": task})
+        baseline = load_model(
+            OmegaConf.create({"name_or_path": "synthetic:rho0.1", "dtype": dtype, "device": device}), device, {"synthetic": task}
+        )
+        data = load_prompts(OmegaConf.create({"name": "synthetic", "split": "test", "limit": prompt_count}), builds={"synthetic": task})
         prompts = [p.text for p in data.prompts]
     else:
         raise SystemExit(f"unknown setting {name!r}: smollm2, synthetic or tiny")
@@ -279,12 +282,13 @@ def reward_model_folder(setting: str, sft, seed: int) -> Path:
 
 
 def build_rewards(kind: str, setting: str, sft, device: str, dtype: str, seed: int, batch_size: int, output: str = "logit"):
-    """(reward for a run: prefix_cache -> Reward, the loaded reward model's path or None)."""
+    """(reward for a run: (prefix_cache, clock=None) -> Reward, the loaded reward model's path or None); a reward model
+    times its own forward passes on `clock` (a PhaseClock) when given."""
     from tqstar.rewards import VaderReward
 
     if kind == "vader":
         vader = VaderReward(stop_strings=STOPS, bounds=(-1.0, 1.0))
-        return (lambda prefix_cache: vader), None
+        return (lambda prefix_cache, clock=None: vader), None
     if setting == "synthetic":
         raise SystemExit("--reward rm is built for the smollm2 and tiny settings")
     from omegaconf import OmegaConf
@@ -296,9 +300,26 @@ def build_rewards(kind: str, setting: str, sft, device: str, dtype: str, seed: i
     cfg = {"type": "hf", "name_or_path": str(folder), "dtype": dtype, "device": None if device == "auto" else device}
     loaded = build_reward(OmegaConf.create({**cfg, "stop_strings": STOPS, "batch_size": batch_size}), device)
 
-    def fresh(prefix_cache: bool):
+    class TimedClassifierReward(HFClassifierReward):
+        """The reward model, with its own forward passes timed by `clock` (a PhaseClock) when one is set."""
+
+        clock = None
+
+        def _timed(self, method, *args, **kwargs):
+            if self.clock is None:
+                return method(*args, **kwargs)
+            with self.clock("reward-model forward"):
+                return method(*args, **kwargs)
+
+        def _forward(self, *args, **kwargs):  # on cached prefixes
+            return self._timed(super()._forward, *args, **kwargs)
+
+        def _score_whole(self, *args, **kwargs):  # texts encoded whole
+            return self._timed(super()._score_whole, *args, **kwargs)
+
+    def fresh(prefix_cache: bool, clock=None):
         # A new reward object per run on the loaded model: the prefix cache starts empty and its counters at zero.
-        return HFClassifierReward(
+        reward = TimedClassifierReward(
             loaded.model,
             loaded.tokenizer,
             batch_size=batch_size,
@@ -307,6 +328,8 @@ def build_rewards(kind: str, setting: str, sft, device: str, dtype: str, seed: i
             prefix_cache=prefix_cache,
             output=output,
         )
+        reward.clock = clock
+        return reward
 
     return fresh, str(folder)
 
@@ -412,9 +435,9 @@ def main() -> None:
     tokenizer = sft.tokenizer
     reference_reward = reward_for(False)  # the authors' structure: every text re-read whole
 
-    def engine_run(run_settings, cache: bool):
-        reward = reward_for(cache)
-        decoder = Decoder(sft.model, tokenizer, reward=reward, baseline_model=baseline.model, settings=run_settings)
+    def engine_run(run_settings, cache: bool, clock=None):
+        reward = reward_for(cache, clock)
+        decoder = Decoder(sft.model, tokenizer, reward=reward, baseline_model=baseline.model, settings=run_settings, on_stage=clock)
         sync(device)
         start = time.perf_counter()
         generations = decoder.decode(batch)
@@ -429,8 +452,8 @@ def main() -> None:
         engine_times, phase_runs = [], []
         reset_peak(device)
         for _ in range(args.repeats):
-            with PhaseClock(device) as clock:
-                seconds, generations, counters, rm_saved, decoder = engine_run(settings, prefix_cache)
+            clock = PhaseClock(device)
+            seconds, generations, counters, rm_saved, decoder = engine_run(settings, prefix_cache, clock)
             engine_times.append(seconds)
             phase_runs.append(clock.shares(seconds))
         engine_peak = peak_memory_mb(device)
@@ -633,57 +656,38 @@ def main() -> None:
 
 
 class PhaseClock:
-    """Where the engine's time goes: wall seconds inside each phase of the token loop, by wrapping
-    the methods that run them (a few thousand calls per run, so the wrappers cost nothing
-    measurable). Phases: prefill (prompt caches), propose (the SFT model's next-token step and
-    top-k), rollouts (the baseline's continuations: forks, model forward passes, stop checks),
-    reward (scoring the rollout texts; "reward-model forward" is the part spent in the reward
-    model itself, the rest is tokenising and the prefix bookkeeping), append (advancing the caches
-    by the chosen token); the rest of the loop (Q from rewards, scores, selection, traces) is "other"."""
+    """Where the engine's time goes: wall seconds inside each phase of the token loop. The engine calls it around
+    every stage (`Decoder(..., on_stage=clock)`: a `tqstar.decoding.engine.StageTimer`, a few thousand calls per run,
+    so timing costs nothing measurable); the bench's reward model calls it around its own forward passes. Phases:
+    prefill (prompt caches), propose (the SFT model's next-token step and top-k), rollouts (the baseline's
+    continuations: forks, model forward passes, stop checks), reward (scoring the rollout texts; "reward-model
+    forward" is the part spent in the reward model itself, the rest is tokenising and the prefix bookkeeping),
+    append (advancing the caches by the chosen token, and the trace); the rest of the loop (Q from rewards, scores,
+    selection) is "other". The engine's other stages (value, score, select) are not timed: value holds rollouts
+    and reward, and a device sync around the others would only slow the run."""
+
+    PHASES = ("prefill", "propose", "rollouts", "reward", "append")
 
     def __init__(self, device) -> None:
-        from tqstar.decoding import engine, rollouts
-        from tqstar.rewards import hf
-
         self.device = device
         self.seconds: dict[str, float] = {}
-        self.targets = [
-            (engine._Batch, "__init__", "prefill"),
-            (engine._Batch, "propose", "propose"),
-            (rollouts.RolloutRunner, "run", "rollouts"),
-            (engine.Decoder, "score", "reward"),
-            (hf.HFClassifierReward, "_forward", "reward-model forward"),  # on cached prefixes
-            (hf.HFClassifierReward, "_score_whole", "reward-model forward"),  # texts encoded whole
-            (engine._Batch, "append", "append"),
-        ]
-        self.originals = []
 
-    def __enter__(self) -> "PhaseClock":
-        import functools
-
-        for owner, name, phase in self.targets:
-            original = getattr(owner, name)
-            self.originals.append((owner, name, original))
-
-            def timed(*args, _original=original, _phase=phase, **kwargs):
-                sync(self.device)
-                start = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    sync(self.device)
-                    self.seconds[_phase] = self.seconds.get(_phase, 0.0) + time.perf_counter() - start
-
-            setattr(owner, name, functools.wraps(original)(timed))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for owner, name, original in reversed(self.originals):
-            setattr(owner, name, original)
+    @contextmanager
+    def __call__(self, stage: str):
+        if stage not in (*self.PHASES, "reward-model forward"):
+            yield
+            return
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
     def shares(self, total: float) -> dict[str, dict[str, float]]:
         """Seconds and fraction of `total` per phase; "reward-model forward" is part of "reward"."""
-        top = ("prefill", "propose", "rollouts", "reward", "append")
+        top = self.PHASES
         out = {phase: self.seconds.get(phase, 0.0) for phase in (*top, "reward-model forward")}
         out["other"] = max(total - sum(out[p] for p in top), 0.0)
         return {phase: {"s": round(seconds, 3), "fraction": round(seconds / total, 4) if total else 0.0} for phase, seconds in out.items()}

@@ -11,7 +11,7 @@ from tqstar.decoding.engine import Decoder
 from tqstar.decoding.reference import reference_decode
 from tqstar.decoding.settings import DecoderSettings
 
-from conftest import ASSISTANT, HUMAN, positive_words_reward
+from conftest import ASSISTANT, HUMAN, positive_words_reward, tiny_model, vocab_size_of
 from toy import ToyLM
 
 PROMPTS = [
@@ -222,37 +222,9 @@ def test_needs_a_reward_and_a_baseline(sft_model, tokenizer):
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_other_architectures_match_the_oracle(family, tokenizer):
     """GPT-2 (learned positions) and GPT-NeoX (rotary, pythia) through the same cache code."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(3)
-    vocab_size = max(tokenizer.get_vocab().values()) + 1
-    if family == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=vocab_size,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=128,
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.eos_token_id,
-            )
-        )
-    else:
-        model = GPTNeoXForCausalLM(
-            GPTNeoXConfig(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=128,
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.eos_token_id,
-            )
-        )
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0)
+    sizes = {} if family == "gpt2" else dict(max_position_embeddings=128)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    model = tiny_model(family, vocab_size_of(tokenizer), seed=3, sharpen=20.0, **sizes, **ids)
     model = model.double().eval()
     decoder = make_decoder(model, tokenizer, model, method="tqstar", alpha=2.0)
     for prompt, generation in zip(PROMPTS, decoder.decode(PROMPTS)):
@@ -728,7 +700,7 @@ def test_a_carried_rollout_that_stopped_early_but_would_not_now_is_rolled_out_af
     """Reuse takes a carried rollout's tokens only where this step's rollout provably makes them: one that ended before
     L tokens (a stop string seen through a token now out of the tail) while the new tail does not end there runs anew."""
     from tqstar.decoding.kv import KVStream
-    from tqstar.decoding.rollouts import GreedyTail, RolloutRunner
+    from tqstar.decoding.rollouts import GreedyTail, RolloutRequest, RolloutRunner
     from tqstar.decoding.stops import StopChecker
 
     settings = DecoderSettings(method="cd", rollout_max_new_tokens=4)
@@ -740,10 +712,43 @@ def test_a_carried_rollout_that_stopped_early_but_would_not_now_is_rolled_out_af
     def runner():
         return RolloutRunner(settings, stops, dict.fromkeys(("rollout_tokens", "rollout_tokens_reused", "sft_forward_tokens"), 0))
 
-    fresh = runner().run(parent, [[]], candidates, [0], 0)
+    fresh = runner().run(RolloutRequest(parent, [[]], candidates, [0], 0)).continuations
     assert len(fresh[1]) == 4  # it does not end early, so a carried rollout of 2 tokens "ended" wrongly
-    reusing, kept = runner(), {}
+    reusing = runner()
     carried = GreedyTail([candidates[0][1], *fresh[1][:1]])  # tau_1, tau_2 and no keys/values: as if it had ended
-    assert reusing.run(parent, [[]], candidates, [0], 0, carried=[carried], kept=kept) == fresh
+    made = reusing.run(RolloutRequest(parent, [[]], candidates, [0], 0, carried=[carried], keep=True))
+    kept = made.kept
+    assert made.continuations == fresh
     assert reusing.counters["rollout_tokens_reused"] == 0 and reusing.counters["rollout_tokens"] == sum(map(len, fresh))
     assert [kept[i].tokens for i in range(3)] == fresh and kept[1].kv is not None
+
+
+def test_a_stage_timer_sees_every_stage_around_its_work_and_changes_nothing(sft_model, baseline_model, tokenizer):
+    """Decoder(on_stage=timer) is called around each stage with its name (STAGES): prefill and the five stages at the
+    top, rollouts and reward calls inside value; the tokens are those of an untimed decoder."""
+    from contextlib import contextmanager
+
+    from tqstar.decoding.engine import STAGES
+
+    seen, open_stages = [], []
+
+    @contextmanager
+    def timer(stage):
+        seen.append((tuple(open_stages), stage))
+        open_stages.append(stage)
+        try:
+            yield
+        finally:
+            open_stages.pop()
+
+    plain = make_decoder(sft_model, tokenizer, baseline_model, method="tqstar", alpha=2.0)
+    timed = Decoder(
+        sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model, settings=plain.settings, on_stage=timer
+    )
+    generations = timed.decode(PROMPTS)  # one batch: as many steps as its longest response
+    assert [g.token_ids for g in generations] == [g.token_ids for g in plain.decode(PROMPTS)]
+    assert {stage for _, stage in seen} == set(STAGES) and not open_stages
+    assert {(outer, stage) for outer, stage in seen if outer} == {(("value",), "rollouts"), (("value",), "reward")}
+    top = [stage for outer, stage in seen if not outer]
+    assert top[0] == "prefill" and top[1:6] == ["propose", "value", "score", "select", "append"]
+    assert top.count("propose") == top.count("append") == max(g.num_tokens for g in generations)

@@ -404,8 +404,10 @@ def test_trace_diagnostics_q_spread_and_optimism_gap(tmp_path, hydra_clean):
 def test_trace_diagnostics_skip_pruned_candidates():
     """decoder.prune leaves q null for candidates it never valued: the spread is over the valued ones."""
     from tqstar.evaluate import trace_diagnostics
+    from tqstar.rows import GenerationRow
 
-    row = {"reward": 0.25, "trace": [{"q": [1.0, 0.5, None, None], "chosen": 0}, {"q": [0.0, None], "chosen": 0}]}
+    trace = [{"q": [1.0, 0.5, None, None], "chosen": 0}, {"q": [0.0, None], "chosen": 0}]
+    row = GenerationRow(prompt_id="p", prompt="x", response="y", reward=0.25, trace=trace)
     assert trace_diagnostics(row) == (pytest.approx(0.25), pytest.approx(0.5 * (0.75 - 0.25)))
 
 

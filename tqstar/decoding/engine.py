@@ -1,6 +1,6 @@
 """The token-level decoding engine: one loop, many methods (docs/architecture.md, "One engine").
 
-Per step, for every unfinished prompt (`Decoder._token_loop`, one line each):
+Per step, for every unfinished prompt (`Decoder._token_loop`, one block each):
   1. propose  the top-k tokens z_i of pi_sft(.|s_t) with log-probs l_i (plain decoding: the whole vocabulary)
   2. value    Q_i from the method's estimator (tqstar.methods names it; decoding/values.py computes it);
               with decoder.prune, candidates that provably cannot win are never valued (`Decoder.value`)
@@ -14,20 +14,25 @@ per step; decoding/kv.py); rollouts fork the prefix cache into k x n rows in chu
 allows (decoder.shared_prefix: decoding/cascade.py); with greedy rollouts, the chosen token's rollout is
 reused at the next step (decoder.reuse_rollouts: `_Batch.carried`). `tqstar.decoding.reference` is the slow oracle this must
 match token for token under greedy decoding.
+
+A step's stages fill one `Step` record (the proposal, Q, scores, the pick, the chosen tokens), which the trace is
+made from. `Decoder(..., on_stage=timer)` (a `StageTimer`) is called around every stage with its name (STAGES),
+e.g. to see where the time goes (scripts/bench_decode.py); it cannot change what is decoded.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from ..rewards.base import FunctionReward, Reward, cut_at_stop
 from .kv import KVStream
-from .rollouts import GreedyTail, RolloutRunner
+from .rollouts import GreedyTail, RolloutRequest, RolloutRunner
 from .sampling import select
 from .settings import DecoderSettings
 from .stops import StopChecker
@@ -71,6 +76,39 @@ class Proposal:
         return self.logprobs.gather(1, pick[:, None]).squeeze(1)
 
 
+@dataclass
+class Step:
+    """One step of the token loop, filled stage by stage; rows are the batch's active rows (B) at the step's start."""
+
+    t: int
+    last: bool  # the step at max_new_tokens: append records the chosen tokens and feeds nothing
+    proposal: Proposal | None = None  # 1. propose
+    values: torch.Tensor | None = None  # 2. value: Q (B, k), NaN where pruned; None for plain decoding
+    details: dict | None = None  # 2. value: per candidate and rollout: the rewards behind Q (for the trace)
+    pruned: torch.Tensor | None = None  # 2. value: (B, k) bool, candidates never valued (decoder.prune), or None
+    kept: dict[int, GreedyTail] | None = None  # 2. value: rollouts made this step, row b * k + i (decoder.reuse_rollouts)
+    scores: torch.Tensor | None = None  # 3. score: l_i + alpha * Q_i (-inf where pruned)
+    pick: torch.Tensor | None = None  # 4. select: (B,) index of the chosen candidate
+    policy: torch.Tensor | None = None  # 4. select: (B,) log p_decoder of it, when selection samples or another model proposes
+    chosen: torch.Tensor | None = None  # 5. append: (B,) the chosen token ids
+    chosen_sft: torch.Tensor | None = None  # 5. append: (B,) log pi_sft of them
+
+
+# Stage names a StageTimer sees: prefill (the prompts' caches), the five stages of a step, and inside "value" the
+# rollouts and every reward call ("reward" also times best-of-n's ranking of its samples).
+STAGES = ("prefill", "propose", "value", "rollouts", "reward", "score", "select", "append")
+
+
+class StageTimer(Protocol):
+    """`Decoder(..., on_stage=timer)`: the engine runs each stage inside `with timer(name):` (name in STAGES)."""
+
+    def __call__(self, stage: str) -> AbstractContextManager: ...
+
+
+def _untimed(stage: str) -> AbstractContextManager:
+    return nullcontext()
+
+
 COST_KEYS = (
     "sft_forward_tokens",
     "baseline_forward_tokens",
@@ -104,7 +142,8 @@ class Decoder:
     >>> generations = decoder.decode(["\\n\\nHuman: hi\\n\\nAssistant:"])
 
     `reward(prompts, responses) -> list[float]` is the target reward r; `baseline_reward` is r_bl
-    (indirect transfer only). The baseline model must share the SFT tokenizer.
+    (indirect transfer only). The baseline model must share the SFT tokenizer. `on_stage` (a `StageTimer`)
+    is called around every stage of the loop with its name, e.g. to time them (scripts/bench_decode.py).
     """
 
     def __init__(
@@ -115,6 +154,7 @@ class Decoder:
         baseline_model=None,
         baseline_reward: Callable | Reward | None = None,
         settings: DecoderSettings | None = None,
+        on_stage: StageTimer | None = None,
         **overrides,
     ):
         if settings is None:
@@ -126,14 +166,13 @@ class Decoder:
         self.sft = sft_model
         self.baseline = baseline_model
         self.tokenizer = tokenizer
+        self.on_stage: StageTimer = on_stage or _untimed
         self.reward = _as_reward(reward, s.stop_strings)
         self.baseline_reward = _as_reward(baseline_reward, s.stop_strings)
-        if spec.needs_reward and self.reward is None:
-            raise ValueError(f"decoder.method={s.method!r} needs a reward")
-        if spec.needs_baseline and self.baseline is None:
-            raise ValueError(f"decoder.method={s.method!r} needs a baseline model")
-        if s.needs_baseline_reward and self.baseline_reward is None:
-            raise ValueError("decoder.transfer='indirect' needs a baseline reward r_bl")
+        # tqstar.methods: the one check of what a method needs (a ConfigError, a ValueError)
+        spec.check_needs(
+            s.transfer, reward=self.reward is not None, baseline=self.baseline is not None, baseline_reward=self.baseline_reward is not None
+        )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.stops = StopChecker(tokenizer, s.stop_strings)
@@ -198,21 +237,30 @@ class Decoder:
         selection: str | None = None,
         temperature: float | None = None,
     ) -> list[Generation]:
-        s = self.settings
+        s, stage = self.settings, self.on_stage
         selection, temperature = selection or s.selection, temperature or s.temperature
-        batch = _Batch(self, prompts, indices, reward_prompts)
+        with stage("prefill"):
+            batch = _Batch(self, prompts, indices, reward_prompts)
         for t in range(s.max_new_tokens):
-            proposal = batch.propose(top_k=s.top_k if self.estimate else s.sample_top_k)  # 1. propose
-            values, details, pruned = self.value(batch, proposal, t) if self.estimate else (None, None, None)  # 2. value
-            scores = proposal.scores if values is None else candidate_scores(proposal.scores, s.alpha, values, pruned)  # 3. score
-            pick, policy = select(scores, batch.generators(), selection, temperature)  # 4. select
-            trace = (t, values, scores, details, pruned)
-            if not batch.append(proposal, pick, policy, trace=trace, last=t == s.max_new_tokens - 1):  # 5. append
+            step = Step(t, last=t == s.max_new_tokens - 1)
+            with stage("propose"):  # 1. propose
+                step.proposal = batch.propose(top_k=s.top_k if self.estimate else s.sample_top_k)
+            if self.estimate:
+                with stage("value"):  # 2. value
+                    self.value(batch, step)
+            with stage("score"):  # 3. score
+                step.scores = candidate_scores(step.proposal.scores, s.alpha, step.values, step.pruned)
+            with stage("select"):  # 4. select
+                step.pick, step.policy = select(step.scores, batch.generators(), selection, temperature)
+            with stage("append"):  # 5. append
+                more = batch.append(step)
+            if not more:
                 break
         return batch.results(keep_policy=selection == "sample")
 
-    def value(self, batch: "_Batch", proposal: Proposal, t: int):
-        """Step 2: (Q (B, k), details for the trace, pruned (B, k) bool or None).
+    def value(self, batch: "_Batch", step: Step) -> None:
+        """Step 2: Q (B, k) into `step.values`, the trace's details into `step.details`, the pruned (B, k) bool
+        candidates (or None) into `step.pruned`.
 
         Exact bound pruning (decoder.prune; `DecoderSettings.prunes` says where it applies: greedy
         selection, Q from rollouts within the target reward's bounds [lo, hi], alpha >= 0). The top-k
@@ -224,12 +272,13 @@ class Decoder:
         rollouts. Q of a pruned candidate is NaN (null in the trace); its score is -inf. Each rollout
         row uses its own sampling noise, so sampled rollouts give the same Q whichever rows run.
         """
-        ctx = batch.value_context(proposal, t)
+        proposal = step.proposal
+        ctx = batch.value_context(step)
         B, k = ctx.shape
         if self.q_upper is None or k <= PRUNE_FIRST_ROUND:
-            values, details = self.estimate(ctx)
+            step.values, step.details = self.estimate(ctx)
             batch.count_candidates([k] * B, [0] * B)
-            return values, details, None
+            return
         alpha, device = self.settings.alpha, proposal.scores.device
         position = torch.arange(k, device=device).expand(B, k)
         valued = torch.zeros((B, k), dtype=torch.bool, device=device)
@@ -250,7 +299,7 @@ class Decoder:
             best = candidate_scores(proposal.scores, alpha, values, ~valued).amax(-1, keepdim=True)
             pruned |= ~valued & (reachable < best)
         batch.count_candidates(valued.sum(-1).tolist(), pruned.sum(-1).tolist())
-        return values, details, pruned
+        step.values, step.details, step.pruned = values, details, pruned
 
     # ------------------------------------------------------------------ helpers the batch and estimators use
     def response_text(self, ids: list[int]) -> str:
@@ -268,7 +317,8 @@ class Decoder:
         charged to `owners[i]` through `charge(owner, key, amount)` when given."""
         if not prompts:
             return []
-        values = reward(prompts, responses)
+        with self.on_stage("reward"):
+            values = reward(prompts, responses)
         tokens = reward.last_tokens if reward.num_parameters else None
         self.counters["reward_calls"] += len(values)
         self.counters["reward_tokens"] += sum(tokens) if tokens else 0
@@ -282,15 +332,17 @@ class Decoder:
     def count_forward(self, stream: KVStream, tokens: int) -> None:
         self.counters[f"{stream.role}_forward_tokens"] += int(tokens)
 
-    def trace_rows(self, t, proposal: Proposal, values, scores, pick, details, pruned=None) -> list[dict]:
+    def trace_rows(self, step: Step) -> list[dict]:
         """One trace entry per active row; a pruned candidate (never valued) has q, score and rollout rewards None."""
+        proposal, values, scores, details, pruned = step.proposal, step.values, step.scores, step.details, step.pruned
+        pick = step.pick
         rows = []
         for b in range(proposal.ids.shape[0]):
             ids = proposal.ids[b].tolist()
             skip = pruned[b].tolist() if pruned is not None else [False] * len(ids)
             known = partial(_unless, skip)
             entry = {
-                "t": t,
+                "t": step.t,
                 "candidates": ids,
                 "tokens": [self.tokenizer.decode([i]) for i in ids],
                 "logprobs": [round(float(v), 6) for v in proposal.logprobs[b]],
@@ -339,8 +391,11 @@ def _unless(skip: list[bool], items: list) -> list:
     return [None if cut else item for item, cut in zip(items, skip)]
 
 
-def candidate_scores(base: torch.Tensor, alpha: float, values: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
-    """Step 3: base + alpha * Q; -inf where a candidate was pruned (or, for `Decoder.value`, is not valued yet)."""
+def candidate_scores(base: torch.Tensor, alpha: float, values: torch.Tensor | None, pruned: torch.Tensor | None) -> torch.Tensor:
+    """Step 3: base + alpha * Q; -inf where a candidate was pruned (or, for `Decoder.value`, is not valued yet).
+    Without Q (plain decoding) the base scores themselves."""
+    if values is None:
+        return base
     scores = base + alpha * values
     return scores if pruned is None else scores.masked_fill(pruned.to(scores.device), float("-inf"))
 
@@ -391,9 +446,8 @@ class _Batch:
         self.policy_logprobs: list[list[float]] = [[] for _ in prompts]
         self.traces: list[list[dict]] = [[] for _ in prompts]
         self.stop_reason = ["max_new_tokens"] * len(prompts)
-        # decoder.reuse_rollouts: the rollouts made this step (row b * k + i -> GreedyTail), and per prompt the chosen
-        # token's, which the next step's candidate equal to its first token continues (decoding/rollouts.py).
-        self.kept: dict[int, GreedyTail] | None = None
+        # decoder.reuse_rollouts: per prompt the rollout of the token chosen at the previous step (`Step.kept` holds
+        # this step's), which the next step's candidate equal to its first token continues (decoding/rollouts.py).
         self.carried: list[GreedyTail | None] = [None] * len(prompts)
 
     def _count_prefill(self, stream: KVStream, prompt_tokens: list[int]) -> None:
@@ -424,14 +478,25 @@ class _Batch:
         top_logprobs, top_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)  # (B, k)
         return Proposal(top_ids, top_logprobs, top_logprobs)
 
-    def value_context(self, proposal: Proposal, t: int) -> ValueContext:
+    def value_context(self, step: Step) -> ValueContext:
         d = self.decoder
         prefixes = [self.generated[i] for i in self.active]
-        candidates = proposal.ids.tolist()
+        candidates = step.proposal.ids.tolist()
         indices = [self.indices[i] for i in self.active]
         reuse = d.settings.reuses_rollouts
-        self.kept = {} if reuse else None
+        step.kept = {} if reuse else None
         carried = [self.carried[i] for i in self.active] if reuse else None
+
+        def rollouts(pairs=None) -> list[list[int]]:
+            request = RolloutRequest(
+                self.rollout_stream, prefixes, candidates, indices, step.t, pairs=pairs, carried=carried, keep=reuse, charge=self.charge
+            )
+            with d.on_stage("rollouts"):
+                made = d.rollouts.run(request)
+            if made.kept is not None:  # a pruning round's rollouts join the earlier rounds'
+                step.kept.update(made.kept)
+            return made.continuations
+
         return ValueContext(
             settings=d.settings,
             prompts=[self.reward_prompts[i] for i in self.active],
@@ -442,67 +507,88 @@ class _Batch:
             baseline_reward=(lambda p, r, owners: d.score(d.baseline_reward, p, r, owners, self.charge))
             if d.baseline_reward is not None
             else None,
-            rollouts=lambda pairs=None: d.rollouts.run(
-                self.rollout_stream, prefixes, candidates, indices, t, self.charge, pairs, carried, self.kept
-            ),
-            device=proposal.ids.device,
+            rollouts=rollouts,
+            device=step.proposal.ids.device,
         )
 
-    def append(self, proposal: Proposal, pick, policy, trace, last: bool) -> bool:
-        """Record the chosen token of every active row; drop finished rows; feed the rest one token.
-        False when nothing is left to decode."""
+    # ------------------------------------------------------------------ step 5: append, one job per method
+    def append(self, step: Step) -> bool:
+        """Record the chosen token of every active row, carry its rollout, drop the finished rows and feed the
+        rest one token. False when nothing is left to decode."""
+        self._choose(step)
+        self._carry(step)
+        self._record(step)
+        finished = self._stop()
+        if step.last or len(finished) == len(self.active):
+            return False
+        self._feed(self._drop(finished, step.chosen))
+        return True
+
+    def _choose(self, step: Step) -> None:
+        """The chosen token ids and their log pi_sft; when pi_sft does not propose, the proposer's log-prob is
+        the policy's (unless selection sampled) and pi_sft's comes from the SFT stream that follows along."""
+        proposal, pick = step.proposal, step.pick
+        step.chosen = chosen = proposal.token(pick)
+        if self.sft_stream is None:
+            step.chosen_sft = proposal.logprob(pick)
+            return
+        step.policy = proposal.logprob(pick) if step.policy is None else step.policy
+        logits = self.sft_stream.logits
+        step.chosen_sft = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None].to(logits.device)).squeeze(1).to(chosen.device)
+
+    def _carry(self, step: Step) -> None:
+        """decoder.reuse_rollouts: carry each prompt's chosen candidate's rollout to the next step."""
+        if step.kept is None:
+            return
+        k = step.proposal.ids.shape[1]
+        for row, (prompt_index, choice) in enumerate(zip(self.active, step.pick.tolist())):
+            self.carried[prompt_index] = step.kept.get(row * k + choice)
+
+    def _record(self, step: Step) -> None:
+        """Each active prompt's new token, its log-probs and (decoder.trace) its trace entry."""
         d = self.decoder
-        chosen = proposal.token(pick)
-        if self.sft_stream is not None:  # the proposer is not pi_sft: its log-prob is the policy's
-            policy = proposal.logprob(pick) if policy is None else policy
-            chosen_sft = (
-                torch.log_softmax(self.sft_stream.logits, dim=-1)
-                .gather(1, chosen[:, None].to(self.sft_stream.logits.device))
-                .squeeze(1)
-                .to(chosen.device)
-            )
-        else:
-            chosen_sft = proposal.logprob(pick)
-        t, values, scores, details, pruned = trace
-        step_traces = d.trace_rows(t, proposal, values, scores, pick, details, pruned) if d.settings.trace and values is not None else None
-        finished_rows = []
+        traces = d.trace_rows(step) if d.settings.trace and step.values is not None else None
         # One device-to-host copy per step, not one per row.
-        tokens, token_sft = chosen.tolist(), chosen_sft.tolist()
-        token_policy = policy.tolist() if policy is not None else None
-        if self.kept is not None:  # carry each prompt's chosen rollout to the next step (one rollout per candidate)
-            k = proposal.ids.shape[1]
-            for row, (prompt_index, choice) in enumerate(zip(self.active, pick.tolist())):
-                self.carried[prompt_index] = self.kept.get(row * k + choice)
-            self.kept = None
+        tokens, token_sft = step.chosen.tolist(), step.chosen_sft.tolist()
+        token_policy = step.policy.tolist() if step.policy is not None else None
         for row, prompt_index in enumerate(self.active):
             self.generated[prompt_index].append(tokens[row])
             self.sft_logprobs[prompt_index].append(token_sft[row])
             if token_policy is not None:
                 self.policy_logprobs[prompt_index].append(token_policy[row])
-            if step_traces is not None:
-                self.traces[prompt_index].append(step_traces[row])
-            reason = d.stops.ends(self.generated[prompt_index])
+            if traces is not None:
+                self.traces[prompt_index].append(traces[row])
+
+    def _stop(self) -> list[int]:
+        """The active rows whose prompt has just ended (EOS, a stop string), with the reason recorded."""
+        finished = []
+        for row, prompt_index in enumerate(self.active):
+            reason = self.decoder.stops.ends(self.generated[prompt_index])
             if reason:
                 self.stop_reason[prompt_index] = reason
-                finished_rows.append(row)
-        if last:
-            return False
-        if finished_rows:
-            keep = [r for r in range(len(self.active)) if r not in set(finished_rows)]
-            if not keep:
-                return False
-            keep_index = torch.tensor(keep, device=d.device)
-            chosen = chosen[keep_index]
-            for stream in self._streams():
-                stream.keep(keep_index)
-            self.active = [self.active[r] for r in keep]
-        # Append the chosen tokens to the accepted prefix: one token per row per model.
+                finished.append(row)
+        return finished
+
+    def _drop(self, rows: list[int], chosen: torch.Tensor) -> torch.Tensor:
+        """Remove finished rows from every stream and the active list; the chosen tokens of the rows left."""
+        if not rows:
+            return chosen
+        finished = set(rows)
+        keep = [r for r in range(len(self.active)) if r not in finished]
+        keep_index = torch.tensor(keep, device=self.decoder.device)
+        for stream in self._streams():
+            stream.keep(keep_index)
+        self.active = [self.active[r] for r in keep]
+        return chosen[keep_index]
+
+    def _feed(self, chosen: torch.Tensor) -> None:
+        """Append the chosen tokens to the accepted prefix: one token per row per model, charged to its prompt."""
+        d = self.decoder
         for stream in self._streams():
             stream.step(chosen)
             d.count_forward(stream, len(self.active))
             for row in range(len(self.active)):
                 self.charge(row, f"{stream.role}_forward_tokens", 1)
-        return True
 
     def _streams(self) -> list[KVStream]:
         streams = [self.stream]

@@ -8,17 +8,18 @@ one batched step; rows finish at EOS or a stop string.
 
 Greedy rollout reuse (decoder.reuse_rollouts; docs/architecture.md): the greedy rollout
 [tau_1, ..., tau_L] of the token z chosen at step t is, from tau_2 on, the greedy rollout of the
-candidate tau_1 at step t+1 from [y, z], short of its last token. `run` keeps every rollout it makes
-(`GreedyTail`: its tokens and the rollout model's keys/values of tau_1..tau_{L-1}); the engine carries
-the chosen candidate's to the next step, where the candidate equal to tau_1 takes tau_2..tau_L and
-computes only tau_{L+1}, one token on the accepted prefix's cache grafted with the kept keys/values
-(or nothing, when the rollout ends earlier).
+candidate tau_1 at step t+1 from [y, z], short of its last token. `run` returns every rollout it makes
+when the request asks (`RolloutRequest.keep`; `Rollouts.kept`: each a `GreedyTail`, its tokens and the rollout
+model's keys/values of tau_1..tau_{L-1}); the engine carries the chosen candidate's to the next step, where the
+candidate equal to tau_1 takes tau_2..tau_L and computes only tau_{L+1}, one token on the accepted prefix's cache
+grafted with the kept keys/values (or nothing, when the rollout ends earlier).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -39,7 +40,54 @@ class GreedyTail:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+@dataclass
+class RolloutRequest:
+    """One call of `RolloutRunner.run`: roll out [prefix_b, z_bi] rollout.num times for every candidate z_bi.
+
+    Rows are (prompt b, candidate i, rollout j), row = (b * k + i) * n + j."""
+
+    parent: KVStream  # the rollout model's stream of the accepted prefixes, one row per prompt b
+    prefixes: list[list[int]]  # accepted response ids of each prompt b
+    candidates: list[list[int]]  # (B, k) candidate ids
+    indices: list[int]  # each prompt's index: with the step t, it seeds sampled rollouts' noise
+    t: int
+    # The (b, i) candidates to roll out; the others' rows stay empty. None: all. A row's continuation does not
+    # depend on which other rows run (its sampling noise is its own).
+    pairs: list[tuple[int, int]] | None = None
+    # Greedy rollouts, one per candidate (decoder.reuse_rollouts): carried[b] is the `GreedyTail` of the token prompt b
+    # chose at the previous step (or None), which the candidate equal to its first token continues instead of
+    # rolling out again.
+    carried: list[GreedyTail | None] | None = None
+    keep: bool = False  # return every rollout made here as a `GreedyTail` (Rollouts.kept), for the next step
+    # charge(b, key, amount): receives each prompt's rollout and forward tokens (optional).
+    charge: Callable[[int, str, int], None] | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.candidates[0])
+
+    def charge_to(self, b: int, key: str, amount: int) -> None:
+        if self.charge is not None:
+            self.charge(b, key, amount)
+
+
+@dataclass
+class Rollouts:
+    """What one call made: the continuation of every row (b, i, j), [] where not rolled out, and, when the request
+    asked to keep them, row b * k + i -> `GreedyTail` of every rollout made."""
+
+    continuations: list[list[int]]
+    kept: dict[int, GreedyTail] | None = None
+
+    def keep(self, row: int, tokens: list[int], kv=None) -> None:
+        if self.kept is not None:
+            self.kept[row] = GreedyTail(list(tokens), kv)
+
+
 class RolloutRunner:
+    """Runs rollouts for the engine. Its only state lasts across calls: the chunk size (halved on out-of-memory,
+    then kept) and the engine's counters; what one call needs and makes travels in `RolloutRequest` and `Rollouts`."""
+
     def __init__(self, settings: DecoderSettings, stops: StopChecker, counters: dict):
         self.settings = settings
         self.stops = stops
@@ -47,45 +95,29 @@ class RolloutRunner:
         self.chunk_rows = settings.max_batch_rows  # halved on out-of-memory, then kept
         self.oom_retries = 0
 
-    def run(self, parent: KVStream, prefixes, candidates, indices, t, charge=None, pairs=None, carried=None, kept=None) -> list[list[int]]:
-        """Continue [prefix, z_i] for rollout.max_new_tokens tokens, rollout.num times per candidate.
-        `charge(b, key, amount)` (optional) receives each prompt row's rollout and forward tokens.
-        `pairs` (optional): the (b, i) candidates to roll out; the others' rows stay empty. A row's
-        continuation does not depend on which other rows run (its sampling noise is its own).
-        Greedy rollouts, one per candidate (decoder.reuse_rollouts): `carried[b]` is the `GreedyTail` of the
-        token prompt row b chose at the previous step (or None), which the candidate equal to its first token
-        continues instead of rolling out again; `kept` (a dict, filled when given) receives row -> `GreedyTail`
-        of every rollout made here, row = b * k + i."""
-        self.charge = charge or (lambda b, key, amount: None)
-        s = self.settings
-        B, k, n, L = len(candidates), len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
+    def run(self, request: RolloutRequest) -> Rollouts:
+        """Continue [prefix, z_i] for rollout.max_new_tokens tokens, rollout.num times per candidate (the rows
+        `request.pairs` names), in chunks of `chunk_rows`; take over carried rollouts where they apply."""
+        s, r = self.settings, request
+        B, k, n = len(r.candidates), r.k, s.rollout_num
         total = B * k * n
-        todo = list(range(total)) if pairs is None else [(b * k + i) * n + j for b, i in pairs for j in range(n)]
-        continuations: list[list[int]] = [[] for _ in range(total)]
-        self.kept = kept
-        if carried is not None:
+        todo = list(range(total)) if r.pairs is None else [(b * k + i) * n + j for b, i in r.pairs for j in range(n)]
+        out = Rollouts([[] for _ in range(total)], {} if r.keep else None)
+        if r.carried is not None:
             assert n == 1 and s.rollout_selection == "greedy", "only one greedy rollout per candidate is reused"
-            todo = self._reuse(parent, todo, prefixes, candidates, carried, continuations)
-        noise = None
-        if s.rollout_selection == "sample":
-            # One noise table per (prompt, step): draws do not depend on chunking or batch makeup.
-            noise = torch.cat(
-                [
-                    torch.rand((k * n, L), generator=torch.Generator().manual_seed((s.seed * 1_000_003 + indices[b]) * 10_007 + t))
-                    for b in range(B)
-                ]
-            )
+            todo = self._reuse(r, todo, out)
+        noise = self._noise(r) if s.rollout_selection == "sample" else None
         start = 0
         while start < len(todo):
             rows = todo[start : start + self.chunk_rows]
             try:
-                self._chunk(parent, rows, prefixes, candidates, noise, continuations)
+                self._chunk(r, rows, noise, out)
             except torch.OutOfMemoryError:
                 if self.chunk_rows == 1:
                     raise
                 # Too many rows for the accelerator: halve the chunk, retry this one, keep the smaller size.
                 for row in rows:
-                    continuations[row] = []
+                    out.continuations[row] = []
                 self.chunk_rows = max(1, self.chunk_rows // 2)
                 self.oom_retries += 1
                 logger.warning("out of memory with %d rollout rows; retrying with %d", len(rows), self.chunk_rows)
@@ -93,25 +125,36 @@ class RolloutRunner:
                     torch.cuda.empty_cache()
                 continue
             start += len(rows)
-        return continuations
+        return out
+
+    def _noise(self, r: RolloutRequest) -> torch.Tensor:
+        """One noise table per (prompt, step), (B * k * n, L): draws do not depend on chunking or batch makeup."""
+        s = self.settings
+        rows, L = r.k * s.rollout_num, s.rollout_max_new_tokens
+        return torch.cat(
+            [
+                torch.rand((rows, L), generator=torch.Generator().manual_seed((s.seed * 1_000_003 + r.indices[b]) * 10_007 + r.t))
+                for b in range(len(r.candidates))
+            ]
+        )
 
     def _ends(self, tail: list[int]) -> bool:
         """The rollout whose tail (the prefix's last tokens, the candidate, the rollout so far) this is stops here."""
         return self.stops.is_eos(tail[-1]) or self.stops.hits_stop(tail)
 
-    def _reuse(self, parent: KVStream, rows: list[int], prefixes, candidates, carried, continuations) -> list[int]:
+    def _reuse(self, r: RolloutRequest, rows: list[int], out: Rollouts) -> list[int]:
         """Fill the rows whose candidate is the first token tau_1 of their prompt's carried rollout: tau_2.. up to
         where this rollout ends (checked on its own tail, as `_chunk` checks), plus, when it runs the full L
         tokens, tau_{L+1} from one forward. Returns the rows left to roll out as usual."""
-        k, L = len(candidates[0]), self.settings.rollout_max_new_tokens
+        k, L = r.k, self.settings.rollout_max_new_tokens
         rest, extend = [], []
         for row in rows:
             b = row // k
-            old, candidate = carried[b], candidates[b][row % k]
+            old, candidate = r.carried[b], r.candidates[b][row % k]
             if old is None or not old.tokens or old.tokens[0] != candidate:
                 rest.append(row)
                 continue
-            tail = prefixes[b][-self.stops.tail_tokens :] + [candidate]
+            tail = r.prefixes[b][-self.stops.tail_tokens :] + [candidate]
             if self._ends(tail):  # the candidate ends the response: nothing to roll out (as `_chunk` decides)
                 rest.append(row)
                 continue
@@ -125,65 +168,67 @@ class RolloutRunner:
             if not ended and (len(old.tokens) < L or old.kv is None):
                 rest.append(row)  # the old rollout stopped where this one does not: roll out afresh
                 continue
-            continuations[row] = tokens
-            self.charge(b, "rollout_tokens_reused", len(tokens))
+            out.continuations[row] = tokens
+            r.charge_to(b, "rollout_tokens_reused", len(tokens))
             self.counters["rollout_tokens_reused"] += len(tokens)
             if ended:
-                self._keep(row, tokens)
+                out.keep(row, tokens)
             else:
                 extend.append(row)
         if extend:
-            self._last_tokens(parent, extend, k, L, carried, continuations)
+            self._last_tokens(r, extend, out)
         return rest
 
-    def _last_tokens(self, parent: KVStream, rows: list[int], k: int, L: int, carried, continuations) -> None:
+    def _last_tokens(self, r: RolloutRequest, rows: list[int], out: Rollouts) -> None:
         """tau_{L+1} of each row: feed tau_L on the accepted prefix's cache grafted with the kept keys/values of
         tau_1..tau_{L-1} (the positions the row's rollout fed after the candidate at the previous step)."""
+        k, L = r.k, self.settings.rollout_max_new_tokens
         owners = [row // k for row in rows]
-        tails = [carried[b] for b in owners]
-        device = parent.mask.device
+        tails = [r.carried[b] for b in owners]
+        device = r.parent.mask.device
         suffix = [
             (torch.cat([tail.kv[layer][0] for tail in tails]), torch.cat([tail.kv[layer][1] for tail in tails]))
             for layer in range(len(tails[0].kv))
         ]
-        stream = parent.graft(torch.tensor(owners, device=device), suffix, share=self._share(parent))
+        stream = r.parent.graft(torch.tensor(owners, device=device), suffix, share=self._share(r.parent))
         nxt = stream.step(torch.tensor([tail.tokens[-1] for tail in tails], device=device)).argmax(-1).tolist()
         forward_key = f"{self.settings.spec.rollout}_forward_tokens"
         for row, b, token in zip(rows, owners, nxt):
-            continuations[row].append(token)
-            self.charge(b, forward_key, 1)
-            self.charge(b, "rollout_tokens", 1)
+            out.continuations[row].append(token)
+            r.charge_to(b, forward_key, 1)
+            r.charge_to(b, "rollout_tokens", 1)
         self.counters["rollout_tokens"] += len(rows)
         self.counters[forward_key] += len(rows)
-        if self.kept is not None:
+        if out.kept is not None:
             kv = stream.tail(L - 1)
             for position, row in enumerate(rows):
-                self._keep(
-                    row, continuations[row], [(keys[position : position + 1], values[position : position + 1]) for keys, values in kv]
+                out.keep(
+                    row,
+                    out.continuations[row],
+                    [(keys[position : position + 1], values[position : position + 1]) for keys, values in kv],
                 )
 
     def _share(self, parent: KVStream) -> bool:
         """Rollout rows attend to one copy of the prefix (decoder.shared_prefix) where the rollout model allows."""
         return self.settings.shared_prefix and parent.shareable
 
-    def _keep(self, row: int, tokens: list[int], kv=None) -> None:
-        if self.kept is not None:
-            self.kept[row] = GreedyTail(list(tokens), kv)
-
-    def _chunk(self, parent: KVStream, rows: list[int], prefixes, candidates, noise, continuations) -> None:
+    def _chunk(self, r: RolloutRequest, rows: list[int], noise, out: Rollouts) -> None:
         """Roll out global rows `rows` (prompt b, candidate i, rollout j) from a fork of the prefix cache."""
         s = self.settings
-        k, n, L = len(candidates[0]), s.rollout_num, s.rollout_max_new_tokens
-        tails = {r: prefixes[r // (k * n)][-self.stops.tail_tokens :] + [candidates[r // (k * n)][(r // n) % k]] for r in rows}
+        k, n, L = r.k, s.rollout_num, s.rollout_max_new_tokens
+        continuations = out.continuations
+        tails = {
+            row: r.prefixes[row // (k * n)][-self.stops.tail_tokens :] + [r.candidates[row // (k * n)][(row // n) % k]] for row in rows
+        }
         # A candidate that ends the response (EOS, or completes a stop string) has nothing to roll out.
-        alive = [r for r in rows if not self._ends(tails[r])]
+        alive = [row for row in rows if not self._ends(tails[row])]
         if not alive:
             for row in rows:
-                self._keep(row, [])
+                out.keep(row, [])
             return
-        device = parent.mask.device
-        stream = parent.fork(torch.tensor([r // (k * n) for r in alive], device=device), share=self._share(parent))
-        current = torch.tensor([tails[r][-1] for r in alive], device=device)
+        device = r.parent.mask.device
+        stream = r.parent.fork(torch.tensor([row // (k * n) for row in alive], device=device), share=self._share(r.parent))
+        current = torch.tensor([tails[row][-1] for row in alive], device=device)
         # Stream row p rolls out global row members[p]. A row that finishes stays in the batch (its
         # outputs ignored) until a quarter of the rows have finished: dropping rows copies the whole
         # cache, which costs more than carrying a few finished rows for the remaining steps.
@@ -195,7 +240,7 @@ class RolloutRunner:
                 logits = stream.step(current)
                 fed += len(members)
                 for row in members:  # carried finished rows are fed too: they cost a forward like any other
-                    self.charge(row // (k * n), forward_key, 1)
+                    r.charge_to(row // (k * n), forward_key, 1)
                 if noise is None:
                     nxt = logits.argmax(-1)
                 else:
@@ -212,7 +257,7 @@ class RolloutRunner:
                     continuations[row].append(token)
                     tails[row].append(token)
                     generated += 1
-                    self.charge(row // (k * n), "rollout_tokens", 1)
+                    r.charge_to(row // (k * n), "rollout_tokens", 1)
                     done[position] = self._ends(tails[row])
                 finished = sum(done)
                 if step == L - 1 or finished == len(members):
@@ -226,10 +271,10 @@ class RolloutRunner:
                 current = nxt
         self.counters["rollout_tokens"] += generated
         self.counters[f"{s.spec.rollout}_forward_tokens"] += fed  # the rollout model's, even when it shares the proposer's cache
-        if self.kept is not None:
+        if out.kept is not None:
             # A rollout of the full L tokens fed [z, tau_1, ..., tau_{L-1}]: keep the keys/values of tau_1..tau_{L-1}.
             full = {row: p for p, row in enumerate(members) if len(continuations[row]) == L}
             kv = stream.tail(L - 1) if full else []
             for row in rows:
                 p = full.get(row)
-                self._keep(row, continuations[row], None if p is None else [(keys[p : p + 1], values[p : p + 1]) for keys, values in kv])
+                out.keep(row, continuations[row], None if p is None else [(keys[p : p + 1], values[p : p + 1]) for keys, values in kv])
