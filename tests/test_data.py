@@ -211,3 +211,33 @@ def test_packaged_hh_sample(tmp_path, hydra_clean):
         assert messages and messages[0]["role"] == "user" and messages[-1]["role"] == "user"
     with pytest.raises(ConfigError, match="is not a file tqstar ships; allowed: packaged:hh_prompts.jsonl"):
         cfg_for(tmp_path, "dataset=hh_sample", "dataset.path=packaged:nope.jsonl")
+
+
+def test_a_new_dataset_config_needs_no_code(tmp_path, hydra_clean, monkeypatch):
+    """A conf/dataset/<name>.yaml of a new name (here in a copy of conf/) with a known format composes, validates,
+    passes the early checks and loads, without any code knowing its name; a name with no path must be a testbed's."""
+    import shutil
+
+    from tqstar import config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config.conf_dir(), conf)
+    path = write_jsonl(tmp_path / "questions.jsonl", [{"question": "Is the food good?"}, {"question": "How was the movie?"}])
+    (conf / "dataset" / "my_questions.yaml").write_text(
+        f"defaults:\n  - _common\n  - _self_\n\nname: my_questions\npath: {path}\nsplit: train\nprompt_column: question\nformat: hh\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(config, "conf_dir", lambda: conf)
+    config._compose_cached.cache_clear()  # composed from the real conf/ so far
+    try:
+        cfg = validate(compose(["dataset=my_questions", "device=cpu"]))
+        check_sources(cfg)
+        assert cfg.experiment_name == "my_questions"
+        prompt_set = load_prompts(cfg.dataset)
+        assert texts(prompt_set) == [f"{H} Is the food good?{A}", f"{H} How was the movie?{A}"]
+        with pytest.raises(ConfigError, match="dataset.format='hhh' is not allowed; did you mean 'hh'"):
+            validate(compose(["dataset=my_questions", "dataset.format=hhh"]))
+        with pytest.raises(ConfigError, match="dataset.name='synthtic' is not allowed without a dataset.path.*did you mean 'synthetic'"):
+            validate(compose(["dataset.name=synthtic"]))
+    finally:
+        config._compose_cached.cache_clear()

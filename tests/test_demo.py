@@ -114,7 +114,7 @@ def test_a_synthetic_build_started_by_decode_says_so_once(tmp_path, monkeypatch,
     calls = []
     monkeypatch.setattr(build, "_build", lambda out, seed, params, bar: calls.append(params) or _fake_manifest(out))
     cfg = validate(compose(["experiment=demo", f"synthetic.size={size}", f"synthetic.cache_dir={tmp_path}"]))
-    folder = decode.synthetic_dir(cfg)
+    folder = decode.builds(cfg)["synthetic"]
     assert calls == [params_for(size)] and folder == cache.task_dir(0, tmp_path, params_for(size))
     err = capsys.readouterr().err
     lines = _lines(err, "building ")
@@ -124,7 +124,7 @@ def test_a_synthetic_build_started_by_decode_says_so_once(tmp_path, monkeypatch,
     assert ahead in line and "2-core" in line
     assert (minutes or f"{BUILD_SECONDS['demo']:.0f} s") in line
     # found in the cache: nothing built, nothing printed
-    assert decode.synthetic_dir(cfg) == folder and len(calls) == 1
+    assert decode.builds(cfg)["synthetic"] == folder and len(calls) == 1
     assert "building" not in capsys.readouterr().err
 
 

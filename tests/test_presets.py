@@ -133,7 +133,8 @@ def test_hh_pythia_release_changes_only_the_model_roles():
     assert release.sft.name_or_path == release.baseline.name_or_path == paper.baseline.name_or_path == dpo
     assert release.sft == release.baseline == paper.baseline
     assert release.experiment_name == "hh_pythia_release"
-    rest = lambda cfg: {
-        k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("sft", "experiment_name", "choices")
-    }  # noqa: E731
+
+    def rest(cfg):
+        return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("sft", "experiment_name", "choices")}
+
     assert rest(release) == rest(paper)

@@ -154,7 +154,7 @@ def test_reward_synthetic_proxy_scores_through_the_hf_classifier(default_proxy, 
     assert cfg.reward.type == "hf" and cfg.reward.name_or_path == "synthetic:proxy"
     assert cfg.reward.template == proxy.TEMPLATE  # what the proxy was trained on
     check_sources(cfg)
-    resolved = resolve_reward(cfg.reward, cfg.synthetic)
+    resolved = resolve_reward(cfg.reward, cfg)
     assert resolved.name_or_path == str(default_proxy) and cfg.reward.name_or_path == "synthetic:proxy"
     reward = build_reward(resolved, "cpu")
     assert isinstance(reward, HFClassifierReward)

@@ -161,21 +161,21 @@ def test_smollm2_names_resolve_to_the_build_folders(tmp_path):
     for name in MODEL_NAMES:
         (tmp_path / name).mkdir()
         cfg = OmegaConf.create({"sft": {"name_or_path": f"smollm2:{name}"}}).sft
-        assert resolve_source(cfg, smollm2_dir=tmp_path) == (str(tmp_path / name), None)
+        assert resolve_source(cfg, {"smollm2": tmp_path}) == (str(tmp_path / name), None)
     with pytest.raises(ConfigError, match=r"sft.name_or_path='smollm2:dpo' needs the SmolLM2 build's folder"):
         resolve_source(OmegaConf.create({"sft": {"name_or_path": "smollm2:dpo"}}).sft)
     with pytest.raises(ConfigError, match="the SmolLM2 build has no model 'rho'"):
-        resolve_source(OmegaConf.create({"sft": {"name_or_path": "smollm2:rho"}}).sft, smollm2_dir=tmp_path)
+        resolve_source(OmegaConf.create({"sft": {"name_or_path": "smollm2:rho"}}).sft, {"smollm2": tmp_path})
 
 
 def test_check_sources_knows_the_build_models_without_building():
-    from tqstar.decode import check_sources, smollm2_dir
+    from tqstar.decode import check_sources, testbeds_used
 
     for preset in ("smollm2_offline", "smollm2_indirect"):
         check_sources(validate(compose([f"experiment={preset}"])))
     with pytest.raises(ConfigError, match="the SmolLM2 build has no model 'dbo'; did you mean 'dpo'"):
         check_sources(validate(compose(["experiment=smollm2_offline", "baseline.name_or_path=smollm2:dbo"])))
-    assert smollm2_dir(compose([])) is None and smollm2_dir(compose(["experiment=hh_pythia"])) is None  # unused: never built
+    assert all("smollm2" not in testbeds_used(compose(o)) for o in ([], ["experiment=hh_pythia"]))  # unused: never built
 
 
 def test_dataset_smollm2_reads_the_build_prompts(tmp_path):
@@ -186,15 +186,15 @@ def test_dataset_smollm2_reads_the_build_prompts(tmp_path):
     write_jsonl(tmp_path / "prompts" / "train.jsonl", train)
     write_jsonl(tmp_path / "prompts" / "test.jsonl", test)
     cfg = compose(["experiment=smollm2_offline", "dataset.limit=3"])
-    loaded = load_prompts(cfg.dataset, smollm2_dir=tmp_path)
+    loaded = load_prompts(cfg.dataset, builds={"smollm2": tmp_path})
     assert [p.text for p in loaded.prompts] == [p["prompt"] for p in test[:3]] and loaded.source == "smollm2:test"
-    assert [p.id for p in load_prompts(compose(["dataset=smollm2", "dataset.split=train"]).dataset, smollm2_dir=tmp_path).prompts] == [
-        p["id"] for p in train
-    ]
+    assert [
+        p.id for p in load_prompts(compose(["dataset=smollm2", "dataset.split=train"]).dataset, builds={"smollm2": tmp_path}).prompts
+    ] == [p["id"] for p in train]
     with pytest.raises(ConfigError, match="dataset=smollm2 needs the SmolLM2 build's folder"):
         load_prompts(cfg.dataset)
     with pytest.raises(ConfigError, match="dataset.split='dev' is not allowed for the SmolLM2 build"):
-        load_prompts(compose(["dataset=smollm2", "dataset.split=dev"]).dataset, smollm2_dir=tmp_path)
+        load_prompts(compose(["dataset=smollm2", "dataset.split=dev"]).dataset, builds={"smollm2": tmp_path})
 
 
 def test_runs_on_the_build_hash_its_key_and_other_runs_keep_their_hash(monkeypatch):

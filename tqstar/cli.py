@@ -25,7 +25,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-prepare_app = typer.Typer(help="Build what offline runs need (the synthetic task, the SmolLM2 experiment).", no_args_is_help=True)
+
+
+class _TestbedCommands(typer.core.TyperGroup):
+    """`tqstar prepare <testbed>`: one command per entry of the testbed registry (`tqstar.testbeds`), made when asked,
+    so `tqstar --help` imports no testbed."""
+
+    def list_commands(self, ctx) -> list[str]:
+        from .testbeds import names
+
+        return names()
+
+    def get_command(self, ctx, name: str):
+        from .testbeds import REGISTRY
+
+        return _prepare_command(name) if name in REGISTRY else None
+
+
+prepare_app = typer.Typer(
+    cls=_TestbedCommands, help="Build what a testbed's offline runs need (one command per testbed).", no_args_is_help=True
+)
 app.add_typer(prepare_app, name="prepare")
 
 _state = {"debug": False}
@@ -147,13 +166,12 @@ def _print_decode_summary(console, cfg, result) -> None:
     if result.skipped:
         console.print(f"skipped prompts: {result.skipped}")
     console.print(f"run folder: {result.run.path}")
-    synthetic = cfg.get("synthetic")
-    if synthetic is not None and synthetic.get("size") == "demo":
-        _print_demo_next(console, result.run.path)
+    _print_next_steps(console, cfg, result.run.path)
 
 
-def _print_demo_next(console, run_path) -> None:
-    """What to try after `make demo` (a run on the demo build): one table, the run folder first."""
+def _print_next_steps(console, cfg, run_path) -> None:
+    """What to try next, when a testbed the config names has advice for a run on its build (after `make demo`): one
+    table, the run folder first."""
     from pathlib import Path
 
     from rich.console import Group
@@ -162,195 +180,65 @@ def _print_demo_next(console, run_path) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from .synthetic.params import BUILD_SECONDS
+    from .testbeds import get, names
 
     path = Path(run_path)
     try:
         path = path.relative_to(Path.cwd())
     except ValueError:
         pass
+    steps = next((rows for name in names() if (rows := get(name).next_steps(cfg.get(name), path))), None)
+    if not steps:
+        return
     table = Table(title="what next", show_header=False, show_lines=True)
     table.add_column("", overflow="fold")
     table.add_row(f"run folder: [bold]{escape(str(path))}[/]")
-    for command, what in (
-        (f"tqstar evaluate {path}", "every metric of the run (reward, diversity, coherence, cost) and a comparison table"),
-        ("tqstar decode experiment=demo decoder=sft", "the same prompts without steering (or decoder=cd, decoder=args, decoder=best_of_n)"),
-        (f"tqstar evaluate {path.parent}", "the demo runs side by side"),
-        (
-            "tqstar prepare synthetic",
-            f"the full testbed (about {BUILD_SECONDS['full'] / 60:.0f} min on 2 CPU cores, once): five baselines, "
-            "128 held-out prompts; plain `tqstar decode` and the results pages use it",
-        ),
-    ):
+    for command, what in steps:
         table.add_row(Group(Text(command, style="bold"), Padding(what, (0, 0, 0, 2))))
     console.print(table)
 
 
-@prepare_app.command("synthetic")
-def prepare_synthetic(
-    overrides: Optional[List[str]] = typer.Argument(None, help="e.g. synthetic.seed=1; experiment=demo: the demo-sized build of make demo"),
-    proxy: bool = typer.Option(
-        False, "--proxy", help="Also build the learned proxy of the target reward (reward=synthetic_proxy); cached next to the task."
-    ),
-) -> None:
-    """Build the offline synthetic task (corpus, tokenizer, SFT model, distilled baselines); cached."""
-    _guarded(_prepare_synthetic, list(overrides or []), proxy)
+def _prepare_command(name: str):
+    """The click command `tqstar prepare <name>`, made from what the testbed declares: its help, an example of its
+    overrides and its own flags (e.g. --proxy), each a bool passed on to `Testbed.prepare`."""
+    import inspect
 
+    from .testbeds import get
 
-def _prepare_synthetic(overrides: list[str], proxy: bool = False) -> None:
-    from rich.table import Table
+    testbed = get(name)
 
-    from .config import compose
-    from .decode import check_synthetic_size, synthetic_params
-    from .synthetic import ensure_built, load_manifest
+    def command(overrides: Optional[List[str]] = None, **flags: bool) -> None:
+        _guarded(_prepare, name, list(overrides or []), flags)
 
-    cfg = compose(overrides)
-    params = synthetic_params(cfg.synthetic)  # synthetic=demo: the demo build
-    if proxy:
-        check_synthetic_size(cfg.synthetic, None, "--proxy")
-    threads = cfg.get("num_threads")  # experiment=demo: 1
-    folder = ensure_built(
-        seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True, params=params, num_threads=threads
-    )
-    if proxy:
-        from .synthetic.proxy import ensure_proxy
-
-        ensure_proxy(seed=int(cfg.synthetic.seed), cache_dir=cfg.synthetic.cache_dir, progress=True, num_threads=threads)
-    manifest = load_manifest(folder)
-    console = _console()
-    console.print(f"synthetic task ({cfg.synthetic.size} build): {folder} (built in {manifest['seconds']['total']:.0f} s)")
-    premise = manifest.get("premise") or {}
-    table = Table(title="baselines against rho*_beta on the held-out prompts (sampled, T=1)")
-    for column in ("model", "reward, beta", "sampled reward", "E_rho*[r] (IS)", "KL to SFT", "KL(rho*‖SFT)", "implied slope", "greedy r"):
-        table.add_column(column, justify="right")
-
-    def pm(stat):
-        return (
-            ""
-            if not stat or stat.get("mean") is None
-            else f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat.get("se") is not None else "")
+    parameters = [
+        inspect.Parameter(
+            "overrides",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=typer.Argument(None, help=testbed.overrides_help),
+            annotation=Optional[List[str]],
         )
-
-    for name, evaluation in manifest["eval"].items():
-        check = premise.get(name, {})
-        if name == "sft":
-            cells = ["", pm(check.get("target_reward")), "", "0", "", ""]
-        else:
-            slope = check.get("implied_reward_slope") or {}
-            cells = [
-                f"{'r' if check.get('reward') == 'target_reward' else 'r_bl'}, {check.get('beta', 0):g}",
-                pm(check.get("sampled_reward")),
-                pm(check.get("optimum_reward")),
-                pm(check.get("kl")),
-                pm(check.get("optimum_kl")),
-                "" if slope.get("slope") is None else f"{slope['slope']:.2f} ± {slope['se']:.2f}",
-            ]
-        table.add_row(name, *cells, pm(evaluation["target_reward"]))
-    console.print(table)
-    if cfg.synthetic.size == "full":  # the proxy reward is trained next to the full build only
-        console.print(_proxy_summary(int(cfg.synthetic.seed), cfg.synthetic.cache_dir), soft_wrap=True)
+    ]
+    for flag, help_text in testbed.prepare_flags.items():
+        parameters.append(
+            inspect.Parameter(
+                flag, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=typer.Option(False, f"--{flag}", help=help_text), annotation=bool
+            )
+        )
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = testbed.prepare_help
+    single = typer.Typer(add_completion=False)
+    single.command(name)(command)
+    click_command = typer.main.get_command(single)  # an app of one command is that command
+    click_command.name = name
+    return click_command
 
 
-def _proxy_summary(seed: int, cache_dir) -> str:
-    """One line on the learned proxy reward of the task: where it is and how well it orders held-out pairs like r."""
-    from .synthetic.cache import load_manifest
-    from .synthetic.proxy import find_proxy
-
-    folder = find_proxy(seed=seed, cache_dir=cache_dir)
-    if folder is None:
-        return "proxy reward (reward=synthetic_proxy): not built; `tqstar prepare synthetic --proxy` builds it (or its first use)"
-    m = load_manifest(folder)
-    held = m.get("heldout") or {}
-
-    def num(value, fmt=".3f"):
-        return "n/a" if value is None else format(value, fmt)
-
-    return (
-        f"proxy reward (reward=synthetic_proxy): {folder}\n"
-        f"  held-out pairwise accuracy vs r {num(held.get('accuracy'))} on {held.get('pairs', 0)} pairs "
-        f"({held.get('samples', 0)} SFT samples of {held.get('prompts', 0)} test prompts); "
-        f"corr with r: Pearson {num(held.get('pearson'))}, Spearman {num(held.get('spearman'))}; "
-        f"trained on {m.get('pairs', {}).get('train', 0)} pairs in {num(m.get('seconds', {}).get('train'), '.0f')} s"
-    )
-
-
-@prepare_app.command("smollm2")
-def prepare_smollm2(
-    overrides: Optional[List[str]] = typer.Argument(
-        None, help="e.g. smollm2.seed=1 smollm2.params.n_train_prompts=16 (conf/smollm2/default.yaml lists the knobs)"
-    ),
-) -> None:
-    """Build the SmolLM2 experiment (SFT model, DPO baselines for direct and indirect transfer, premise checks); cached."""
-    _guarded(_prepare_smollm2, list(overrides or []))
-
-
-def _prepare_smollm2(overrides: list[str]) -> None:
+def _prepare(name: str, overrides: list[str], flags: dict[str, bool]) -> None:
     from .config import compose, validate
-    from .smollm2 import ensure_built, load_manifest, params_from_config
+    from .testbeds import get
 
-    cfg = validate(compose(overrides))
-    block = cfg.smollm2
-    folder = ensure_built(seed=int(block.seed), cache_dir=block.cache_dir, params=params_from_config(block.params), progress=True)
-    _print_smollm2_summary(_console(), folder, load_manifest(folder))
-
-
-def _print_smollm2_summary(console, folder, manifest: dict) -> None:
-    """What a SmolLM2 build holds: where, how long each stage took, its pairs and DPO runs, the premise checks, the headline."""
-    from rich.table import Table
-
-    seconds = manifest.get("seconds") or {}
-    console.print(f"SmolLM2 experiment: {folder} (built in {seconds.get('total', 0):.0f} s)")
-    console.print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if k != "total"), soft_wrap=True)
-    for name, pairs in (manifest.get("pairs") or {}).items():
-        run = (manifest.get("training") or {}).get(name) or {}
-        console.print(
-            f"{name}: {pairs['pairs']} pairs by {pairs['reward']} (of {pairs['prompts']} prompts; {pairs['near_ties']} near-ties, "
-            f"mean gap {pairs['mean_gap']}); DPO beta {run.get('beta')}, {run.get('steps')} steps, final loss {run.get('final_loss')}, "
-            f"reward accuracy {run.get('final_accuracy')}",
-            soft_wrap=True,
-        )
-    premise = manifest.get("premise") or {}
-
-    def pm(stat):
-        return (
-            ""
-            if not stat or stat.get("mean") is None
-            else f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat.get("se") is not None else "")
-        )
-
-    def gain(stat):
-        return "" if not stat or stat.get("difference") is None else f"{stat['difference']:+.3f} ± {stat['se'] or 0:.3f}"
-
-    table = Table(title="models on the held-out prompts (sampled, T=1; baselines against rho*_beta of the reward they were aligned to)")
-    for column in ("model", "aligned to", "VADER r", "on-topic r_bl", "gain, own r", "E_rho*[r] IS", "KL to SFT", "KL(rho*‖SFT)", "slope"):
-        table.add_column(column, justify="right")
-    sft = premise.get("sft") or {}
-    table.add_row("sft", "", pm(sft.get("target_reward")), pm(sft.get("baseline_reward")), "", "", "0", "", "")
-    for name in ("dpo", "dpo_bl"):
-        check = premise.get(name) or {}
-        slope = check.get("implied_reward_slope") or {}
-        sampled = check.get("sampled") or {}
-        table.add_row(
-            name,
-            f"{'r' if check.get('reward') == 'target_reward' else 'r_bl'}, {check.get('beta', 0):g}",
-            pm(sampled.get("target_reward")),
-            pm(sampled.get("baseline_reward")),
-            gain((check.get("gain_over_sft") or {}).get(check.get("reward"))),
-            pm(check.get("optimum_reward")),
-            pm(check.get("kl")),
-            pm(check.get("optimum_kl")),
-            "" if slope.get("slope") is None else f"{slope['slope']:.2f} ± {slope['se']:.2f}",
-        )
-    console.print(table)
-    head = manifest.get("headline") or {}
-    if head.get("difference") is not None:
-        z = "n/a" if head.get("z") is None else f"{head['z']:.1f}"
-        verdict = "[green]passes[/]" if head.get("passes") else "[red]falls short[/]"
-        console.print(
-            f"headline: dpo - sft sampled VADER {head['difference']:+.3f} ± {head['se'] or 0:.3f} over {head['prompts']} prompts "
-            f"= {z} s.e. (needs >= {head['threshold_se']:g}): {verdict}",
-            soft_wrap=True,
-        )
+    get(name).prepare(validate(compose(overrides)), flags, _console())
 
 
 @app.command()
@@ -451,9 +339,13 @@ def report(
     out: str = typer.Option("docs/results", "--out", "-o", help="Where pages go: <out>/<study>.md and <out>/<study>/"),
     all_pages: bool = typer.Option(False, "--all", help="Regenerate every page under --out from its archive"),
     seeds: Optional[List[int]] = typer.Option(
-        None, "--seeds", help="synthetic_premise: the build seeds to read (e.g. --seeds 0 --seeds 1)"
+        None,
+        "--seeds",
+        help="The study of the build manifests (--study, studies.BUILD_STUDY): the build seeds to read (--seeds 0 --seeds 1)",
     ),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Synthetic builds (default: $TQSTAR_CACHE or ~/.cache/tqstar)"),
+    cache_dir: Optional[str] = typer.Option(
+        None, "--cache-dir", help="Where builds are cached (default: $TQSTAR_CACHE or ~/.cache/tqstar)"
+    ),
 ) -> None:
     """Write a results page (Markdown, CSV, PNG) from a sweep's run folders, with its environment and checks.
 
@@ -464,7 +356,7 @@ def report(
         from pathlib import Path
 
         from .errors import ConfigError
-        from .studies import premise_from_builds, regenerate_all, study_for, write_report
+        from .studies import BUILD_STUDY, premise_from_builds, regenerate_all, study_for, write_report
 
         target = Path(out)
         if all_pages:
@@ -472,7 +364,7 @@ def report(
                 _console().print(f"wrote {page}")
             return
         if source is None and not seeds:
-            raise ConfigError("give a sweep folder or report archive, --all, or --study synthetic_premise --seeds ...")
+            raise ConfigError(f"give a sweep folder or report archive, --all, or --study {BUILD_STUDY} --seeds ...")
         if source is not None and not Path(source).is_dir():
             raise ConfigError(
                 f"{source!r} is not a folder (give a sweep folder, e.g. outputs/sweeps/transfer_study, or docs/results/<study>)"

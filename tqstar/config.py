@@ -16,11 +16,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError, did_you_mean
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PROMPT_FORMATS = ("raw", "chat")
-REWARD_TYPES = ("vader", "hf", "callable")
-DATASETS = ("synthetic", "smollm2", "hh_rlhf", "full_hh_rlhf", "ultrafeedback", "nectar", "local")
-
 
 def conf_dir() -> Path:
     """The config folder: `tqstar/conf` in an installed wheel, `<repo>/conf` in a source tree."""
@@ -183,71 +178,28 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-def _choice(cfg: DictConfig, key: str, allowed: Iterable[str]) -> None:
-    value = OmegaConf.select(cfg, key)
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; {did_you_mean(value, allowed)}")
-
-
-def _number(cfg: DictConfig, key: str, *, minimum: float, integer: bool = False, strict: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool)
-    if ok:
-        ok = value > minimum if strict else value >= minimum
-    bound = f"> {minimum}" if strict else f">= {minimum}"
-    _require(ok, key, value, f"must be {kind} {bound}")
-
-
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check every value a decode uses; raise ConfigError naming the key, the value and what is allowed."""
-    from .decoding.settings import DecoderSettings  # torch-free: the one validator of decoder values
+    """Check every value a decode uses; raise ConfigError naming the key, the value and what is allowed.
+
+    Each concern has one validator, which the code that uses the values calls too: decoder values
+    `DecoderSettings`, models `models.validate_model_cfg`, rewards `rewards.base.validate_reward_cfg`, datasets
+    `data.validate_dataset`, and each testbed's config block its own `validate` (`tqstar.testbeds`). All torch-free."""
+    from . import testbeds
+    from .data.sources import validate_dataset
+    from .decoding.settings import DecoderSettings
+    from .models import validate_model_cfg
+    from .rewards.base import validate_reward_cfg
 
     DecoderSettings.from_config(cfg.decoder)
     for mount in ("sft", "baseline"):
-        _choice(cfg, f"{mount}.dtype", DTYPES)
-        _choice(cfg, f"{mount}.prompt_format", PROMPT_FORMATS)
-        path = OmegaConf.select(cfg, f"{mount}.name_or_path")
-        _require(
-            isinstance(path, str) and bool(path),
-            f"{mount}.name_or_path",
-            path,
-            "a hub id, a local folder, synthetic:<name>, smollm2:<name> or packaged:smollm2",
-        )
-    if OmegaConf.select(cfg, "synthetic") is not None:
-        from .synthetic.params import params_for  # torch-free
-
-        params_for(OmegaConf.select(cfg, "synthetic.size"))
-    if OmegaConf.select(cfg, "smollm2") is not None:
-        from .smollm2.params import params_from_config  # torch-free
-
-        params_from_config(OmegaConf.select(cfg, "smollm2.params"))
-    from .rewards.base import HF_OUTPUTS, check_bounds  # torch-free
-
+        validate_model_cfg(cfg.get(mount), mount)
+    for name in testbeds.names():
+        if cfg.get(name) is not None:
+            testbeds.get(name).validate(cfg[name])
     for mount in ("reward", "baseline_reward"):
-        if OmegaConf.select(cfg, mount) is not None:
-            _choice(cfg, f"{mount}.type", REWARD_TYPES)
-            check_bounds(OmegaConf.select(cfg, f"{mount}.bounds"), f"{mount}.bounds")
-            cache = OmegaConf.select(cfg, f"{mount}.prefix_cache")  # hf rewards: null = auto, true, false
-            _require(cache is None or isinstance(cache, bool), f"{mount}.prefix_cache", cache, "null (auto), true or false")
-            if OmegaConf.select(cfg, f"{mount}.output") is not None:
-                _choice(cfg, f"{mount}.output", HF_OUTPUTS)
-    _choice(cfg, "dataset.name", DATASETS)
-    limit = cfg.dataset.limit
-    _require(
-        limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1),
-        "dataset.limit",
-        limit,
-        "null or an integer >= 1",
-    )
-    _number(cfg, "dataset.offset", minimum=0, integer=True)
-    shard = cfg.dataset.get("shard")
-    if shard is not None:
-        from .data import parse_shard
-
-        parse_shard(str(shard))
+        if cfg.get(mount) is not None:
+            validate_reward_cfg(cfg[mount], mount)
+    validate_dataset(cfg.dataset)
     threads = cfg.get("num_threads")
     _require(
         threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),

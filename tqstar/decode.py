@@ -15,9 +15,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from .config import validate
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError
 from .methods import spec
+from .rows import GenerationRow
 from .runs import RunFolder, machine_load, provenance
+from .testbeds import block_of, get, names, prefix_of
 
 
 @dataclass
@@ -43,187 +45,83 @@ def mounts_used(cfg: DictConfig) -> dict[str, list[str]]:
 
 def check_sources(cfg: DictConfig) -> None:
     """Every path and name the config points at (models, rewards, data), checked before anything loads:
-    a typo costs milliseconds, not minutes of loading the other models first."""
+    a typo costs milliseconds, not minutes of loading the other models first. A `<testbed>:<name>` is checked
+    by its testbed (`tqstar.testbeds`) against the build the config selects, which is not built here."""
     from .data.sources import check_dataset_config
     from .hub import check_source
     from .models import config_key, resolve_source
     from .rewards import load_callable
-    from .smollm2 import MODEL_NAMES as SMOLLM2_MODELS
-    from .synthetic import MODEL_NAMES
 
     used = mounts_used(cfg)
     for mount in used["models"]:
         model_cfg = cfg[mount]
         source = str(model_cfg.name_or_path)
-        built = {"synthetic": ("synthetic task", MODEL_NAMES), "smollm2": ("SmolLM2 build", SMOLLM2_MODELS)}
-        prefix, _, name = source.partition(":")
-        if name and prefix in built:
-            what, names = built[prefix]
-            if name not in names:
-                raise ConfigError(f"{mount}.name_or_path={source!r}: the {what} has no model {name!r}; {did_you_mean(name, names)}")
-            if prefix == "synthetic":
-                check_synthetic_size(cfg.get("synthetic"), name, f"{mount}.name_or_path={source!r}")
+        prefix = prefix_of(source)
+        if prefix:
+            get(prefix).check_model(source.split(":", 1)[1], cfg.get(prefix), f"{mount}.name_or_path={source!r}")
             continue
         resolved, _ = resolve_source(model_cfg)  # packaged:<name>, gguf_file inside a folder
         check_source(resolved, config_key(model_cfg, "name_or_path"))
+    if cfg.get("reward") is None:
+        raise ConfigError("reward is not set: choose one, e.g. reward=vader")
+    spec(str(cfg.decoder.method)).check_needs(
+        cfg.decoder.get("transfer"),
+        reward=True,
+        baseline=cfg.get("baseline") is not None,
+        baseline_reward=cfg.get("baseline_reward") is not None,
+    )
     for mount in used["rewards"]:
-        reward_cfg = cfg.get(mount)
-        if reward_cfg is None:
-            if mount == "baseline_reward":
-                raise ConfigError("decoder.transfer='indirect' needs a baseline_reward config (reward@baseline_reward=...)")
-            raise ConfigError(f"{mount} is not set: choose one, e.g. reward=vader")
+        reward_cfg = cfg[mount]
         if reward_cfg.type == "hf":
             for key in ("name_or_path", "tokenizer"):
                 value = str(reward_cfg.get(key) or "")
-                if value.startswith("synthetic:"):
-                    check_synthetic_reward(value, f"{mount}.{key}")
-                    check_synthetic_size(cfg.get("synthetic"), None, f"{mount}.{key}={value!r}")
+                prefix = prefix_of(value)
+                if prefix:
+                    get(prefix).check_reward(value.split(":", 1)[1], cfg.get(prefix), f"{mount}.{key}={value!r}")
                 elif value:
                     check_source(value, f"{mount}.{key}", "reward model")
         elif reward_cfg.type == "callable":
             load_callable(reward_cfg.function, f"{mount}.function")
-    if cfg.dataset.name not in ("synthetic", "smollm2"):
+    if cfg.dataset.name not in names():
         check_dataset_config(cfg.dataset)
 
 
-def check_synthetic_reward(source: str, key: str) -> None:
-    """`synthetic:<name>` as a reward model: <name> must be one the synthetic task trains (`synthetic:proxy`)."""
-    from .synthetic.proxy import SYNTHETIC_REWARDS
-
-    name = source.split(":", 1)[1]
-    if name not in SYNTHETIC_REWARDS:
-        raise ConfigError(f"{key}={source!r}: the synthetic task has no reward model {name!r}; {did_you_mean(name, SYNTHETIC_REWARDS)}")
-
-
-def synthetic_params(synthetic: DictConfig | None):
-    """The recipe (`BuildParams`) of the synthetic build a config's `synthetic` block names (`synthetic.size`)."""
-    from .synthetic.params import params_for
-
-    return params_for(synthetic.get("size") if synthetic is not None else None)
-
-
-def check_synthetic_size(synthetic: DictConfig | None, model: str | None, what: str) -> None:
-    """A named size of the synthetic build other than full holds only some models and no proxy reward
-    (``model`` None): one line naming what is missing and how to get the full build."""
-    from .synthetic.params import DEFAULT_SIZE
-
-    size = str(synthetic.get("size") or DEFAULT_SIZE) if synthetic is not None else DEFAULT_SIZE
-    if size == DEFAULT_SIZE:
-        return
-    names = synthetic_params(synthetic).model_names
-    if model is not None and model in names:
-        return
-    missing = f"no model {model!r}" if model is not None else "no proxy reward"
-    raise ConfigError(
-        f"{what}: the {size} build of the synthetic task (synthetic={size}) has {missing}, only {', '.join(names)}; "
-        "use the full build: synthetic=default (built ahead by `tqstar prepare synthetic`)"
-    )
-
-
-def resolve_reward(reward_cfg: DictConfig | None, synthetic: DictConfig | None = None) -> DictConfig | None:
-    """The reward config to load. A reward model named `synthetic:<name>` (type hf: `synthetic:proxy`,
-    conf/reward/synthetic_proxy.yaml) becomes a copy naming its folder, the proxy trained next to the build
-    of `synthetic` (seed, cache_dir), built on first use; any other config is returned as it is. Like
-    `synthetic:<model>` models, the reward loader never builds anything: it gets the folder."""
+def resolve_reward(reward_cfg: DictConfig | None, cfg: Any = None) -> DictConfig | None:
+    """The reward config to load. A reward model a testbed trains (type hf, `name_or_path: <testbed>:<name>`, e.g.
+    the learned proxy of conf/reward/*_proxy.yaml) becomes a copy naming its folder, next to the build that
+    `cfg`'s block of that testbed selects (built on first use); any other config is returned as it is. Like
+    `<testbed>:<model>` models, the reward loader never builds anything: it gets the folder."""
     if reward_cfg is None or reward_cfg.get("type") != "hf":
         return reward_cfg
-    source = str(reward_cfg.get("name_or_path") or "")
-    if not source.startswith("synthetic:"):
+    prefix = prefix_of(reward_cfg.get("name_or_path"))
+    if prefix is None:
         return reward_cfg
-    from omegaconf import OmegaConf
-
-    from .models import config_key
-    from .synthetic.proxy import ensure_proxy
-
-    check_synthetic_reward(source, config_key(reward_cfg, "name_or_path"))
-    check_synthetic_size(synthetic, None, f"{config_key(reward_cfg, 'name_or_path')}={source!r}")
-    folder = ensure_proxy(
-        seed=int(synthetic.seed) if synthetic is not None else 0,
-        cache_dir=synthetic.cache_dir if synthetic is not None else None,
-        build_params=synthetic_params(synthetic),
-    )
-    data = OmegaConf.to_container(reward_cfg, resolve=True)
-    data["name_or_path"] = str(folder)
-    if str(data.get("tokenizer") or "").startswith("synthetic:"):
-        data["tokenizer"] = str(folder)
-    mount = config_key(reward_cfg, "name_or_path").rpartition(".")[0] or "reward"
-    return OmegaConf.create({mount: data})[mount]  # mounted as before: error messages keep naming `reward.<key>`
+    return get(prefix).resolve_reward(reward_cfg, block_of(cfg, prefix))
 
 
-def synthetic_dir(cfg: DictConfig) -> Path | None:
-    """The built synthetic task's folder when the config uses it (built once and cached), else None."""
-    used = cfg.dataset.name == "synthetic" or any(str(cfg[m].name_or_path).startswith("synthetic:") for m in mounts_used(cfg)["models"])
-    if not used:
-        return None
-    from .synthetic import ensure_built
+def testbeds_used(cfg: DictConfig) -> list[str]:
+    """The testbeds whose builds a decode of this config reads: its dataset's, and those of the `<testbed>:<name>`
+    models its method loads (a reward model a testbed trains is found by `resolve_reward`)."""
+    models = [str(cfg[m].name_or_path) for m in mounts_used(cfg)["models"]]
+    return [name for name in names() if cfg.dataset.name == name or any(prefix_of(source) == name for source in models)]
 
-    synthetic = cfg.get("synthetic")
-    return ensure_built(
-        seed=int(synthetic.seed) if synthetic is not None else 0,
-        cache_dir=synthetic.cache_dir if synthetic is not None else None,
-        params=synthetic_params(synthetic),
-        num_threads=cfg.get("num_threads"),
-    )
+
+def builds(cfg: DictConfig) -> dict[str, Path]:
+    """Each testbed the config reads -> its build's folder, found in the cache or built now (once): what the
+    loaders (`load_prompts`, `load_model`, `tokenizer_for`) get to resolve `<testbed>:<name>` and the testbed datasets."""
+    return {name: get(name).ensure(cfg.get(name), num_threads=cfg.get("num_threads")) for name in testbeds_used(cfg)}
 
 
 def build_evaluation(cfg: DictConfig, rows: list[dict]) -> list[dict]:
-    """The synthetic build's own greedy evaluation of its SFT model and of the config's baseline, when the run
-    decoded exactly the prompts the build evaluated them on (all of its held-out prompts; `make demo` does):
-    ``[{"model", "prompts", "reward": {"mean", "se", "n"}, "tokens", "max_new_tokens"}]``, else []. Reads only
-    the cached build's files (never builds)."""
-    if cfg.dataset.name != "synthetic" or str(cfg.dataset.get("split", "test")) != "test" or not rows:
-        return []
-    from .files import read_jsonl
-    from .synthetic.cache import is_built, load_manifest, task_dir
-
-    synthetic = cfg.get("synthetic")
-    folder = task_dir(
-        seed=int(synthetic.seed) if synthetic is not None else 0,
-        cache_dir=synthetic.cache_dir if synthetic is not None else None,
-        params=synthetic_params(synthetic),
-    )
-    if not is_built(folder) or not (folder / "prompts" / "test.jsonl").is_file():
-        return []
-    if sorted(str(p["id"]) for p in read_jsonl(folder / "prompts" / "test.jsonl")) != sorted(str(r["prompt_id"]) for r in rows):
-        return []
-    manifest = load_manifest(folder)
-    evaluation = manifest.get("eval") or {}
-    names = ["sft"]
-    baseline = str(cfg.baseline.name_or_path) if cfg.get("baseline") is not None else ""
-    if baseline.startswith("synthetic:") and baseline.split(":", 1)[1] != "sft":
-        names.append(baseline.split(":", 1)[1])
-    return [
-        {
-            "model": name,
-            "prompts": evaluation[name]["target_reward"]["n"],
-            "reward": evaluation[name]["target_reward"],
-            "tokens": evaluation[name].get("mean_new_tokens"),
-            "max_new_tokens": (manifest.get("eval_settings") or {}).get("max_new_tokens"),
-        }
-        for name in names
-        if name in evaluation
-    ]
+    """The build's own evaluation of the config's models on exactly the prompts a run decoded (its testbed's
+    `references`: e.g. a build's greedy rewards of its SFT model and the baseline, `make demo`), else []."""
+    name = str(cfg.dataset.name)
+    return get(name).references(cfg, rows) if name in names() else []
 
 
-def smollm2_dir(cfg: DictConfig) -> Path | None:
-    """The SmolLM2 build's folder when the config uses it (built once and cached), else None."""
-    used = cfg.dataset.name == "smollm2" or any(str(cfg[m].name_or_path).startswith("smollm2:") for m in mounts_used(cfg)["models"])
-    if not used:
-        return None
-    from .smollm2 import ensure_built, params_from_config
-
-    block = cfg.get("smollm2")
-    return ensure_built(
-        seed=int(block.seed) if block is not None else 0,
-        cache_dir=block.cache_dir if block is not None else None,
-        params=params_from_config(block.get("params") if block is not None else None),
-        num_threads=cfg.get("num_threads"),
-    )
-
-
-def build_decoder(cfg: DictConfig, task_dir: Path | None = None, smollm2: Path | None = None):
-    """Load what the config names (shared across calls) and build the engine. ``task_dir`` / ``smollm2``:
-    the built synthetic task's and SmolLM2 experiment's folders, when the config uses them."""
+def build_decoder(cfg: DictConfig, builds: dict[str, Path] | None = None):
+    """Load what the config names (shared across calls) and build the engine. ``builds``: testbed -> build folder
+    (`builds(cfg)`), for the `<testbed>:<name>` models the config uses."""
     from .decoding.engine import Decoder
     from .decoding.settings import DecoderSettings
     from .models import check_same_vocab, load_model
@@ -232,12 +130,11 @@ def build_decoder(cfg: DictConfig, task_dir: Path | None = None, smollm2: Path |
     settings = DecoderSettings.from_config(cfg.decoder)
     models = {}
     for mount in mounts_used(cfg)["models"]:
-        models[mount] = load_model(cfg[mount], cfg.device, task_dir, smollm2)
+        models[mount] = load_model(cfg[mount], cfg.device, builds)
     if "baseline" in models:
         check_same_vocab(models["sft"].tokenizer, models["baseline"].tokenizer, str(cfg.sft.name_or_path), str(cfg.baseline.name_or_path))
-    synthetic = cfg.get("synthetic")
-    reward = build_reward(resolve_reward(cfg.reward, synthetic), cfg.device)
-    baseline_reward = build_reward(resolve_reward(cfg.baseline_reward, synthetic), cfg.device) if settings.needs_baseline_reward else None
+    reward = build_reward(resolve_reward(cfg.reward, cfg), cfg.device)
+    baseline_reward = build_reward(resolve_reward(cfg.baseline_reward, cfg), cfg.device) if settings.needs_baseline_reward else None
     baseline = models.get("baseline")
     decoder = Decoder(
         models["sft"].model,
@@ -308,10 +205,10 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
         )
         try:
             # Prompts first: a dataset problem should not wait for minutes of model loading.
-            task_dir, smollm2 = synthetic_dir(cfg), smollm2_dir(cfg)
-            tokenizer = tokenizer_for(cfg.sft, task_dir, smollm2) if cfg.dataset.get("max_prompt_tokens") else None
-            prompt_set = load_prompts(cfg.dataset, tokenizer, task_dir, smollm2)
-            decoder, sft = build_decoder(cfg, task_dir, smollm2)
+            folders = builds(cfg)  # the testbeds' builds the config reads (built on first use)
+            tokenizer = tokenizer_for(cfg.sft, folders) if cfg.dataset.get("max_prompt_tokens") else None
+            prompt_set = load_prompts(cfg.dataset, tokenizer, folders)
+            decoder, sft = build_decoder(cfg, folders)
             run.update_status(device=str(sft.device))
             todo = [(prompt.index, prompt) for prompt in prompt_set.prompts if prompt.id not in done]
             counters = dict(previous.get("counters") or {})
@@ -331,26 +228,22 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                 final_tokens = decoder.reward.last_tokens if decoder.reward.num_parameters else None
                 for number, ((index, prompt), generation, reward) in enumerate(zip(chunk, generations, rewards)):
                     cost = response_cost(generation.cost, final_tokens[number] if final_tokens else 0, sizes)
-                    row = {
-                        "index": index,
-                        "prompt_id": prompt.id,
-                        "prompt": prompt.text,
-                        "response": generation.response,
-                        "num_tokens": generation.num_tokens,
-                        "seconds": round(generation.seconds, 4),
-                        "reward": reward,
-                        "stop_reason": generation.stop_reason,
-                        "token_ids": generation.token_ids,
-                        "sft_logprobs": [round(v, 6) for v in generation.sft_logprobs],
-                        "policy_logprobs": None
-                        if generation.policy_logprobs is None
-                        else [round(v, 6) for v in generation.policy_logprobs],
-                        "cost": cost,
-                    }
-                    if generation.extra:
-                        row.update(generation.extra)
-                    if generation.trace is not None:
-                        row["trace"] = generation.trace
+                    row = GenerationRow(
+                        index=index,
+                        prompt_id=prompt.id,
+                        prompt=prompt.text,
+                        response=generation.response,
+                        num_tokens=generation.num_tokens,
+                        seconds=round(generation.seconds, 4),
+                        reward=reward,
+                        stop_reason=generation.stop_reason,
+                        token_ids=generation.token_ids,
+                        sft_logprobs=[round(v, 6) for v in generation.sft_logprobs],
+                        policy_logprobs=None if generation.policy_logprobs is None else [round(v, 6) for v in generation.policy_logprobs],
+                        cost=cost,
+                        trace=generation.trace,
+                        **generation.extra,  # a method's own fields (best-of-n's), each a field of the schema
+                    ).to_json()
                     run.append(row)
                     rows.append(row)
                     new_rows += 1

@@ -20,3 +20,11 @@ def did_you_mean(value: object, allowed: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}allowed: {', '.join(allowed)}"
+
+
+def check_choice(key: str, value: object, allowed: Iterable[str]) -> None:
+    """ConfigError `key='value' is not allowed; did you mean ...? allowed: ...` unless `value` is one of `allowed`:
+    the one message of every closed choice a config names (dtypes, prompt and dataset formats, reward types)."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; {did_you_mean(value, allowed)}")

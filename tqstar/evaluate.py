@@ -41,6 +41,7 @@ from .methods import METHODS
 from .metrics import best_of_n_kl, bootstrap_rates, diversity_scores, kl_estimate, paired_difference, sft_logprob_per_token, win_tie
 from .report import print_table, table_rows, to_frame, write_markdown, write_plots
 from .rewards.base import cut_at_stop
+from .rows import GenerationRow
 from .runs import CONFIG, GENERATIONS, METRICS, RunFolder, find_runs, write_json_atomic
 from .stats import mean_and_stderr, mean_or_none
 
@@ -77,12 +78,12 @@ def compose_evaluate(overrides: Iterable[str] = ()) -> DictConfig:
 
 @dataclass
 class Run:
-    """A run folder's config, status and rows (sorted by prompt index)."""
+    """A run folder's config, status and generations rows (sorted by prompt index)."""
 
     path: Path  # resolved
     cfg: DictConfig
     status: dict
-    rows: list[dict]
+    rows: list[GenerationRow]
     given: str = ""  # the path as the caller named it (the DataFrame's `run` column, for joins)
     label: str = ""
     # Filled by evaluation:
@@ -112,11 +113,8 @@ def load_run(path: str | Path) -> Run:
         cfg = folder.config()
     except Exception as exc:  # noqa: BLE001 - a damaged config is bad input
         raise ConfigError(f"cannot read {path / CONFIG}: {str(exc).splitlines()[0]}") from None
-    for number, row in enumerate(rows):
-        missing = [key for key in ("prompt_id", "prompt", "response") if key not in row]
-        if missing:
-            raise ConfigError(f"{path / GENERATIONS} row {number + 1} lacks {', '.join(missing)}")
-    rows = sorted(rows, key=lambda r: (r.get("index", 0), str(r["prompt_id"])))
+    parsed = [GenerationRow.from_json(row, where=f"{path / GENERATIONS} row {number + 1}") for number, row in enumerate(rows)]
+    rows = sorted(parsed, key=lambda r: (r.index or 0, str(r.prompt_id)))
     return Run(path.resolve(), cfg, folder.status(), rows, given=str(path))
 
 
@@ -213,27 +211,32 @@ def assign_labels(runs: list[Run]) -> None:
 class RewardBank:
     """Builds each distinct reward config once (a reward model loads once for all runs).
 
-    `synthetic` is the scored run's `synthetic` config (seed, cache_dir): a `synthetic:proxy` reward model
-    is the proxy of that run's build (tqstar.decode.resolve_reward), so it is part of the key."""
+    `cfg` is the scored run's config: a reward model a testbed trains (`<testbed>:<name>`, e.g. a learned proxy)
+    is the one next to the build that run's block of the testbed selects (tqstar.decode.resolve_reward), so that
+    block is part of the key."""
 
     def __init__(self, device: str):
         self.device = device
         self._built: dict[str, Any] = {}
 
     @staticmethod
-    def key(reward_cfg: DictConfig, synthetic: DictConfig | None = None) -> str:
+    def key(reward_cfg: DictConfig, cfg: Any = None) -> str:
+        from .testbeds import block_of, prefix_of
+
         data = OmegaConf.to_container(reward_cfg, resolve=True)
-        if str(data.get("name_or_path") or "").startswith("synthetic:"):
-            data = {"reward": data, "synthetic": OmegaConf.to_container(synthetic, resolve=True) if synthetic is not None else None}
+        prefix = prefix_of(data.get("name_or_path") or "")
+        if prefix:
+            block = block_of(cfg, prefix)
+            data = {"reward": data, prefix: OmegaConf.to_container(block, resolve=True) if block is not None else None}
         return json.dumps(data, sort_keys=True)
 
-    def score(self, reward_cfg: DictConfig, prompts: list[str], responses: list[str], synthetic: DictConfig | None = None) -> list[float]:
+    def score(self, reward_cfg: DictConfig, prompts: list[str], responses: list[str], cfg: Any = None) -> list[float]:
         from .decode import resolve_reward
         from .rewards import build_reward
 
-        key = self.key(reward_cfg, synthetic)
+        key = self.key(reward_cfg, cfg)
         if key not in self._built:
-            self._built[key] = build_reward(resolve_reward(reward_cfg, synthetic), self.device)
+            self._built[key] = build_reward(resolve_reward(reward_cfg, cfg), self.device)
         return self._built[key](prompts, responses)
 
     @staticmethod
@@ -266,21 +269,21 @@ def _kl_kind(run: Run) -> str | None:
     decoder = run.cfg.decoder
     if str(decoder.method) == "best_of_n":  # the analytic bound is best-of-n's own, not any response-level method's
         return "best_of_n_bound"
-    if decoder.get("selection") == "sample" and any(r.get("policy_logprobs") is not None for r in run.rows):
+    if decoder.get("selection") == "sample" and any(r.policy_logprobs is not None for r in run.rows):
         return "logprobs"
     return None
 
 
-def trace_diagnostics(row: dict) -> tuple[float | None, float | None]:
+def trace_diagnostics(row: GenerationRow) -> tuple[float | None, float | None]:
     """(q_spread, optimism_gap) of one generations row: per-step max(q) - min(q) and q[chosen] minus the
     row's recorded `reward`, each averaged over the steps of its trace; None without a trace (or reward).
     Candidates pruned by decoder.prune were never valued (q null): the spread is over the valued ones."""
-    trace = row.get("trace")
+    trace = row.trace
     if not trace:
         return None, None
     valued = [[q for q in step.get("q") or [] if q is not None] for step in trace]
     spreads = [max(qs) - min(qs) for qs in valued if qs]
-    final = row.get("reward")
+    final = row.reward
     chosen = [step["q"][int(step["chosen"])] for step in trace if step.get("q")]
     gaps = [] if final is None else [q - float(final) for q in chosen if q is not None]
     return mean_or_none(spreads), mean_or_none(gaps)
@@ -296,18 +299,17 @@ def _forward_tokens(cost: dict | None) -> int | None:
 def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embedder | None) -> None:
     """Per-prompt values and aggregates of one run (no files written here)."""
     stops = _stop_strings(ecfg, run)
-    prompts = [row["prompt"] for row in run.rows]
-    run.responses = responses = [cut_at_stop(str(row["response"]), stops) for row in run.rows]
+    prompts = [row.prompt for row in run.rows]
+    run.responses = responses = [cut_at_stop(str(row.response), stops) for row in run.rows]
     reward_cfg = _reward_cfg(ecfg, run, "reward")
     if reward_cfg is None:
         raise ConfigError(f"run {run.path} has no reward in its config: choose one with -s reward=<name>")
-    synthetic = run.cfg.get("synthetic")
-    run.reward_key = rewards.key(reward_cfg, synthetic)
-    reward_values = rewards.score(reward_cfg, prompts, responses, synthetic)
+    run.reward_key = rewards.key(reward_cfg, run.cfg)
+    reward_values = rewards.score(reward_cfg, prompts, responses, run.cfg)
     baseline_cfg = _reward_cfg(ecfg, run, "baseline_reward")
-    baseline_values = rewards.score(baseline_cfg, prompts, responses, synthetic) if baseline_cfg is not None else [None] * len(prompts)
+    baseline_values = rewards.score(baseline_cfg, prompts, responses, run.cfg) if baseline_cfg is not None else [None] * len(prompts)
     gold_cfg = ecfg.get("gold_reward")  # a judge other than the guide: every run is scored by it too
-    gold_values = rewards.score(gold_cfg, prompts, responses, synthetic) if gold_cfg is not None else [None] * len(prompts)
+    gold_values = rewards.score(gold_cfg, prompts, responses, run.cfg) if gold_cfg is not None else [None] * len(prompts)
     # ARGS scores an empty response as " ": same diversity, and the embedder gets a real input.
     texts = [response if response else " " for response in responses]
     coherence_values = coherence(prompts, texts, embedder) if embedder is not None else [None] * len(prompts)
@@ -317,27 +319,27 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     for row, response, reward, baseline, gold, coherent in zip(
         run.rows, responses, reward_values, baseline_values, gold_values, coherence_values
     ):
-        kl = kl_estimate(row.get("policy_logprobs"), row.get("sft_logprobs")) if kl_kind == "logprobs" else None
+        kl = kl_estimate(row.policy_logprobs, row.sft_logprobs) if kl_kind == "logprobs" else None
         q_spread, optimism_gap = trace_diagnostics(row)
         per_prompt.append(
             {
-                "index": row.get("index"),
-                "prompt_id": row["prompt_id"],
+                "index": row.index,
+                "prompt_id": row.prompt_id,
                 "reward": reward,
                 "baseline_reward": baseline,
                 "gold_reward": gold,
                 **diversity_scores(response),
                 "coherence": coherent,
-                "sft_logprob_per_token": sft_logprob_per_token(row.get("sft_logprobs")),
+                "sft_logprob_per_token": sft_logprob_per_token(row.sft_logprobs),
                 "kl": kl,
                 "q_spread": q_spread,
                 "optimism_gap": optimism_gap,
-                "num_tokens": row.get("num_tokens"),
+                "num_tokens": row.num_tokens,
                 "num_chars": len(response),
-                "seconds": row.get("seconds"),
+                "seconds": row.seconds,
                 # cost of the response (decode's per-row record; runs decoded before it have none)
-                "flops": (row.get("cost") or {}).get("flops"),
-                "forward_tokens": _forward_tokens(row.get("cost")),
+                "flops": (row.cost or {}).get("flops"),
+                "forward_tokens": _forward_tokens(row.cost),
             }
         )
     run.per_prompt = per_prompt
@@ -412,15 +414,15 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
 
 def _paired(run: Run, reference: Run) -> list[tuple[int, int]]:
     """(row in run, row in reference) for the prompts both have, in the reference's order."""
-    where = {str(row["prompt_id"]): i for i, row in enumerate(run.rows)}
+    where = {str(row.prompt_id): i for i, row in enumerate(run.rows)}
     pairs = []
     for j, ref_row in enumerate(reference.rows):
-        i = where.get(str(ref_row["prompt_id"]))
+        i = where.get(str(ref_row.prompt_id))
         if i is None:
             continue
-        if run.rows[i]["prompt"] != ref_row["prompt"]:
+        if run.rows[i].prompt != ref_row.prompt:
             raise ConfigError(
-                f"prompt_id {ref_row['prompt_id']!r} has different prompts in {run.path} and the reference "
+                f"prompt_id {ref_row.prompt_id!r} has different prompts in {run.path} and the reference "
                 f"{reference.path}: win-tie needs runs on the same prompt set"
             )
         pairs.append((i, j))
@@ -445,9 +447,9 @@ def compare_to_reference(runs: list[Run], reference: Run, ecfg: DictConfig, rewa
         else:  # one judge for both sides: the reference's reward scores this run's responses too
             values = rewards.score(
                 reference_cfg,
-                [run.rows[i]["prompt"] for i, _ in pairs],
+                [run.rows[i].prompt for i, _ in pairs],
                 [run.responses[i] for i, _ in pairs],
-                reference.cfg.get("synthetic"),
+                reference.cfg,
             )
         result = win_tie(values, ref_values, margin)
         outcomes = result.pop("outcomes")
@@ -493,7 +495,7 @@ def _judge_run(run: Run, reference: Run, pairs: list[tuple[int, int]], judge: LL
     judge.use_cache(run.path / JUDGE_CACHE)
     outcomes, unparsed = [], 0
     for i, j in pairs:
-        verdict = judge.compare(run.rows[i]["prompt"], run.responses[i], reference.responses[j], key=str(run.rows[i]["prompt_id"]))
+        verdict = judge.compare(run.rows[i].prompt, run.responses[i], reference.responses[j], key=str(run.rows[i].prompt_id))
         run.per_prompt[i]["judge_score"] = verdict.score
         run.per_prompt[i]["judge_reference_score"] = verdict.reference_score
         if verdict.score is None:

@@ -13,7 +13,7 @@ construction, with no list of exceptions to maintain:
   So adding a key with a default orphans no run, and changing a default cannot alias an old run: its
   config says which value it ran with.
 
-A testbed's config block (`synthetic`, `smollm2`) is replaced by its build's key when the config reads the
+A testbed's config block (named like the testbed, tqstar.testbeds) is replaced by its build's key when the config reads the
 testbed (a recipe change is a new model behind the same name) and dropped when it does not.
 """
 

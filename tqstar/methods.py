@@ -1,6 +1,6 @@
 """The method registry: what each decoding method needs and how the engine runs it.
 
-Ground module (no imports from tqstar): config validation, DecoderSettings, the engine, the
+Ground module (imports only tqstar.errors): config validation, DecoderSettings, the engine, the
 reference oracle, decode (what to load) and evaluate (labels) all read this one table. Adding a
 token-level method is one `MethodSpec` entry here plus, when it values candidates in a new way,
 one estimator in `tqstar/decoding/values.py` (see docs/architecture.md).
@@ -13,6 +13,8 @@ plain decoding of the proposer), score log p + alpha * Q, select, append.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,18 @@ class MethodSpec:
     def needs_baseline_reward(self, transfer: str) -> bool:
         """Indirect transfer reweights rollouts of a baseline aligned to r_bl, so it needs r_bl."""
         return self.value == "transfer" and transfer == "indirect"
+
+    def check_needs(self, transfer: str | None, *, reward: bool, baseline: bool, baseline_reward: bool) -> None:
+        """The one check that what this method needs is there (the engine asks it of the objects it was given, decode
+        of the config's mounts before anything loads): a ConfigError naming what is missing and how to set it."""
+        if self.needs_reward and not reward:
+            raise ConfigError(f"decoder.method={self.name!r} needs a reward r (reward=...)")
+        if self.needs_baseline and not baseline:
+            raise ConfigError(f"decoder.method={self.name!r} needs a baseline model rho_bl (baseline=...)")
+        if self.needs_baseline_reward(str(transfer)) and not baseline_reward:
+            raise ConfigError(
+                "decoder.transfer='indirect' needs a baseline reward r_bl (a baseline_reward config: reward@baseline_reward=...)"
+            )
 
 
 METHODS: dict[str, MethodSpec] = {

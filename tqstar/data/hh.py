@@ -1,7 +1,7 @@
 """The HH-RLHF dialogue format, in one place: '\\n\\nHuman: ...\\n\\nAssistant: ...' turns.
 
 Used by the dataset loaders (wrap a bare instruction, cut a dialogue before its answer), the chat
-template path (HH turns -> user / assistant messages), the synthetic corpus and its rewards.
+template path (HH turns -> user / assistant messages), the testbeds' corpora, prompts and rewards.
 Plain string functions: no tqstar imports.
 """
 

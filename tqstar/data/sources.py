@@ -21,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice, did_you_mean
 from ..hub import hub_offline
 from .hh import prompt_of_dialogue, wrap
 
@@ -80,18 +80,58 @@ def _missing(cfg, key: str) -> bool:
     return OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, key)
 
 
-def check_dataset_config(dataset_cfg) -> None:
-    """The cheap checks (values, paths) that can fail before any model loads."""
+def parse_shard(shard: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"dataset.shard={shard!r} is not allowed: must be 'i/n' with 0 <= i < n")
+    return index, count
+
+
+def _count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def validate_dataset(dataset_cfg) -> None:
+    """The values of a dataset config, refused by a ConfigError naming the key (config.validate; `check_dataset_config`
+    adds the paths). Any `name` is allowed: the dataset of a testbed (`tqstar.testbeds`) is named like it and reads
+    its build's prompts; any other reads `path` with `prompt_column` and `format` (FORMATS), with no code."""
+    from ..testbeds import names
+
     name = str(dataset_cfg.get("name"))
-    fmt = dataset_cfg.get("format", "raw")
-    if fmt not in FORMATS:
-        raise ConfigError(f"dataset.format={fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+    testbed = name in names()
+    if not testbed and "path" not in dataset_cfg.keys():  # (a path still to be given, `???`, is not in `dataset_cfg`)
+        raise ConfigError(
+            f"dataset.name={name!r} is not allowed without a dataset.path: only a testbed's dataset reads its build's prompts; "
+            f"{did_you_mean(name, names())}"
+        )
+    limit = dataset_cfg.get("limit")
+    if not (limit is None or _count(limit, 1)):
+        raise ConfigError(f"dataset.limit={limit!r} is not allowed: null or an integer >= 1")
+    offset = dataset_cfg.get("offset", 0)
+    if not _count(offset, 0):
+        raise ConfigError(f"dataset.offset={offset!r} is not allowed: must be an integer >= 0")
+    shard = dataset_cfg.get("shard")
+    if shard is not None:
+        parse_shard(str(shard))
+    maximum = dataset_cfg.get("max_prompt_tokens")
+    if not (maximum is None or _count(maximum, 1)):
+        raise ConfigError(f"dataset.max_prompt_tokens={maximum!r} is not allowed: null or an integer >= 1")
+    if testbed:
+        return
+    check_choice("dataset.format", dataset_cfg.get("format", "raw"), FORMATS)
     column = dataset_cfg.get("prompt_column")
     if not isinstance(column, str) or not column:
         raise ConfigError(f"dataset.prompt_column={column!r} is not allowed: the name of the column that holds the prompt")
-    maximum = dataset_cfg.get("max_prompt_tokens")
-    if maximum is not None and (not isinstance(maximum, int) or isinstance(maximum, bool) or maximum < 1):
-        raise ConfigError(f"dataset.max_prompt_tokens={maximum!r} is not allowed: null or an integer >= 1")
+
+
+def check_dataset_config(dataset_cfg) -> None:
+    """The cheap checks (values, paths) that can fail before any model loads."""
+    validate_dataset(dataset_cfg)
+    name = str(dataset_cfg.get("name"))
     path = dataset_cfg.get("path") if "path" in dataset_cfg and not _missing(dataset_cfg, "path") else None
     if path is None:
         raise ConfigError("dataset.path must be given: a hub id, a local folder, or a .jsonl/.json/.csv/.parquet file")

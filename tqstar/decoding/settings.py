@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..methods import METHOD_NAMES, SELECTIONS, TRANSFERS, VALUES, MethodSpec, spec
+from ..methods import METHODS, SELECTIONS, TRANSFERS, VALUES, MethodSpec, spec
 
 # Nested config blocks flattened into fields: decoder.rollout.num -> rollout_num.
 NESTED = ("rollout",)
@@ -62,7 +62,7 @@ class DecoderSettings:
             return ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed: {allowed}")
 
         for key, allowed in (
-            ("method", METHOD_NAMES),
+            ("method", tuple(METHODS)),  # read now: a method added to the registry is allowed
             ("selection", SELECTIONS),
             ("rollout_selection", SELECTIONS),
             ("transfer", TRANSFERS),

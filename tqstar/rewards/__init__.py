@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import FunctionReward, Reward, RewardBoundsError, RewardValueError, check_bounds, cut_at_stop
+from .base import REWARD_TYPES, FunctionReward, Reward, RewardBoundsError, RewardValueError, check_bounds, cut_at_stop, validate_reward_cfg
 from .vader import VaderReward
 
 __all__ = [
@@ -19,8 +19,9 @@ __all__ = [
     "check_bounds",
     "load_callable",
     "cut_at_stop",
+    "validate_reward_cfg",
+    "REWARD_TYPES",
 ]
-REWARD_TYPES = ("vader", "hf", "callable")
 
 
 def load_callable(spec: str, key: str = "reward.function"):
@@ -47,16 +48,14 @@ def build_reward(cfg, default_device: str = "auto") -> Reward:
     from ..models import config_key
 
     stops = list(cfg.get("stop_strings") or [])
-    bounds = check_bounds(cfg.get("bounds"), config_key(cfg, "bounds"))
+    bounds = validate_reward_cfg(cfg, config_key(cfg, "type").rpartition(".")[0])
     kind = cfg.type
     if kind == "vader":
         return VaderReward(stop_strings=stops, bounds=bounds)
     if kind == "callable":
         fn = load_callable(cfg.function, config_key(cfg, "function"))
         return FunctionReward(fn, name=str(cfg.function), stop_strings=stops, bounds=bounds)
-    if kind == "hf":
-        return _build_hf(cfg, default_device, stops, bounds)
-    raise ConfigError(f"{config_key(cfg, 'type')}={kind!r} is not allowed; allowed: {', '.join(REWARD_TYPES)}")
+    return _build_hf(cfg, default_device, stops, bounds)  # validate_reward_cfg let only the three types through
 
 
 def _build_hf(cfg, default_device: str, stops: list[str], bounds: tuple[float, float] | None) -> Reward:
@@ -67,7 +66,7 @@ def _build_hf(cfg, default_device: str, stops: list[str], bounds: tuple[float, f
 
     key = config_key(cfg, "name_or_path")
     device = resolve_device(cfg.get("device"), default_device, config_key(cfg, "device"))
-    dtype = resolve_dtype(str(cfg.get("dtype") or "auto"), device)
+    dtype = resolve_dtype(str(cfg.get("dtype") or "auto"), device, config_key(cfg, "dtype"))
     source = str(cfg.name_or_path)
     if Path(source).expanduser().exists():
         source = str(Path(source).expanduser())

@@ -6,9 +6,11 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+# What a reward config's `type` may be: rewards.build_reward has one branch for each.
+REWARD_TYPES = ("vader", "hf", "callable")
 # What a Hugging Face classifier reward scores with (config `reward.output`): its raw logit, or the label's probability.
 HF_OUTPUTS = ("logit", "probability")
 
@@ -36,6 +38,21 @@ def check_bounds(value: Any, key: str = "reward.bounds") -> tuple[float, float] 
     if lo > hi:
         raise ConfigError(f"{key}={shown!r} is not allowed: [lo, hi] needs lo <= hi")
     return lo, hi
+
+
+def validate_reward_cfg(cfg: Any, mount: str = "reward") -> tuple[float, float] | None:
+    """The values of a reward config mounted at `mount` (config.validate and build_reward both call this): its type,
+    bounds (returned as (lo, hi) or None), prefix_cache and output, each refused by a ConfigError naming the key.
+    Torch-free; whether its paths, hub ids or function exist: decode.check_sources."""
+    prefix = f"{mount}." if mount else ""
+    check_choice(f"{prefix}type", cfg.get("type"), REWARD_TYPES)
+    bounds = check_bounds(cfg.get("bounds"), f"{prefix}bounds")
+    cache = cfg.get("prefix_cache")  # hf rewards: null = auto, true, false
+    if not (cache is None or isinstance(cache, bool)):
+        raise ConfigError(f"{prefix}prefix_cache={cache!r} is not allowed: null (auto), true or false")
+    if cfg.get("output") is not None:
+        check_choice(f"{prefix}output", cfg.get("output"), HF_OUTPUTS)
+    return bounds
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -115,5 +132,5 @@ class FunctionReward(Reward):
 
 def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """r_bl = 0: with baseline = pi_sft and beta_bl = beta, indirect transfer's self-normalised weights
-    e^{r/beta} turn SFT rollouts into an importance-sampled estimate of Q*_beta (conf/experiment/synthetic_exact_q.yaml)."""
+    e^{r/beta} turn SFT rollouts into an importance-sampled estimate of Q*_beta (the exact-Q preset in conf/experiment/)."""
     return [0.0] * len(prompts)

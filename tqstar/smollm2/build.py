@@ -36,9 +36,10 @@ import os
 import time
 from pathlib import Path
 
+from ..builds import Progress, build_once, first_use_line, quiet_libraries, torch_threads
 from ..errors import ConfigError
 from ..files import write_jsonl
-from .cache import build_dir, build_key, build_once, versions
+from .cache import build_dir, build_key, versions
 from .evaluation import premise_checks
 from .params import BASELINE_REWARD, BUILD_SECONDS, MODEL_NAMES, PROMPT_FORMAT, STOP_STRINGS, TARGET_REWARD, VERSION, Smollm2Params
 from .prompts import make_prompts
@@ -210,13 +211,10 @@ def ensure_built(
     ``params`` sets the recipe (part of the cache key); ``num_threads`` sets torch's CPU threads during
     the build (default $OMP_NUM_THREADS, else min(4, cpu count); not part of the key).
     """
-    from ..synthetic.build import _Progress, _quiet_libraries, _torch_threads
-    from ..synthetic.cache import first_use_line
-
     params = params or Smollm2Params()
 
     def build(tmp: Path) -> dict:
-        with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
+        with quiet_libraries(), torch_threads(num_threads), Progress(progress) as bar:
             return _build(tmp, seed, params, bar)
 
     default = params == Smollm2Params()

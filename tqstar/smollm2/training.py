@@ -83,7 +83,7 @@ def train_dpo(
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from ..synthetic.training import quiet_cpu_trainer_args, without_printed_logs
+    from ..builds import quiet_cpu_trainer_args, without_printed_logs
 
     class _SampledPairsTrainer(DPOTrainer):
         """DPOTrainer on pairs that arrive tokenised, with their reference log-probs (see the module docstring)."""

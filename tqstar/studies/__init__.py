@@ -21,7 +21,8 @@ from .sources import StudyData, environment_of, is_archive, load, synthetic_curv
 
 DEFAULT_OUT = Path("docs/results")
 
-__all__ = ["STUDIES", "Study", "write_report", "regenerate_all", "study_for", "premise_from_builds"]
+__all__ = ["BUILD_STUDY", "STUDIES", "Study", "write_report", "regenerate_all", "study_for", "premise_from_builds"]
+BUILD_STUDY = "synthetic_premise"  # the study read from build manifests (`tqstar report --study <it> --seeds ...`)
 
 
 def study_for(name: str | None, source: Path | None) -> Study:
@@ -50,7 +51,7 @@ def premise_from_builds(seeds: list[int], cache_dir: str | None = None) -> Study
     environment = environment_of(statuses, [])
     environment["source"] = f"synthetic build manifests, seeds {', '.join(map(str, seeds))}"
     return StudyData(
-        name="synthetic_premise", points=pd.DataFrame(), environment=environment, source="builds", tables={"premise": pd.DataFrame(rows)}
+        name=BUILD_STUDY, points=pd.DataFrame(), environment=environment, source="builds", tables={"premise": pd.DataFrame(rows)}
     )
 
 

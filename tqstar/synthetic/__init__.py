@@ -3,8 +3,9 @@ and, next to a build, a learned proxy of its target reward (proxy.py, ``reward=s
 
 Importing this package is cheap (no torch / transformers until a build runs). The modules, each
 importing only from those before it: corpus, rewards, params, tokenizer -> cache -> training,
-generation -> distill -> evaluation -> build -> proxy (the recipe and its folder layout are described
-in build.py; the proxy's in proxy.py).
+generation -> distill -> evaluation -> build -> proxy -> testbed (the recipe and its folder layout are
+described in build.py; the proxy's in proxy.py; what the registry asks of it in testbed.py; what every
+testbed's build shares, from cache folders to sampling through the engine, in tqstar.builds).
 """
 
 from .build import ensure_built

@@ -31,8 +31,8 @@ Recipe (v5, BuildParams):
      reward-KL curve over a grid of beta (``premise.sft.optimum_curve``).
 The manifest's ``seconds`` records each stage's time.
 
-Where a build lives, its cache key (recipe version, seed, parameters, library versions) and the
-lock / temp-folder / rename that keep it safe: cache.py.
+Where a build lives and its cache key (recipe version, seed, parameters, library versions): cache.py; the
+lock / temp-folder / rename that keep it safe, the progress bars and the engine sampling: tqstar.builds.
 
 Module order (each imports only from those before it): corpus, rewards, params, tokenizer ->
 cache -> training, generation -> distill -> evaluation -> build.
@@ -40,104 +40,20 @@ cache -> training, generation -> distill -> evaluation -> build.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
+from ..builds import Progress, build_once, first_use_line, quiet_libraries, torch_threads
 from ..files import write_jsonl
-from .cache import _versions, build_key, build_once, first_use_line, task_dir
+from .cache import _versions, build_key, task_dir
 from .corpus import Dialogue, generate_corpus, generate_prompts, tokenizer_texts
 from .distill import resampled_rows, sample_responses
 from .evaluation import evaluate_folder, premise_checks
 from .params import BUILD_SECONDS, DEFAULT_BASELINE, STOP_STRINGS, VERSION, BuildParams, size_of
 from .tokenizer import train_tokenizer, vocab_size_of
 from .training import load_saved, make_model, save_model, train_sft, train_weighted
-
-# ----------------------------------------------------------------------------- progress and quiet
-
-
-class _Progress:
-    """rich progress bars for the stages, or nothing."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._progress = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-            )
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def task(self, description: str, total: int | None) -> Callable[..., None]:
-        """Add a stage; returns ``update(completed=None, total=None)``."""
-        if self._progress is None:
-            return lambda completed=None, total=None: None
-        tid = self._progress.add_task(description, total=total)
-
-        def update(completed=None, total=None):
-            kwargs = {}
-            if completed is not None:
-                kwargs["completed"] = completed
-            if total is not None:
-                kwargs["total"] = total
-            self._progress.update(tid, **kwargs)
-
-        return update
-
-
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence transformers / TRL / datasets chatter during a build, then restore it."""
-    import datasets
-    import transformers
-
-    old_tf = transformers.logging.get_verbosity()
-    old_ds = datasets.logging.get_verbosity()
-    old_bar = datasets.is_progress_bar_enabled()
-    old_tf_bar = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        transformers.logging.set_verbosity(old_tf)
-        datasets.logging.set_verbosity(old_ds)
-        if old_bar:
-            datasets.enable_progress_bar()
-        if old_tf_bar:
-            transformers.utils.logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    # default: $OMP_NUM_THREADS when set (so a thread-count comparison is one environment variable), else min(4, cores)
-    n = n or int(os.environ.get("OMP_NUM_THREADS") or 0) or min(4, os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
 
 # ----------------------------------------------------------------------------- the build
 
@@ -156,7 +72,7 @@ class _SftStage(NamedTuple):
     samples: list[dict]
 
 
-def _sft_stage(out: Path, seed: int, params: BuildParams, bar: _Progress, seconds: dict[str, float]) -> _SftStage:
+def _sft_stage(out: Path, seed: int, params: BuildParams, bar: Progress, seconds: dict[str, float]) -> _SftStage:
     """Steps 1-4: corpus and prompt splits, tokenizer, SFT model, SFT samples on the train prompts, written to
     ``out`` (corpus.jsonl, prompts/, sft/, distill_data/samples.jsonl); each step's time into ``seconds``."""
     # 1. corpus and prompt splits
@@ -200,7 +116,7 @@ def _sft_stage(out: Path, seed: int, params: BuildParams, bar: _Progress, second
     return _SftStage(corpus, train, test, tokenizer, model, n_params, losses, distill_prompts, samples)
 
 
-def _build(out: Path, seed: int, params: BuildParams, bar: _Progress) -> dict:
+def _build(out: Path, seed: int, params: BuildParams, bar: Progress) -> dict:
     """Fill ``out`` with every file of the layout but the manifest; return the manifest."""
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -301,7 +217,7 @@ def ensure_built(
     params = params or BuildParams()
 
     def build(tmp: Path) -> dict:
-        with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
+        with quiet_libraries(), torch_threads(num_threads), Progress(progress) as bar:
             return _build(tmp, seed, params, bar)
 
     return build_once(task_dir(seed, cache_dir, params), build, announce=build_line(params) if progress else None)

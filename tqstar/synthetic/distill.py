@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..builds import sample_and_score
 from ..premise import soft_weights
-from .generation import generate
-from .params import BuildParams
+from .params import STOP_STRINGS, BuildParams
 
 SAMPLING_BATCH_PROMPTS = 64  # prompts per engine batch (x samples_per_prompt rows)
 
@@ -37,13 +37,13 @@ def sample_responses(
     ``sft_logprob`` under ``sft_model`` when given)."""
     from .rewards import baseline_reward, target_reward
 
-    rows = generate(
+    return sample_and_score(
         model,
         tokenizer,
         prompts,
+        {"target_reward": target_reward, "baseline_reward": baseline_reward},
         max_new_tokens=params.sample_max_new_tokens,
-        selection="sample",
-        temperature=1.0,
+        stop_strings=STOP_STRINGS,
         samples_per_prompt=samples,
         batch_size=SAMPLING_BATCH_PROMPTS,
         seed=seed,
@@ -51,11 +51,6 @@ def sample_responses(
         sft_model=sft_model,
         top_k=top_k,
     )
-    texts = [prompts[r["prompt_index"]] for r in rows]
-    responses = [r["response"] for r in rows]
-    for row, r, rb in zip(rows, target_reward(texts, responses), baseline_reward(texts, responses)):
-        row["target_reward"], row["baseline_reward"] = r, rb
-    return rows
 
 
 def rewards_by_prompt(rows: list[dict], key: str) -> list[list[float]]:

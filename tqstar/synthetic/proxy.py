@@ -20,7 +20,7 @@ Cached next to the build it was trained from, without touching the build or its 
 
 ``<proxy key>`` hashes ``PROXY_VERSION`` and `ProxyParams`; the build's folder name already covers
 its seed, recipe and library stack. The folder is written by ``cache.build_once`` (temp folder, lock,
-rename), so a killed build leaves nothing that looks finished and a concurrent caller waits.
+rename; tqstar.builds), so a killed build leaves nothing that looks finished and a concurrent caller waits.
 
 It loads through the same path as any reward model: ``reward=synthetic_proxy`` (conf/reward/
 synthetic_proxy.yaml) is ``type: hf`` with ``name_or_path: synthetic:proxy``, which `tqstar.decode`
@@ -41,8 +41,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..builds import build_once, first_use_line, is_built, load_manifest
 from ..files import read_jsonl, write_jsonl
-from .cache import _versions, build_once, first_use_line, is_built, load_manifest, task_dir
+from .cache import _versions, task_dir
 from .params import STOP_STRINGS, BuildParams
 
 # Bump whenever the recipe changes what a proxy build writes (a new proxy folder; the build is untouched).
@@ -107,13 +108,14 @@ def ensure_proxy(
 
     Builds (or finds) the task first (`ensure_built`, same arguments); ``params`` sets the proxy's recipe.
     """
-    from .build import _Progress, _quiet_libraries, _torch_threads, ensure_built
+    from ..builds import Progress, quiet_libraries, torch_threads
+    from .build import ensure_built
 
     params = params or ProxyParams()
     task = ensure_built(seed=seed, cache_dir=cache_dir, progress=progress, params=build_params, num_threads=num_threads)
 
     def build(tmp: Path) -> dict:
-        with _quiet_libraries(), _torch_threads(num_threads), _Progress(progress) as bar:
+        with quiet_libraries(), torch_threads(num_threads), Progress(progress) as bar:
             return _build_proxy(tmp, task, seed, params, bar)
 
     announce = first_use_line(
@@ -232,7 +234,7 @@ def train_proxy(task: Path, out: Path, prompts: list[str], pairs: list[dict], pa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from .training import quiet_cpu_trainer_args, without_printed_logs
+    from ..builds import quiet_cpu_trainer_args, without_printed_logs
 
     tokenizer = AutoTokenizer.from_pretrained(task / "sft")
     torch.manual_seed(params.seed)  # the score head is the only newly initialised weight

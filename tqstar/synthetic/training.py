@@ -11,34 +11,6 @@ from .params import BuildParams
 from .tokenizer import vocab_size_of
 
 
-def quiet_cpu_trainer_args(seed: int, logging_steps: int) -> dict:
-    """Training arguments every TRL trainer of the builds shares (the proxy's RewardTrainer, the SmolLM2 DPO): on
-    the CPU in float32 (the same weights on any machine), seeded, nothing saved or reported, no printed logs."""
-    return dict(
-        seed=seed,
-        data_seed=seed,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=logging_steps,
-        disable_tqdm=True,
-        log_level="error",
-    )
-
-
-def without_printed_logs(trainer):
-    """The trainer without its printer and progress callbacks (the build draws its own progress bar)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
-    return trainer
-
-
 def make_model(tokenizer, params: BuildParams, seed: int):
     """A freshly initialised (seeded) ``LlamaForCausalLM`` sized by ``params``."""
     import torch

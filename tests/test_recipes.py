@@ -1,0 +1,82 @@
+"""The recipes of docs/architecture.md ("Where to add things"), followed step by step in a test.
+
+A method: one `MethodSpec` entry in tqstar/methods.py plus `conf/decoder/<name>.yaml`; the engine, validation,
+decode and evaluate pick it up from the registry. A reward with no code: `type: callable` and `function:
+package.module:fn` in `conf/reward/<name>.yaml`. Each is added here to a copy of the config folder (and, for
+the method, to the registry) and decoded end to end on tiny models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+import tqstar.config
+from tqstar.config import compose, conf_dir
+from tqstar.methods import METHODS
+
+from conftest import ASSISTANT, HUMAN
+
+
+@pytest.fixture
+def conf_copy(tmp_path, monkeypatch):
+    """A copy of conf/ that the composer reads instead (its compose cache cleared before and after)."""
+    folder = tmp_path / "conf"
+    shutil.copytree(conf_dir(), folder)
+    tqstar.config._compose_cached.cache_clear()
+    monkeypatch.setattr(tqstar.config, "conf_dir", lambda: folder)
+    yield folder
+    tqstar.config._compose_cached.cache_clear()
+
+
+def decode(tmp_path, saved_models, *overrides):
+    from tqstar.decode import run_decode
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"{HUMAN} {w}{ASSISTANT}"}) + "\n" for i, w in enumerate(["hotel", "food"]))
+    )
+    cfg = compose(
+        [
+            f"sft.name_or_path={saved_models['sft']}",
+            f"baseline.name_or_path={saved_models['dpo']}",
+            "dataset=local",
+            f"dataset.path={prompts}",
+            f"output_dir={tmp_path / 'out'}",
+            "experiment_name=recipes",
+            "decoder.top_k=3",
+            "decoder.max_new_tokens=4",
+            "decoder.rollout.max_new_tokens=2",
+            "device=cpu",
+            *overrides,
+        ]
+    )
+    return run_decode(tqstar.config.validate(cfg)).rows
+
+
+def generated(rows):
+    return [(r["prompt_id"], r["token_ids"], r["reward"]) for r in rows]
+
+
+def test_a_method_added_by_the_recipe_decodes(tmp_path, saved_models, conf_copy, monkeypatch, hydra_clean):
+    # 1. one MethodSpec entry (a twin of CD under another name)
+    monkeypatch.setitem(METHODS, "cd_twin", dataclasses.replace(METHODS["cd"], name="cd_twin", summary="CD under another name"))
+    # 2. conf/decoder/<name>.yaml: defaults [_common, _self_], method: <name>
+    (conf_copy / "decoder" / "cd_twin.yaml").write_text("defaults:\n  - _common\n  - _self_\nmethod: cd_twin\n")
+    twin = decode(tmp_path / "twin", saved_models, "decoder=cd_twin")
+    cd = decode(tmp_path / "cd", saved_models, "decoder=cd")
+    assert generated(twin) == generated(cd)
+
+
+def test_a_reward_added_by_the_recipe_needs_no_code(tmp_path, saved_models, conf_copy, hydra_clean):
+    (conf_copy / "reward" / "positive_words.yaml").write_text(
+        "type: callable\nfunction: conftest:positive_words_reward\nbounds: null\nstop_strings: ['\\n\\nHuman:']\n"
+    )
+    rows = decode(tmp_path, saved_models, "decoder=cd", "reward=positive_words")
+    from conftest import positive_words_reward
+
+    assert [r["reward"] for r in rows] == positive_words_reward([r["prompt"] for r in rows], [r["response"] for r in rows])
