@@ -22,7 +22,7 @@ here the rows keep only their own keys/values, and attention reads the prefix on
   `set_attn_implementation` and back; `decoding.kv` enters it around the forwards of a shared stream.
 
 `unsupported(model)` says why a model cannot use it (None when it can): the families checked against
-the copying path (tests/test_engine.py): Llama (SmolLM2, the synthetic task), GPT-NeoX (Pythia), GPT-2.
+the copying path (tests/test_engine.py): Llama (SmolLM2, the offline testbed models), GPT-NeoX (Pythia), GPT-2.
 Elsewhere the engine copies the prefix as before.
 """
 

@@ -15,7 +15,7 @@ rewards are plain functions that the reference oracle shares.
 - decoder.value=soft (any rollout method): the soft value V_i = beta log mean_j exp(r_ij / beta), the
   log-mean-exp of the rollout rewards. With SFT rollouts, alpha = 1/beta and sampled selection, the
   decoder draws from rho*_beta(z | s) ∝ pi_sft(z | s) E[e^{r/beta} | s, z] up to the top-k cut and
-  Monte-Carlo error: the exact optimum of the KL-regularised objective (experiment=synthetic_optimal).
+  Monte-Carlo error: the exact optimum of the KL-regularised objective (the optimal-decoder preset in conf/experiment/).
 """
 
 from __future__ import annotations
