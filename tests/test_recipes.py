@@ -80,3 +80,41 @@ def test_a_reward_added_by_the_recipe_needs_no_code(tmp_path, saved_models, conf
     from conftest import positive_words_reward
 
     assert [r["reward"] for r in rows] == positive_words_reward([r["prompt"] for r in rows], [r["response"] for r in rows])
+
+
+def test_a_testbed_added_by_the_recipe_decodes(tmp_path, saved_models, conf_copy, monkeypatch, hydra_clean):
+    """One package with a `testbed` module (tests/toy_testbed.py) plus one line in REGISTRY; its config block and
+    its dataset's YAML; then `toy:<model>` models and `dataset=toy` decode, and the build's key is in the identity."""
+    import toy_testbed
+
+    from tqstar.decode import run_decode
+    from tqstar.identity import identity
+    from tqstar.testbeds import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "toy", "toy_testbed")
+    monkeypatch.setattr(toy_testbed, "SOURCES", {"sft": saved_models["sft"], "dpo": saved_models["dpo"]})
+    (conf_copy / "toy").mkdir()
+    (conf_copy / "toy" / "default.yaml").write_text(f"seed: 0\ncache_dir: {tmp_path / 'cache'}\n")
+    decode_yaml = conf_copy / "decode.yaml"
+    decode_yaml.write_text(decode_yaml.read_text().replace("defaults:\n  - _self_\n", "defaults:\n  - _self_\n  - toy: default\n"))
+    (conf_copy / "dataset" / "toy.yaml").write_text("defaults:\n  - _common\n  - _self_\nname: toy\nsplit: test\nlimit: null\n")
+    cfg = tqstar.config.validate(
+        compose(
+            [
+                "dataset=toy",
+                "sft.name_or_path=toy:sft",
+                "baseline.name_or_path=toy:dpo",
+                "decoder=tqstar",
+                "decoder.top_k=3",
+                "decoder.max_new_tokens=4",
+                "decoder.rollout.max_new_tokens=2",
+                f"output_dir={tmp_path / 'out'}",
+                "device=cpu",
+            ]
+        )
+    )
+    assert identity(cfg)["toy_build"] == "toy-v1-seed0"
+    rows = run_decode(cfg).rows
+    assert [r["prompt_id"] for r in rows] == ["test-0", "test-1", "test-2"]
+    with pytest.raises(tqstar.config.ConfigError, match="the toy testbed has no model 'dpp'; did you mean 'dpo'"):
+        run_decode(tqstar.config.validate(compose(["dataset=toy", "sft.name_or_path=toy:sft", "baseline.name_or_path=toy:dpp"])))
