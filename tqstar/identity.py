@@ -4,7 +4,7 @@ Same identity, same run folder: a rerun of a command resumes its run. Two rules 
 construction, with no list of exceptions to maintain:
 
 - **Execution-only keys** (`EXECUTION`: placement, batch and chunk sizes, threads, and the exact savings
-  that change how much work is done but not what is generated) are left out. A new switch of that kind is
+  that change how much work is done but not what is generated or traced) are left out. A new switch of that kind is
   added to this one tuple.
 - **Keys added later are filled with their defaults.** A run folder keeps the resolved config it was made
   with; an older folder lacks the keys added since. To compare it with a command's config, its missing
@@ -27,6 +27,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Dotted keys that place a run, size its batches or switch an exact saving: never part of its identity.
+# Not `decoder.prune`: the tokens are the same, but a traced run records a pruned candidate's Q as null, and one
+# run folder must not mix traces written both ways (the transfer study's Q-spread diagnostic reads them).
 EXECUTION = (
     "output_dir",
     "experiment_name",
@@ -35,7 +37,6 @@ EXECUTION = (
     "choices",
     "decoder.batch_size",
     "decoder.max_batch_rows",
-    "decoder.prune",
     "decoder.reuse_rollouts",
     "decoder.shared_prefix",
     "reward.batch_size",
