@@ -22,6 +22,7 @@ Torch-free at import: versions are read from package metadata, heavy libraries i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import shutil
@@ -43,14 +44,20 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser()
 
 
+@functools.lru_cache(maxsize=None)
+def _installed(name: str) -> str | None:
+    """A library's installed version (read once a process: every run identity and build key asks)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def library_versions(libraries: Iterable[str]) -> dict:
     """Python and the given libraries' installed versions (None for one not installed)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in libraries:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
+        found[name] = _installed(name)
     return found
 
 

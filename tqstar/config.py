@@ -56,13 +56,18 @@ def _group_of(key: str) -> str | None:
 
 def mounts(config_name: str = "decode") -> dict[str, str]:
     """Packages a config group is mounted at in a primary config's defaults: {'sft': 'model', 'reward': 'reward', ...}."""
+    return dict(_mounts(conf_dir() / f"{config_name}.yaml"))
+
+
+@functools.lru_cache(maxsize=16)
+def _mounts(primary: Path) -> tuple[tuple[str, str], ...]:
     found: dict[str, str] = {}
-    for entry in OmegaConf.load(conf_dir() / f"{config_name}.yaml").get("defaults", []):
+    for entry in OmegaConf.load(primary).get("defaults", []):
         if isinstance(entry, (dict, DictConfig)):
             for key in entry:
                 group, _, package = str(key).partition("@")
                 found[package or group] = group
-    return found
+    return tuple(found.items())
 
 
 def normalize_override(override: str, config_name: str = "decode") -> str:

@@ -104,7 +104,8 @@ def defaults_of(cfg: DictConfig) -> DictConfig | None:
     return compose([f"{group}={option}" for group, option in choices.items() if option is not None] + [f"~{g}" for g in dropped])
 
 
-def same_run(stored: DictConfig | dict, cfg: DictConfig, defaults: DictConfig | None = None) -> bool:
-    """Whether a run folder's stored config (perhaps written before some keys existed) is the run `cfg` asks for."""
+def same_run(stored: DictConfig | dict, cfg: DictConfig, defaults: DictConfig | dict | None = None, target: dict | None = None) -> bool:
+    """Whether a run folder's stored config (perhaps written before some keys existed) is the run `cfg` asks for.
+    `defaults` (`defaults_of(cfg)`) and `target` (`identity(cfg)`) may be given when many folders are compared."""
     defaults = defaults if defaults is not None else defaults_of(cfg)
-    return identity(stored, defaults) == identity(cfg)
+    return identity(stored, defaults) == (target if target is not None else identity(cfg))

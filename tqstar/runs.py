@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .errors import ConfigError
 from .files import read_json, write_json_atomic
-from .identity import config_hash, defaults_of, same_run
+from .identity import config_hash, defaults_of, identity, same_run
 from .rows import REWARD
 
 GENERATIONS = "generations.jsonl"
@@ -84,14 +84,32 @@ def _earlier_run(parent: Path, method: str, digest: str, cfg: DictConfig) -> Pat
     if not candidates:
         return None
     defaults = defaults_of(cfg)
+    defaults = OmegaConf.to_container(defaults, resolve=True) if defaults is not None else None
+    target = identity(cfg)
     for path in candidates:
-        try:
-            stored = OmegaConf.to_container(OmegaConf.load(path / CONFIG), resolve=True)
-        except Exception:  # an unreadable config is not this run
-            continue
-        if same_run(stored, cfg, defaults):
+        stored = _stored_config(path / CONFIG)
+        if stored is not None and same_run(stored, cfg, defaults, target):
             return path
     return None
+
+
+_STORED: dict[Path, tuple[int, dict | None]] = {}  # config.yaml -> (mtime, its data): a sweep asks again per point
+
+
+def _stored_config(path: Path) -> dict | None:
+    """A run folder's config.yaml as plain data (resolved when written, so plain YAML; the C loader), or None
+    when it cannot be read (then it is not this run)."""
+    import yaml
+
+    try:
+        mtime = path.stat().st_mtime_ns
+        if path in _STORED and _STORED[path][0] == mtime:
+            return _STORED[path][1]
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return None
+    _STORED[path] = (mtime, data if isinstance(data, dict) else None)
+    return _STORED[path][1]
 
 
 class RunFolder:
