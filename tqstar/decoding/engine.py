@@ -404,8 +404,9 @@ def _merge_details(old: dict | None, new: dict | None, rows: torch.Tensor) -> di
     """Per-candidate trace details of a pruning round merged into the earlier rounds': `rows` (B, k) from `new`."""
     if old is None or new is None:
         return new
-    mask = rows.cpu()
-    return {key: torch.where(mask.view(*mask.shape, *[1] * (value.dim() - 2)), value, old[key]) for key, value in new.items()}
+    return {
+        key: torch.where(rows.to(value.device).view(*rows.shape, *[1] * (value.dim() - 2)), value, old[key]) for key, value in new.items()
+    }
 
 
 class _Batch:

@@ -41,7 +41,7 @@ def reference_decode(
             top_logprobs, top_ids = logprobs.topk(min(s.top_k, logprobs.shape[-1]))
             candidates = top_ids.tolist()
             if s.spec.value == "partial_reward":
-                values = torch.tensor(reward([prompt] * len(candidates), [text_of(generated + [z]) for z in candidates]))
+                values = torch.tensor(reward([prompt] * len(candidates), [text_of(generated + [z]) for z in candidates]), device=device)
             else:
                 rows = torch.tensor([prompt_ids + generated + [z] for z in candidates for _ in range(s.rollout_num)], device=device)
                 out = rollout_model.generate(
@@ -59,12 +59,13 @@ def reference_decode(
                     elif eos in row[1:]:  # row[0] is the candidate itself
                         row = row[: row.index(eos, 1)]
                     texts.append(cut_at_stop(text_of(generated + row), s.stop_strings))
-                rewards = torch.tensor(reward([prompt] * len(texts), texts), dtype=torch.float64).view(len(candidates), s.rollout_num)
+                as_f64 = dict(dtype=torch.float64, device=device)
+                rewards = torch.tensor(reward([prompt] * len(texts), texts), **as_f64).view(len(candidates), s.rollout_num)
                 baseline_rewards = None
                 if s.needs_baseline_reward:
-                    baseline_rewards = torch.tensor(baseline_reward([prompt] * len(texts), texts), dtype=torch.float64).view_as(rewards)
+                    baseline_rewards = torch.tensor(baseline_reward([prompt] * len(texts), texts), **as_f64).view_as(rewards)
                 values = q_from_rollouts(s, rewards, baseline_rewards)
-            scores = top_logprobs.cpu() + s.alpha * values.to(torch.float32)
+            scores = top_logprobs + s.alpha * values.to(torch.float32)
             token = candidates[int(scores.argmax())]
         generated.append(token)
         if token == eos or any(stop in text_of(generated) for stop in s.stop_strings):

@@ -131,12 +131,9 @@ class RolloutRunner:
         """One noise table per (prompt, step), (B * k * n, L): draws do not depend on chunking or batch makeup."""
         s = self.settings
         rows, L = r.k * s.rollout_num, s.rollout_max_new_tokens
-        return torch.cat(
-            [
-                torch.rand((rows, L), generator=torch.Generator().manual_seed((s.seed * 1_000_003 + r.indices[b]) * 10_007 + r.t))
-                for b in range(len(r.candidates))
-            ]
-        )
+        # CPU generators (the same draws on any accelerator); each table is made on its generator's device
+        generators = [torch.Generator().manual_seed((s.seed * 1_000_003 + r.indices[b]) * 10_007 + r.t) for b in range(len(r.candidates))]
+        return torch.cat([torch.rand((rows, L), generator=g, device=g.device) for g in generators])
 
     def _ends(self, tail: list[int]) -> bool:
         """The rollout whose tail (the prefix's last tokens, the candidate, the rollout so far) this is stops here."""
@@ -244,7 +241,7 @@ class RolloutRunner:
                 if noise is None:
                     nxt = logits.argmax(-1)
                 else:
-                    uniform = noise[torch.tensor(members), step].to(logits.device)
+                    uniform = noise[torch.tensor(members, device=noise.device), step].to(logits.device)
                     if s.rollout_top_k is None:
                         nxt = sample_index(torch.softmax(logits / s.rollout_temperature, dim=-1), uniform)
                     else:  # top-k sampling: the draw is among the k most likely tokens, renormalised

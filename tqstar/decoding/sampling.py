@@ -21,6 +21,7 @@ def select(scores: torch.Tensor, generators, selection: str, temperature: float)
     if selection == "greedy":
         return scores.argmax(-1), None
     policy = torch.log_softmax(scores / temperature, dim=-1)
-    uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(policy.device)
+    # drawn on each generator's own device (the CPU: the same draws on any accelerator), then moved
+    uniform = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(policy.device)
     pick = sample_index(policy.exp(), uniform)
     return pick, policy.gather(1, pick[:, None]).squeeze(1)

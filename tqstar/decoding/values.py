@@ -77,7 +77,7 @@ def importance_q(rewards: torch.Tensor, baseline_rewards: torch.Tensor, beta_bl:
 def soft_q(rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """(B, k, n) -> (B, k): beta * log mean_j exp(r_j / beta), computed stably (logsumexp)."""
     n = rewards.shape[-1]
-    return beta * (torch.logsumexp(rewards / beta, dim=-1) - torch.log(torch.tensor(float(n), dtype=rewards.dtype)))
+    return beta * (torch.logsumexp(rewards / beta, dim=-1) - torch.log(torch.tensor(float(n), dtype=rewards.dtype, device=rewards.device)))
 
 
 def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_rewards: torch.Tensor | None) -> torch.Tensor:
@@ -92,12 +92,12 @@ def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_r
 # ----------------------------------------------------------------------------- estimators
 
 
-def _scatter(values: list[float], pairs: list[tuple[int, int]], shape: tuple[int, ...]) -> torch.Tensor:
-    """Values of `pairs` (b, i) (n per pair, in order) into a float64 tensor of `shape`, NaN elsewhere."""
-    out = torch.full(shape, float("nan"), dtype=torch.float64)
+def _scatter(values: list[float], pairs: list[tuple[int, int]], shape: tuple[int, ...], device) -> torch.Tensor:
+    """Values of `pairs` (b, i) (n per pair, in order) into a float64 tensor of `shape` on `device`, NaN elsewhere."""
+    out = torch.full(shape, float("nan"), dtype=torch.float64, device=device)
     if pairs:
         rows, columns = zip(*pairs)
-        out[list(rows), list(columns)] = torch.tensor(values, dtype=torch.float64).view(len(pairs), *shape[2:])
+        out[list(rows), list(columns)] = torch.tensor(values, dtype=torch.float64, device=device).view(len(pairs), *shape[2:])
     return out
 
 
@@ -107,7 +107,7 @@ def partial_reward(ctx: ValueContext):
     prompts = [ctx.prompts[b] for b in owners]
     responses = [ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]]) for b, i in pairs]
     rewards = ctx.reward(prompts, responses, owners)
-    return _scatter(rewards, pairs, ctx.shape).to(torch.float32).to(ctx.device), None
+    return _scatter(rewards, pairs, ctx.shape, ctx.device).to(torch.float32), None
 
 
 def from_rollouts(ctx: ValueContext):
@@ -121,14 +121,14 @@ def from_rollouts(ctx: ValueContext):
     responses = [
         ctx.text(ctx.prefixes[b] + [ctx.candidates[b][i]] + continuations[(b * k + i) * n + j]) for b, i in pairs for j in range(n)
     ]
-    rewards = _scatter(ctx.reward(prompts, responses, owners), pairs, (B, k, n))
+    rewards = _scatter(ctx.reward(prompts, responses, owners), pairs, (B, k, n), ctx.device)
     details = {"rewards": rewards}
     baseline_rewards = None
     if s.needs_baseline_reward:
-        baseline_rewards = _scatter(ctx.baseline_reward(prompts, responses, owners), pairs, (B, k, n))
+        baseline_rewards = _scatter(ctx.baseline_reward(prompts, responses, owners), pairs, (B, k, n), ctx.device)
         details.update(baseline_rewards=baseline_rewards, weights=importance_weights(rewards, baseline_rewards, s.beta_bl))
     values = q_from_rollouts(s, rewards, baseline_rewards)
-    return values.to(torch.float32).to(ctx.device), details
+    return values.to(torch.float32), details
 
 
 ESTIMATORS: dict[str, Callable[[ValueContext], tuple[torch.Tensor, dict | None]]] = {

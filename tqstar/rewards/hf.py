@@ -300,12 +300,12 @@ class HFClassifierReward(Reward):
         rows = len(items)
         P = max(p for _, p, _ in items)
         S = max(len(new) for _, _, new in items)
-        input_ids = torch.full((rows, S), pad if pad is not None else 0, dtype=torch.long)
-        mask = torch.zeros((rows, P + S), dtype=torch.long)
-        for r, (_, p, new) in enumerate(items):
-            input_ids[r, : len(new)] = torch.tensor(new, dtype=torch.long)
-            mask[r, P - p : P + len(new)] = 1
-        positions = torch.tensor([p for _, p, _ in items], dtype=torch.long)[:, None] + torch.arange(S)
+        filler = pad if pad is not None else 0
+        input_ids = torch.tensor([[*new, *[filler] * (S - len(new))] for _, _, new in items], dtype=torch.long, device=device)
+        mask = torch.tensor(
+            [[0] * (P - p) + [1] * (p + len(new)) + [0] * (S - len(new)) for _, p, new in items], dtype=torch.long, device=device
+        )
+        positions = torch.tensor([p for _, p, _ in items], dtype=torch.long, device=device)[:, None] + torch.arange(S, device=device)
         cache = DynamicCache()
         if P:
             # Rows of one group share one prefix object: one copy per group and layer.
@@ -326,9 +326,9 @@ class HFClassifierReward(Reward):
             cache = DynamicCache(ddp_cache_data=data)
         with torch.no_grad():
             out = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
                 use_cache=True,
                 **{_cache_argument(type(self.model)): cache},
             )
