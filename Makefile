@@ -38,6 +38,7 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+	bash scripts/gpu_smoke.sh --dry
 
 bench: setup
 	$(PY) scripts/bench_decode.py

