@@ -100,6 +100,7 @@ def test_log_probs_are_float32_on_half_precision_logits(dtype, half_models, toke
 ROLLOUT_CASES = [dict(method="cd"), dict(method="tqstar"), dict(method="tqstar", transfer="indirect")]
 
 
+@pytest.mark.slow  # 6 decodes with the oracle beside them (about 15 s): the fast tier keeps SFT, ARGS and the reward
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("case", ROLLOUT_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_rollout_methods_match_the_oracle_but_for_half_precision_ties(case, dtype, half_models, tokenizer):
