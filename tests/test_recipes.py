@@ -20,6 +20,8 @@ from tqstar.methods import METHODS
 
 from conftest import ASSISTANT, HUMAN
 
+pytestmark = pytest.mark.slow  # four decodes on copies of conf/ (about 7 s): kept out of the one-minute tier
+
 
 @pytest.fixture
 def conf_copy(tmp_path, monkeypatch):
