@@ -102,6 +102,16 @@ def block_of(cfg: Any, name: str) -> Any:
     return cfg.get(name) if cfg is not None else None
 
 
+def block_seed(block: Any) -> int:
+    """A testbed block's `seed` (0 when the block or the key is missing: an older config)."""
+    return int((block.get("seed") if block is not None else None) or 0)
+
+
+def block_cache_dir(block: Any) -> Any:
+    """A testbed block's `cache_dir` (None: $TQSTAR_CACHE or ~/.cache/tqstar)."""
+    return block.get("cache_dir") if block is not None else None
+
+
 def check_name(testbed: Testbed, kind: str, name: str, allowed: tuple[str, ...], what: str) -> None:
     """The one message for a `<testbed>:<name>` a testbed does not have: `what: the <title> has no <kind> 'x'; did you mean ...`."""
     if name in allowed:

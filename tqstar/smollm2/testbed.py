@@ -8,15 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..testbeds import check_name
-
-
-def _seed(block) -> int:
-    return int((block.get("seed") if block is not None else None) or 0)
-
-
-def _cache_dir(block):
-    return block.get("cache_dir") if block is not None else None
+from ..testbeds import block_cache_dir, block_seed, check_name
 
 
 class Smollm2Testbed:
@@ -36,7 +28,7 @@ class Smollm2Testbed:
     def build_key(self, block) -> str:
         from .cache import build_dir
 
-        return build_dir(seed=_seed(block), cache_dir="/", params=self.params(block)).name
+        return build_dir(seed=block_seed(block), cache_dir="/", params=self.params(block)).name
 
     def extra_identity(self, data: dict, block) -> dict:
         return {}
@@ -48,13 +40,13 @@ class Smollm2Testbed:
         from .build import ensure_built
 
         return ensure_built(
-            seed=_seed(block), cache_dir=_cache_dir(block), params=self.params(block), progress=progress, num_threads=num_threads
+            seed=block_seed(block), cache_dir=block_cache_dir(block), params=self.params(block), progress=progress, num_threads=num_threads
         )
 
     def find(self, block) -> Path | None:
         from .cache import find_built
 
-        return find_built(seed=_seed(block), cache_dir=_cache_dir(block), params=self.params(block))
+        return find_built(seed=block_seed(block), cache_dir=block_cache_dir(block), params=self.params(block))
 
     def model_names(self, block) -> tuple[str, ...]:
         from .params import MODEL_NAMES

@@ -10,17 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..testbeds import check_name
+from ..testbeds import block_cache_dir, block_seed, check_name
 
 PROXY_HELP = "Also build the learned proxy of the target reward (reward=synthetic_proxy); cached next to the task."
-
-
-def _seed(block) -> int:
-    return int((block.get("seed") if block is not None else None) or 0)
-
-
-def _cache_dir(block):
-    return block.get("cache_dir") if block is not None else None
 
 
 class SyntheticTestbed:
@@ -42,7 +34,7 @@ class SyntheticTestbed:
     def build_key(self, block) -> str:
         from .cache import task_dir
 
-        return task_dir(seed=_seed(block), cache_dir="/", params=self.params(block)).name
+        return task_dir(seed=block_seed(block), cache_dir="/", params=self.params(block)).name
 
     def extra_identity(self, data: dict, block) -> dict:
         from .proxy import PROXY_NAME, proxy_key
@@ -56,13 +48,13 @@ class SyntheticTestbed:
         from .build import ensure_built
 
         return ensure_built(
-            seed=_seed(block), cache_dir=_cache_dir(block), progress=progress, params=self.params(block), num_threads=num_threads
+            seed=block_seed(block), cache_dir=block_cache_dir(block), progress=progress, params=self.params(block), num_threads=num_threads
         )
 
     def find(self, block) -> Path | None:
         from .cache import is_built, task_dir
 
-        folder = task_dir(seed=_seed(block), cache_dir=_cache_dir(block), params=self.params(block))
+        folder = task_dir(seed=block_seed(block), cache_dir=block_cache_dir(block), params=self.params(block))
         return folder if is_built(folder) else None
 
     # ------------------------------------------------------------------ names
@@ -111,7 +103,7 @@ class SyntheticTestbed:
         key = config_key(reward_cfg, "name_or_path")
         source = str(reward_cfg.get("name_or_path"))
         self.check_reward(source.split(":", 1)[1], block, f"{key}={source!r}")
-        folder = ensure_proxy(seed=_seed(block), cache_dir=_cache_dir(block), build_params=self.params(block))
+        folder = ensure_proxy(seed=block_seed(block), cache_dir=block_cache_dir(block), build_params=self.params(block))
         data = OmegaConf.to_container(reward_cfg, resolve=True)
         data["name_or_path"] = str(folder)
         if str(data.get("tokenizer") or "").startswith("synthetic:"):
