@@ -216,10 +216,10 @@ def _print_decode_summary(console, cfg, result) -> None:
     from rich.table import Table
 
     from .decode import build_evaluation
-    from .stats import mean_and_stderr
+    from .stats import format_mean_se, mean_and_stderr
 
     def pm(mean, stderr) -> str:
-        return "" if mean is None else f"{mean:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+        return format_mean_se(mean, stderr, missing="")
 
     rewards = [r["reward"] for r in result.rows]
     mean, stderr = mean_and_stderr(rewards)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from .stats import format_mean_se
+
 
 class RunLike(Protocol):
     """What the report reads of an evaluated run (`tqstar.evaluate.Run` is one)."""
@@ -83,9 +85,7 @@ def _num(value, digits: int) -> str:
 
 
 def _pm(mean, stderr) -> str:
-    if _missing(mean):
-        return "–"
-    return f"{mean:.3f}" + ("" if _missing(stderr) else f" ± {stderr:.3f}")
+    return format_mean_se(mean, stderr)
 
 
 def _wtl(row, prefix: str) -> str:

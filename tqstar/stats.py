@@ -29,3 +29,14 @@ def mean_and_stderr(values: Sequence[float | None]) -> tuple[float | None, float
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     return mean_and_stderr(values)[0]
+
+
+def format_mean_se(mean: float | None, se: float | None = None, digits: int = 3, missing: str = "–") -> str:
+    """'0.123 ± 0.004', '0.123' without an s.e., `missing` without a mean (None and NaN count as absent): how
+    every table and summary prints a mean."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return missing
+    text = f"{mean:.{digits}f}"
+    if se is not None and not (isinstance(se, float) and math.isnan(se)):
+        text += f" ± {se:.{digits}f}"
+    return text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..stats import format_mean_se
 from ..testbeds import block_cache_dir, block_seed, check_name
 
 
@@ -98,11 +99,7 @@ def print_summary(console, folder, manifest: dict) -> None:
     premise = manifest.get("premise") or {}
 
     def pm(stat):
-        return (
-            ""
-            if not stat or stat.get("mean") is None
-            else f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat.get("se") is not None else "")
-        )
+        return format_mean_se(stat.get("mean"), stat.get("se"), missing="") if stat else ""
 
     def gain(stat):
         return "" if not stat or stat.get("difference") is None else f"{stat['difference']:+.3f} ± {stat['se'] or 0:.3f}"

@@ -8,15 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..stats import format_mean_se
+
 
 def fmt(mean, se=None, digits: int = 3) -> str:
     """'0.123 ± 0.004', '0.123', or '–' for a missing value."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    text = f"{mean:.{digits}f}"
-    if se is not None and not (isinstance(se, float) and math.isnan(se)):
-        text += f" ± {se:.{digits}f}"
-    return text
+    return format_mean_se(mean, se, digits)
 
 
 def fmt_across(row, metric: str, digits: int = 3, spread: bool = True) -> str:

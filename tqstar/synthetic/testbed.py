@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..stats import format_mean_se
 from ..testbeds import block_cache_dir, block_seed, check_name
 
 PROXY_HELP = "Also build the learned proxy of the target reward (reward=synthetic_proxy); cached next to the task."
@@ -222,11 +223,7 @@ class SyntheticTestbed:
 
 
 def _pm(stat) -> str:
-    return (
-        ""
-        if not stat or stat.get("mean") is None
-        else f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat.get("se") is not None else "")
-    )
+    return format_mean_se(stat.get("mean"), stat.get("se"), missing="") if stat else ""
 
 
 def proxy_summary(seed: int, cache_dir) -> str:
