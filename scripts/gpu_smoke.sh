@@ -1,174 +1,115 @@
 #!/usr/bin/env bash
-# GPU smoke check, about 5 minutes once set up: TQ* on the synthetic task and on SmolLM2-135M-Instruct
-# (the smollm2_offline preset's settings on the packaged GGUF) on CUDA in bfloat16. Prints tokens/s and peak GPU memory per check and
-# writes them, with the run folders, under $OUT (or outputs/gpu_smoke).
+# GPU smoke check: about 8 minutes on one GPU (sized for an H200; nothing is downloaded). Each check is one function of
+# scripts/gpu_smoke_checks.py, run in its own process under a time limit; a check that fails, raises or times out is
+# recorded as failed and the next one runs. In order:
+#   oracle                  the engine against the reference oracle on CUDA in float32 and bfloat16, the same models and
+#                           dtype: tiny random Llama and GPT-NeoX (24 prompts, k=4, 10 tokens, L=4) and SmolLM2-135M (the
+#                           packaged GGUF; 3 prompts, 8 tokens), methods sft and tqstar; prompts that differ and at which
+#                           step (float32 must be equal; a bfloat16 near-tie may flip a greedy argmax)
+#   pythia_shaped           an hh_pythia-shaped TQ* run (k=10, L=20, the preset's decoder and reward settings) on random
+#                           models of Pythia-6.9B's configuration made on the GPU in SMOKE_DTYPE (SFT, baseline and a
+#                           Pythia-6.9B classifier reward, as the preset's): 8 prompts of 512 random token ids, 16 tokens;
+#                           peak memory measured (torch.cuda.max_memory_allocated) vs `tqstar plan`'s, tokens/s
+#   shared_prefix           decoder.shared_prefix=true vs false, SmolLM2, 8 prompts of ~600 tokens, k=10, L=20: wall time,
+#                           peak memory, tokens equal
+#   bench_ratio             scripts/bench_decode.py on SmolLM2 (float32, 4 prompts in a batch, 16 tokens): reference/engine
+#   decode_smollm2_offline  `tqstar decode experiment=smollm2_offline sft=smollm2 baseline=smollm2 dataset=hh_sample`
+#                           in-process: tokens/s, peak memory measured vs planned
+#   decode_synthetic_tqstar `tqstar decode decoder=tqstar` on the synthetic task when TQSTAR_CACHE holds its build
+#                           (else skipped: building it takes about half an hour)
+# Writes under $OUT (or outputs/gpu_smoke): gpu_smoke.json (one JSON: environment, ok, every check's record: name,
+# device, dtype, sizes, seconds, status, error, results), gpu_smoke.md (a table, one row a check), checks/<name>.json
+# (each record as it was saved), environment.txt, runs/ (the decode checks' run folders), bench_ratio.json.
+# Exit status 0 when no check failed (a skipped check is no failure).
 #
 #   scripts/gpu_smoke.sh          # on a GPU box (sets up .venv with `make setup` when it is missing)
-#   scripts/gpu_smoke.sh --dry    # on any machine, no decode, under a minute (make test-slow runs it): every check's
-#                                 # overrides compose and validate (`tqstar decode ... --show-config`) and plan
-#                                 # (`tqstar plan ...`), as the GPU box would run them and with device=cpu, tiny sizes
-#   scripts/gpu_smoke.sh --cpu    # the same decodes on the CPU with tiny sizes (minutes): checks the decode path
+#   scripts/gpu_smoke.sh --dry    # on any machine, the CPU, about a minute (make test-slow runs it): the same checks
+#                                 # through the same functions at tiny sizes (tiny GPT-NeoX in place of Pythia-6.9B, 1-2
+#                                 # prompts, a few tokens, one torch thread), writing the same JSON and table ("dry":
+#                                 # true), after `cli`: every decode check's overrides compose and validate (`tqstar
+#                                 # decode ... --show-config`) and plan (`tqstar plan ...`), at the GPU's and the tiny sizes
+#   scripts/gpu_smoke.sh --cpu    # the same as --dry
 #
-# Knobs (environment): SMOKE_DEVICE (cuda), SMOKE_DTYPE (bfloat16), SMOKE_LIMIT (prompts, 16),
-# SMOKE_SECONDS (time limit per check, 130), SMOKE_CHECKS ("synthetic_tqstar smollm2_offline"),
-# TQSTAR_CACHE (where the synthetic task is built or found; on the GPU box default ./.cache/tqstar,
-# a git-ignored folder that can travel with the working tree).
+# Knobs (environment): SMOKE_CHECKS (which checks, in order), SMOKE_DTYPE (bfloat16: the half dtype of pythia_shaped,
+# shared_prefix and the decode checks; oracle runs float32 and bfloat16, and this too), SMOKE_LIMIT (prompts of the decode
+# checks, 8), SMOKE_SECONDS (one time limit for every check instead of each its own), SMOKE_BUDGET (seconds for all the
+# checks, 450 on the GPU: a check that would start with less than 20 s left is skipped, and none runs past it),
+# TQSTAR_CACHE (where the synthetic task is found; on the GPU box default ./.cache/tqstar, a git-ignored folder that
+# can travel with the working tree).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DEVICE=${SMOKE_DEVICE:-cuda}
-DTYPE=${SMOKE_DTYPE:-bfloat16}
-LIMIT=${SMOKE_LIMIT:-16}
-SECONDS_PER_CHECK=${SMOKE_SECONDS:-130}
-EXTRA=()
-DRY=0
+PROFILE=gpu
 case "${1:-}" in
   "") ;;
-  --dry) DRY=1 ;;
-  --cpu)
-    DEVICE=cpu DTYPE=float32 LIMIT=1 SECONDS_PER_CHECK=${SMOKE_SECONDS:-240}
-    EXTRA=(decoder.max_new_tokens=4 decoder.rollout.max_new_tokens=2 decoder.top_k=3) ;;
-  *) echo "usage: scripts/gpu_smoke.sh [--dry | --cpu]" >&2; exit 2 ;;
+  --dry | --cpu) PROFILE=dry ;;
+  *) echo "usage: scripts/gpu_smoke.sh [--dry]" >&2; exit 2 ;;
 esac
 RESULTS=${OUT:-outputs/gpu_smoke}
 mkdir -p "$RESULTS"
+rm -rf "$RESULTS/checks" "$RESULTS/gpu_smoke.json" "$RESULTS/gpu_smoke.md"
+mkdir -p "$RESULTS/checks"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1
-[ "$DEVICE" != cpu ] && export TQSTAR_CACHE=${TQSTAR_CACHE:-$PWD/.cache/tqstar}
-CHECKS=${SMOKE_CHECKS:-synthetic_tqstar smollm2_offline}
+export SMOKE_GIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-# --- the checks' overrides, as the GPU box runs them (dry: also with device=cpu and tiny sizes)
-check_overrides() {
-  case $1 in
-    synthetic_tqstar) echo "decoder=tqstar" ;;
-    # the packaged GGUF as SFT and baseline: the preset's built DPO baseline would take half an hour to build first
-    smollm2_offline) echo "experiment=smollm2_offline sft=smollm2 baseline=smollm2 dataset=hh_sample" ;;
-    *) return 1 ;;
-  esac
-}
-
-if [ $DRY -eq 1 ]; then
+# Each check's time limit (seconds) and the budget of them all.
+declare -A LIMITS
+if [ "$PROFILE" = dry ]; then
+  CHECKS=${SMOKE_CHECKS:-cli oracle pythia_shaped shared_prefix bench_ratio decode_smollm2_offline decode_synthetic_tqstar}
+  LIMITS=([cli]=90 [oracle]=60 [pythia_shaped]=60 [shared_prefix]=60 [bench_ratio]=60 [decode_smollm2_offline]=90 [decode_synthetic_tqstar]=60)
+  BUDGET=${SMOKE_BUDGET:-300}
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
   PY=.venv/bin/python
   "$PY" -c "import tqstar" 2>/dev/null || PY=python3
-  started=$(date +%s)
-  CHECK_LINES=()
-  for name in $CHECKS; do
-    overrides=$(check_overrides "$name") || { echo "unknown check '$name'; allowed: synthetic_tqstar smollm2_offline" >&2; exit 1; }
-    CHECK_LINES+=("$name $overrides device=$DEVICE sft.dtype=$DTYPE baseline.dtype=$DTYPE dataset.limit=$LIMIT output_dir=$RESULTS/runs")
-    CHECK_LINES+=("$name-cpu $overrides device=cpu sft.dtype=float32 baseline.dtype=float32 dataset.limit=1 output_dir=$RESULTS/runs decoder.max_new_tokens=4 decoder.rollout.max_new_tokens=2 decoder.top_k=3")
-  done
-  # One process for every command (each through the CLI, as typed): composing, validating and planning take seconds.
-  SMOKE_LINES=$(printf '%s\n' "${CHECK_LINES[@]}") "$PY" - <<'PYTHON'
-import os
-import sys
-
-from typer.testing import CliRunner
-
-from tqstar.cli import app
-
-failed = 0
-for line in os.environ["SMOKE_LINES"].splitlines():
-    name, *overrides = line.split()
-    memory = ["--memory", "cuda=24GB"]  # the smallest GPU the smoke checks are meant for
-    for command in (["decode", *overrides, "--show-config"], ["plan", *overrides, *memory]):
-        result = CliRunner().invoke(app, command)
-        # the plan may refuse (exit 2, one line) on a device that is too small: that is a verdict, not a broken command
-        ok = result.exit_code == 0 or (command[0] == "plan" and "will run out of memory" in (result.stderr or ""))
-        peak = [l for l in result.output.splitlines() if "FLOPs per response" in l]
-        print(f"  {'ok ' if ok else 'BAD'} {name}: tqstar {command[0]} ({result.exit_code}) {peak[0].strip() if peak else ''}")
-        if not ok:
-            failed = 1
-            print(result.output[-2000:], result.stderr[-2000:] if result.stderr else "", sep="\n")
-sys.exit(failed)
-PYTHON
-  rc=$?
-  echo "dry run: $([ $rc -eq 0 ] && echo ok || echo FAILED) in $(( $(date +%s) - started )) s (no decode; scripts/gpu_smoke.sh --cpu decodes on the CPU)"
-  exit $rc
-fi
-
-# --- a Python with tqstar: the repo's .venv, else `make setup`, else a system Python that has the deps.
-PY=.venv/bin/python
-if ! "$PY" -c "import torch, transformers, tqstar" 2>/dev/null; then
-  echo "== setting up .venv (make setup)"
-  if ! make setup; then
-    if python3 -c "import torch, transformers, hydra, typer, datasets, vaderSentiment" 2>/dev/null; then
-      echo "   make setup failed; using $(command -v python3) with PYTHONPATH=$PWD"
-      PY=python3
-      export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-    else
-      echo "error: no Python with torch and transformers, and make setup failed (no network?)" >&2
-      exit 1
+else
+  CHECKS=${SMOKE_CHECKS:-oracle pythia_shaped shared_prefix bench_ratio decode_smollm2_offline decode_synthetic_tqstar}
+  LIMITS=([oracle]=90 [pythia_shaped]=120 [shared_prefix]=60 [bench_ratio]=70 [decode_smollm2_offline]=70 [decode_synthetic_tqstar]=60)
+  BUDGET=${SMOKE_BUDGET:-450}
+  export TQSTAR_CACHE=${TQSTAR_CACHE:-$PWD/.cache/tqstar}
+  # --- a Python with tqstar: the repo's .venv, else `make setup`, else a system Python that has the deps.
+  PY=.venv/bin/python
+  if ! "$PY" -c "import torch, transformers, tqstar" 2>/dev/null; then
+    echo "== setting up .venv (make setup)"
+    if ! make setup; then
+      if python3 -c "import torch, transformers, hydra, typer, datasets, vaderSentiment" 2>/dev/null; then
+        echo "   make setup failed; using $(command -v python3) with PYTHONPATH=$PWD"
+        PY=python3
+        export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+      else
+        echo "error: no Python with torch and transformers, and make setup failed (no network?)" >&2
+        exit 1
+      fi
     fi
   fi
-fi
-
-{
-  echo "date: $(date -u +%FT%TZ)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('transformers', transformers.__version__)"
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-} | tee "$RESULTS/environment.txt"
-if [ "$DEVICE" != cpu ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "error: device=$DEVICE but torch sees no CUDA GPU (use --dry on a CPU machine)" >&2
-  exit 1
-fi
-
-# --- one check: decode in-process, then report throughput and peak GPU memory as one JSON line.
-check() {
-  local name=$1; shift
-  echo "== $name"
-  timeout "$SECONDS_PER_CHECK" "$PY" - "$name" "$RESULTS" "$@" <<'PYTHON'
-import json, sys, time
-
-import torch
-
-from tqstar.config import compose, validate
-from tqstar.decode import run_decode
-
-name, results, *overrides = sys.argv[1:]
-cfg = validate(compose(overrides))
-gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-for index in range(gpus):
-    torch.cuda.reset_peak_memory_stats(index)
-started = time.perf_counter()
-result = run_decode(cfg)
-wall = time.perf_counter() - started
-status = json.loads((result.run.path / "run.json").read_text())
-counters = status.get("counters") or {}
-decode_seconds = sum(row["seconds"] for row in result.rows) or float("nan")
-tokens = sum(row["num_tokens"] for row in result.rows)
-rewards = [row["reward"] for row in result.rows]
-report = {
-    "check": name, "device": status.get("device"), "dtype": str(cfg.sft.dtype), "prompts": len(result.rows),
-    "response_tokens": tokens, "decode_seconds": round(decode_seconds, 2), "load_and_decode_seconds": round(wall, 2),
-    "tokens_per_s": round(tokens / decode_seconds, 2),
-    "rollout_tokens_per_s": round(counters.get("rollout_tokens", 0) / decode_seconds, 1),
-    "peak_gpu_memory_gib": [round(torch.cuda.max_memory_allocated(i) / 2**30, 3) for i in range(gpus)],
-    "mean_reward": round(sum(rewards) / len(rewards), 4), "counters": counters, "run": str(result.run.path),
-}
-print(f"{name}: {report['prompts']} prompts, {report['tokens_per_s']} tokens/s "
-      f"({report['rollout_tokens_per_s']} rollout tokens/s), peak GPU memory {report['peak_gpu_memory_gib']} GiB, "
-      f"{report['load_and_decode_seconds']} s with loading, mean reward {report['mean_reward']}")
-with open(f"{results}/gpu_smoke.jsonl", "a") as handle:
-    handle.write(json.dumps(report) + "\n")
-PYTHON
-  local rc=$?
-  [ $rc -eq 124 ] && echo "   $name: timed out after ${SECONDS_PER_CHECK}s"
-  [ $rc -ne 0 ] && echo "{\"check\": \"$name\", \"rc\": $rc}" >> "$RESULTS/gpu_smoke.jsonl"
-  return $rc
-}
-
-COMMON=(device="$DEVICE" sft.dtype="$DTYPE" baseline.dtype="$DTYPE" dataset.limit="$LIMIT" output_dir="$RESULTS/runs")
-failed=0
-# The synthetic task builds itself on first use (cached in TQSTAR_CACHE); that counts against its time limit.
-for name in $CHECKS; do
-  if ! overrides=$(check_overrides "$name"); then
-    echo "unknown check '$name'; allowed: synthetic_tqstar smollm2_offline" >&2; failed=1; continue
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "git: $SMOKE_GIT"
+    "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('transformers', transformers.__version__)"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  } | tee "$RESULTS/environment.txt"
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: torch sees no CUDA GPU (use --dry on a CPU machine)" >&2
+    exit 1
   fi
-  # shellcheck disable=SC2086 # the overrides are words
-  # the plan first (printed and saved beside the measurements: planned vs measured peak memory)
-  "$PY" -m tqstar.cli plan $overrides "${COMMON[@]}" "${EXTRA[@]}" --json "$RESULTS/plan_$name.json" || echo "   $name: the plan refuses (above); decoding anyway"
-  # shellcheck disable=SC2086
-  check "$name" $overrides "${COMMON[@]}" "${EXTRA[@]}" || failed=1
+fi
+
+started=$(date +%s)
+for name in $CHECKS; do
+  limit=${SMOKE_SECONDS:-${LIMITS[$name]:-60}}
+  left=$((BUDGET - ($(date +%s) - started)))
+  if [ "$left" -lt 20 ]; then
+    printf 'skipped\nout of the time budget (SMOKE_BUDGET=%s s)\n' "$BUDGET" > "$RESULTS/checks/$name.rc"
+    echo "== $name: skipped, out of the time budget"
+    continue
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  timeout -k 10 "$limit" "$PY" scripts/gpu_smoke_checks.py run --profile "$PROFILE" --out "$RESULTS" "$name"
+  rc=$?
+  printf '%s\n%s\n' "$rc" "$limit" > "$RESULTS/checks/$name.rc"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "   $name: timed out after ${limit} s"
 done
-echo "results: $RESULTS/gpu_smoke.jsonl"
-exit $failed
+
+"$PY" scripts/gpu_smoke_checks.py report --profile "$PROFILE" --out "$RESULTS" --checks "$CHECKS" --started "$started"
+rc=$?
+echo "gpu smoke ($PROFILE): $([ $rc -eq 0 ] && echo ok || echo FAILED) in $(($(date +%s) - started)) s; results: $RESULTS/gpu_smoke.json, $RESULTS/gpu_smoke.md"
+exit $rc

@@ -314,16 +314,18 @@ class HFClassifierReward(Reward):
                 if p:
                     groups.setdefault(id(kv), (kv, p, []))[2].append(r)
             reference = next(iter(groups.values()))[0]
-            data = []
-            for layer, (k0, v0) in enumerate(reference):
-                padded_keys = k0.new_zeros((rows, k0.shape[1], P, k0.shape[3]))
-                padded_values = v0.new_zeros((rows, v0.shape[1], P, v0.shape[3]))
-                for kv, p, members in groups.values():
-                    index = torch.tensor(members, device=padded_keys.device)
-                    padded_keys[index, :, P - p :] = kv[layer][0][:, :, :p]
-                    padded_values[index, :, P - p :] = kv[layer][1][:, :, :p]
-                data.append((padded_keys, padded_values))
-            cache = DynamicCache(ddp_cache_data=data)
+
+            def layers():  # one layer at a time: DynamicCache copies each, so a list would hold the whole cache twice
+                for layer, (k0, v0) in enumerate(reference):
+                    padded_keys = k0.new_zeros((rows, k0.shape[1], P, k0.shape[3]))
+                    padded_values = v0.new_zeros((rows, v0.shape[1], P, v0.shape[3]))
+                    for kv, p, members in groups.values():
+                        index = torch.tensor(members, device=padded_keys.device)
+                        padded_keys[index, :, P - p :] = kv[layer][0][:, :, :p]
+                        padded_values[index, :, P - p :] = kv[layer][1][:, :, :p]
+                    yield padded_keys, padded_values
+
+            cache = DynamicCache(ddp_cache_data=layers())
         with torch.no_grad():
             out = self.model(
                 input_ids=input_ids,
