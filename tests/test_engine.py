@@ -506,7 +506,10 @@ def test_where_pruning_does_not_apply(settings, bounds, sft_model, baseline_mode
 
 
 def test_settings_say_where_q_is_within_the_reward_bounds():
-    assert DecoderSettings(method="cd").prunes and DecoderSettings(method="tqstar", value="soft").prunes
+    assert DecoderSettings(method="cd").prunes and DecoderSettings(method="cd", value="soft").prunes
+    soft_transfer = dict(method="soft_transfer", value="soft", rollout_selection="sample", rollout_num=2)
+    assert DecoderSettings(**soft_transfer, self_normalize=True).prunes  # sum_j w e^{r/beta} / sum_j w: within the bounds
+    assert not DecoderSettings(**soft_transfer).prunes  # log weights are unbounded
     assert DecoderSettings(method="tqstar", transfer="indirect", self_normalize=True, rollout_num=2, rollout_selection="sample").prunes
     assert not DecoderSettings(method="tqstar", transfer="indirect").prunes
     assert not DecoderSettings(method="cd", selection="sample").prunes

@@ -242,6 +242,9 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
                         policy_logprobs=None if generation.policy_logprobs is None else [round(v, 6) for v in generation.policy_logprobs],
                         cost=cost,
                         trace=generation.trace,
+                        value_diagnostics=None
+                        if generation.diagnostics is None
+                        else {key: round(value, 6) for key, value in generation.diagnostics.items()},
                         **generation.extra,  # a method's own fields (best-of-n's), each a field of the schema
                     ).to_json()
                     run.append(row)

@@ -59,6 +59,10 @@ DIVERSITY_CONVENTION = (
 # ---------------------------------------------------------------------------------------------
 
 
+# Weighed rollouts' diagnostics (rows.VALUE_DIAGNOSTICS): per prompt, means over its steps; per run, means over prompts
+VALUE_DIAGNOSTIC_KEYS = ("ess_fraction", "log_weight_var", "value_spread")
+
+
 def compose_evaluate(overrides: Iterable[str] = ()) -> DictConfig:
     """conf/evaluate.yaml with overrides, checked; ConfigError on any bad value."""
     cfg = compose(list(overrides), config_name="evaluate")
@@ -340,6 +344,8 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
                 # cost of the response (decode's per-row record; runs decoded before it have none)
                 "flops": (row.cost or {}).get("flops"),
                 "forward_tokens": _forward_tokens(row.cost),
+                # weighed rollouts (soft_transfer): the importance weights' diagnostics, means over the response's steps
+                **{key: (row.value_diagnostics or {}).get(key) for key in VALUE_DIAGNOSTIC_KEYS},
             }
         )
     run.per_prompt = per_prompt
@@ -389,6 +395,7 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "rollout_tokens_per_response": (counters["rollout_tokens"] / n) if counters.get("rollout_tokens") is not None and n else None,
         "forward_tokens_per_response": mean_or_none(column("forward_tokens")),
         "flops_per_response": mean_or_none(column("flops")),
+        **{key: mean_or_none(column(key)) for key in VALUE_DIAGNOSTIC_KEYS},
     }
     run.settings = {
         "reward": rewards.describe(reward_cfg),

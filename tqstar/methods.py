@@ -28,6 +28,10 @@ class MethodSpec:
     value: str | None = None  # estimator of Q in decoding/values.py; None = plain decoding (Q = 0, full vocabulary)
     response_level: bool = False  # best-of-n: whole responses are sampled and ranked, not tokens
     sampled: bool = False  # draws samples whatever decoder.selection says (best-of-n)
+    # Rollouts record each token's log-prob under the target pi_k (pi_sft, truncated to decoder.rollout.top_k) and under
+    # the proposal q they were drawn from (decoder.rollout.proposal), so values can be importance-weighted towards pi_k
+    # (soft transfer: decoding/rollouts.py steps the SFT model beside the rollout model).
+    weighs_rollouts: bool = False
 
     @property
     def uses_values(self) -> bool:
@@ -85,12 +89,24 @@ METHODS: dict[str, MethodSpec] = {
             rollout="baseline",
             value="transfer",
         ),
+        MethodSpec(
+            "soft_transfer",
+            "soft transfer: the soft value beta log E_pi_k[e^{r/beta}] estimated by importance sampling with the aligned "
+            "baseline (or a mixture with pi_k) as the proposal of the rollouts",
+            needs_reward=True,
+            needs_baseline=True,
+            rollout="baseline",
+            value="soft_importance",
+            weighs_rollouts=True,
+        ),
     )
 }
 METHOD_NAMES = tuple(METHODS)
 SELECTIONS = ("greedy", "sample")
 VALUES = ("mean", "soft")  # how rollout rewards become Q: their mean, or the soft value beta log mean e^{r/beta}
 TRANSFERS = ("direct", "indirect")
+# soft_transfer: where rollouts are drawn from; the target is pi_k whichever it is (decoder.rollout.proposal)
+PROPOSALS = ("baseline", "mixture", "sft")
 
 
 def spec(method: str) -> MethodSpec:

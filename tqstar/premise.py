@@ -193,3 +193,50 @@ def _group(values: list[float], prompt_of: Sequence[int] | None) -> list[list[fl
 def _samples(rewards_by_prompt: Sequence[Sequence[float]]) -> int | None:
     sizes = {len(r) for r in rewards_by_prompt}
     return sizes.pop() if len(sizes) == 1 else None
+
+
+# ----------------------------------------------------------------------------- the recorded KL of a noisy soft decoder
+#
+# At a state s the optimal decoder draws z from p(z) = softmax_z(log pi_sft(z | s) + V^(s, z) / beta) over pi_sft's top
+# k, with V^ estimated from n rollouts, and records log p(z) - log pi_sft(z). Fresh noise at every step makes the
+# decoder's real step distribution the mean p_bar = E_noise[p] (the draws of V^ are part of the decoder), so the
+# recorded KL, E_noise[KL(p || pi_sft)], exceeds the real one, KL(p_bar || pi_sft), by E_noise[KL(p || p_bar)] >= 0:
+# a Jensen gap in the measurement. What is left, KL(p_bar || pi_sft) - KL(p* || pi_sft) with p* from exact values,
+# is a real distortion of the decoded distribution (KL(p_bar || p*) says how far it moved).
+
+
+def step_distribution(log_pi: Sequence[float], values: Sequence[float], beta: float) -> list[float]:
+    """softmax(log pi_sft(z) + V(z) / beta) over the candidates z."""
+    scores = [lp + v / beta for lp, v in zip(log_pi, values)]
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _kl(p: Sequence[float], q_log: Sequence[float]) -> float:
+    return sum(pi * (math.log(pi) - ql) for pi, ql in zip(p, q_log) if pi > 0)
+
+
+def kl_split(
+    log_pi: Sequence[float], exact: Sequence[float], noisy: Sequence[Sequence[float]], beta: float, weights: Sequence[float] | None = None
+) -> dict:
+    """One state's KL to pi_sft, split. log_pi: log pi_sft of the k candidates (over the whole vocabulary); exact: their
+    values from many rollouts; noisy: R draws of the decoder's own estimates (each k values, e.g. disjoint groups of n
+    of the same rollouts; `weights`: their probabilities when enumerated, else equal). Returns recorded (E_r KL(p_r || pi_sft)), real (KL(p_bar || pi_sft)), target
+    (KL(p* || pi_sft)), jensen_gap (recorded - real), distortion (real - target) and moved (KL(p_bar || p*))."""
+    target_p = step_distribution(log_pi, exact, beta)
+    draws = [step_distribution(log_pi, values, beta) for values in noisy]
+    share = [w / sum(weights) for w in weights] if weights is not None else [1 / len(draws)] * len(draws)
+    mean_p = [sum(w * p[z] for w, p in zip(share, draws)) for z in range(len(log_pi))]
+    recorded = sum(w * _kl(p, log_pi) for w, p in zip(share, draws))
+    real = _kl(mean_p, log_pi)
+    target = _kl(target_p, log_pi)
+    return {
+        "recorded": recorded,
+        "real": real,
+        "target": target,
+        "jensen_gap": recorded - real,
+        "distortion": real - target,
+        "moved": _kl(mean_p, [math.log(p) if p > 0 else -math.inf for p in target_p]),
+    }

@@ -29,6 +29,10 @@ COST = "cost"  # forward tokens per model role, rollout tokens, reward calls and
 BEST_OF_N_REWARDS = "best_of_n_rewards"  # best-of-n only: the reward of each of the n samples
 BEST_OF_N_CHOSEN = "best_of_n_chosen"  # best-of-n only: which sample is the response
 TRACE = "trace"  # decoder.trace only: one entry per step (candidates, log-probs, Q, scores, chosen)
+# Weighed rollouts only (soft_transfer): means over the response's steps of the importance weights' diagnostics
+# (ess_fraction: effective sample size / n; log_weight_var: the variance of the log weights; value_spread: the
+# standard deviation of Q over the valued candidates), and the steps they are over
+VALUE_DIAGNOSTICS = "value_diagnostics"
 
 # Every field, in the order of the keys on disk.
 FIELDS = (
@@ -46,12 +50,13 @@ FIELDS = (
     COST,
     BEST_OF_N_REWARDS,
     BEST_OF_N_CHOSEN,
+    VALUE_DIAGNOSTICS,
     TRACE,
 )
 # What every row has (a reader cannot do without them); rows of older versions may lack any other field.
 REQUIRED = (PROMPT_ID, PROMPT, RESPONSE)
 # Written only when set (by the method or decoder.trace); every other field is always written, null when unknown.
-WHEN_SET = (BEST_OF_N_REWARDS, BEST_OF_N_CHOSEN, TRACE)
+WHEN_SET = (BEST_OF_N_REWARDS, BEST_OF_N_CHOSEN, VALUE_DIAGNOSTICS, TRACE)
 
 
 @dataclass(kw_only=True)
@@ -72,6 +77,7 @@ class GenerationRow:
     cost: dict[str, Any] | None = None
     best_of_n_rewards: list[float] | None = None
     best_of_n_chosen: int | None = None
+    value_diagnostics: dict[str, float] | None = None
     trace: list[dict] | None = None
     # Keys this version does not know (a row of a later version): kept, and written back after the known ones.
     unknown: dict[str, Any] = field(default_factory=dict)

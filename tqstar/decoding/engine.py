@@ -32,7 +32,7 @@ import torch
 
 from ..rewards.base import FunctionReward, Reward, cut_at_stop
 from .kv import KVStream
-from .rollouts import GreedyTail, RolloutRequest, RolloutRunner
+from .rollouts import GreedyTail, RolloutRequest, RolloutRunner, Rollouts
 from .sampling import select
 from .settings import DecoderSettings
 from .stops import StopChecker
@@ -55,6 +55,8 @@ class Generation:
     # What this response cost: forward tokens per model role, rollout tokens, reward calls and tokens
     # (COST_KEYS); a batch's shared passes are charged to the prompt each row belongs to.
     cost: dict = field(default_factory=dict)
+    # Weighed rollouts (soft_transfer): the importance weights' diagnostics, means over steps (rows.VALUE_DIAGNOSTICS)
+    diagnostics: dict | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -354,6 +356,9 @@ class Decoder:
                 entry["rollout_rewards"] = known(details["rewards"][b].tolist())
                 if "weights" in details:
                     entry["rollout_baseline_rewards"] = known(details["baseline_rewards"][b].tolist())
+                if "log_weights" in details:  # weighed rollouts: log pi_k(tau) - log q(tau), and Kish's effective sample size
+                    entry["rollout_log_weights"] = known([[round(w, 6) for w in ws] for ws in details["log_weights"][b].tolist()])
+                    entry["ess"] = known([round(float(v), 4) for v in details["ess"][b]])
             rows.append(entry)
         return rows
 
@@ -398,6 +403,30 @@ def candidate_scores(base: torch.Tensor, alpha: float, values: torch.Tensor | No
         return base
     scores = base + alpha * values
     return scores if pruned is None else scores.masked_fill(pruned.to(scores.device), float("-inf"))
+
+
+def step_diagnostics(details: dict, values: torch.Tensor, n: int) -> list[dict] | None:
+    """Per active row, one step's importance-weight diagnostics over its valued candidates (weighed rollouts only):
+    the mean effective sample size / n, the mean variance of a candidate's n log weights (None for n = 1) and the
+    standard deviation of Q over the candidates (None for one candidate). None without log weights."""
+    if "log_weights" not in details:
+        return None
+    out = []
+    log_weights, ess = details["log_weights"].double(), details["ess"].double()
+    for b in range(log_weights.shape[0]):
+        valued = ~torch.isnan(values[b].double())
+        if not bool(valued.any()):
+            out.append({})
+            continue
+        weights, q = log_weights[b][valued.to(log_weights.device)], values[b].double()[valued]
+        out.append(
+            {
+                "ess_fraction": float(ess[b][valued.to(ess.device)].mean()) / n,
+                "log_weight_var": float(weights.var(dim=-1, unbiased=False).mean()) if n > 1 else None,
+                "value_spread": float(q.std(unbiased=False)) if q.numel() > 1 else None,
+            }
+        )
+    return out
 
 
 def _merge_details(old: dict | None, new: dict | None, rows: torch.Tensor) -> dict | None:
@@ -446,6 +475,8 @@ class _Batch:
         self.sft_logprobs: list[list[float]] = [[] for _ in prompts]
         self.policy_logprobs: list[list[float]] = [[] for _ in prompts]
         self.traces: list[list[dict]] = [[] for _ in prompts]
+        # weighed rollouts: per prompt, the sums over steps of each diagnostic (value_diagnostics) and their counts
+        self.diagnostics: list[dict] = [{} for _ in prompts]
         self.stop_reason = ["max_new_tokens"] * len(prompts)
         # decoder.reuse_rollouts: per prompt the rollout of the token chosen at the previous step (`Step.kept` holds
         # this step's), which the next step's candidate equal to its first token continues (decoding/rollouts.py).
@@ -488,15 +519,26 @@ class _Batch:
         step.kept = {} if reuse else None
         carried = [self.carried[i] for i in self.active] if reuse else None
 
-        def rollouts(pairs=None) -> list[list[int]]:
+        target = self.stream if d.spec.weighs_rollouts else None  # the SFT model's stream (it proposes)
+
+        def rollouts(pairs=None) -> Rollouts:
             request = RolloutRequest(
-                self.rollout_stream, prefixes, candidates, indices, step.t, pairs=pairs, carried=carried, keep=reuse, charge=self.charge
+                self.rollout_stream,
+                prefixes,
+                candidates,
+                indices,
+                step.t,
+                pairs=pairs,
+                carried=carried,
+                keep=reuse,
+                charge=self.charge,
+                target=target,
             )
             with d.on_stage("rollouts"):
                 made = d.rollouts.run(request)
             if made.kept is not None:  # a pruning round's rollouts join the earlier rounds'
                 step.kept.update(made.kept)
-            return made.continuations
+            return made
 
         return ValueContext(
             settings=d.settings,
@@ -552,7 +594,13 @@ class _Batch:
         # One device-to-host copy per step, not one per row.
         tokens, token_sft = step.chosen.tolist(), step.chosen_sft.tolist()
         token_policy = step.policy.tolist() if step.policy is not None else None
+        diagnostics = step_diagnostics(step.details, step.values, d.settings.rollout_num) if step.details else None
         for row, prompt_index in enumerate(self.active):
+            if diagnostics is not None:
+                for key, value in diagnostics[row].items():
+                    if value is not None:
+                        total, count = self.diagnostics[prompt_index].get(key, (0.0, 0))
+                        self.diagnostics[prompt_index][key] = (total + value, count + 1)
             self.generated[prompt_index].append(tokens[row])
             self.sft_logprobs[prompt_index].append(token_sft[row])
             if token_policy is not None:
@@ -613,6 +661,9 @@ class _Batch:
                     stop_reason=self.stop_reason[i],
                     trace=self.traces[i] if s.trace else None,
                     cost=self.cost[i],
+                    diagnostics={key: total / count for key, (total, count) in self.diagnostics[i].items()} or None
+                    if d.spec.weighs_rollouts
+                    else None,
                 )
             )
         return results

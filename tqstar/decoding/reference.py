@@ -8,6 +8,8 @@ enough to check by reading. Greedy selection and greedy rollouts only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..rewards.base import cut_at_stop
@@ -71,3 +73,58 @@ def reference_decode(
         if token == eos or any(stop in text_of(generated) for stop in s.stop_strings):
             break
     return cut_at_stop(text_of(generated), s.stop_strings), generated
+
+
+@torch.no_grad()
+def reference_rollout_log_probs(
+    prefix_ids: list[int], rollout: list[int], sft_model, baseline_model, settings: DecoderSettings
+) -> tuple[float, float, float]:
+    """(log pi_k, log q_sft, log q_bl) of `rollout` after `prefix_ids` (prompt, accepted response, candidate), from one
+    uncached pass of each model over the whole sequence: pi_k is pi_sft renormalised over its top rollout.top_k tokens
+    at each position (the whole vocabulary when unset), q_sft and q_bl the SFT's and the baseline's softmax at the
+    rollout temperature over the same tokens. The slow twin of the engine's weighed rollouts (decoding/rollouts.py)."""
+    if not rollout:
+        return 0.0, 0.0, 0.0
+    device = next(sft_model.parameters()).device
+    sequence = torch.tensor([prefix_ids + rollout], device=device)
+    start = len(prefix_ids) - 1  # the logits at position start + t predict rollout[t]
+    sft = sft_model(input_ids=sequence).logits[0, start : start + len(rollout)].double()
+    base = baseline_model(input_ids=sequence.to(next(baseline_model.parameters()).device)).logits[0, start : start + len(rollout)]
+    base = base.to(sft.device).double()
+    totals = [0.0, 0.0, 0.0]
+    for t, token in enumerate(rollout):
+        kept = torch.arange(sft.shape[-1], device=sft.device)
+        if settings.rollout_top_k is not None:
+            kept = sft[t].topk(min(settings.rollout_top_k, sft.shape[-1])).indices
+        where = (kept == token).nonzero()
+        if len(where) != 1:  # a token outside pi_sft's top k: no weight under pi_k
+            return float("-inf"), float("-inf"), float("-inf")
+        i = int(where[0, 0])
+        T = settings.rollout_temperature
+        totals[0] += float(torch.log_softmax(sft[t][kept], -1)[i])
+        totals[1] += float(torch.log_softmax(sft[t][kept] / T, -1)[i])
+        totals[2] += float(torch.log_softmax(base[t][kept] / T, -1)[i])
+    return totals[0], totals[1], totals[2]
+
+
+def reference_soft_value(rewards: list[float], logs: list[tuple[float, float, float]], settings: DecoderSettings) -> float:
+    """V = beta [log sum_j exp(r_j / beta + log pi_k(tau_j) - log q(tau_j)) - log n] of one candidate's n rollouts (the
+    first rollout.mixture x n drawn from pi_k under proposal=mixture), written out term by term in float64."""
+    n, beta = len(rewards), settings.beta
+    share = settings.mixture_rows / n
+    terms, log_weights = [], []
+    for r, (log_pi_k, log_q_sft, log_q_bl) in zip(rewards, logs):
+        if share == 1:
+            log_q = log_q_sft
+        elif share == 0:
+            log_q = log_q_bl
+        else:
+            log_q = math.log(share * math.exp(log_q_sft) + (1 - share) * math.exp(log_q_bl))
+        log_weights.append(log_pi_k - log_q)
+        terms.append(r / beta + log_weights[-1])
+    top = max(terms)
+    log_total = top + math.log(sum(math.exp(x - top) for x in terms))
+    if settings.self_normalize:
+        peak = max(log_weights)
+        return beta * (log_total - (peak + math.log(sum(math.exp(w - peak) for w in log_weights))))
+    return beta * (log_total - math.log(n))

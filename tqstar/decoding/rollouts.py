@@ -18,6 +18,8 @@ grafted with the kept keys/values (or nothing, when the rollout ends earlier).
 from __future__ import annotations
 
 import logging
+import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,6 +61,9 @@ class RolloutRequest:
     # rolling out again.
     carried: list[GreedyTail | None] | None = None
     keep: bool = False  # return every rollout made here as a `GreedyTail` (Rollouts.kept), for the next step
+    # The SFT model's stream of the accepted prefixes, stepped beside the rollout model's when the method weighs its
+    # rollouts (soft_transfer: MethodSpec.weighs_rollouts): each rollout token's log-prob under pi_k comes from it.
+    target: KVStream | None = None
     # charge(b, key, amount): receives each prompt's rollout and forward tokens (optional).
     charge: Callable[[int, str, int], None] | None = None
 
@@ -78,10 +83,31 @@ class Rollouts:
 
     continuations: list[list[int]]
     kept: dict[int, GreedyTail] | None = None
+    # Weighed rollouts (soft_transfer), per row, summed over its tokens: log pi_k(tau) (the target: pi_sft renormalised
+    # over its top rollout.top_k tokens at every position) and log q(tau) (the density it was drawn from: the
+    # baseline's, pi_k's, or under rollout.proposal=mixture the mixture's); None where not rolled out.
+    log_target: list[float | None] | None = None
+    log_proposal: list[float | None] | None = None
 
     def keep(self, row: int, tokens: list[int], kv=None) -> None:
         if self.kept is not None:
             self.kept[row] = GreedyTail(list(tokens), kv)
+
+
+def _rows_left(last: bool, members: list[int], done: list[bool], streams: list[KVStream], nxt: torch.Tensor):
+    """After a rollout step: None when the rollouts are over (the last step, or every row finished); else the rows to
+    go on with, (members, done, next tokens). A row that finishes stays in the batch (its outputs ignored) until a
+    quarter of the rows have finished: dropping rows copies the whole cache, which costs more than carrying a few
+    finished rows for the remaining steps."""
+    finished = sum(done)
+    if last or finished == len(members):
+        return None
+    if 4 * finished < len(members):
+        return members, done, nxt
+    keep = [position for position, is_done in enumerate(done) if not is_done]
+    for stream in streams:
+        stream.keep(torch.tensor(keep, device=stream.mask.device))
+    return [members[p] for p in keep], [False] * len(keep), nxt[torch.tensor(keep, device=nxt.device)]
 
 
 class RolloutRunner:
@@ -103,6 +129,8 @@ class RolloutRunner:
         total = B * k * n
         todo = list(range(total)) if r.pairs is None else [(b * k + i) * n + j for b, i in r.pairs for j in range(n)]
         out = Rollouts([[] for _ in range(total)], {} if r.keep else None)
+        if s.spec.weighs_rollouts:
+            out.log_target, out.log_proposal = [None] * total, [None] * total
         if r.carried is not None:
             assert n == 1 and s.rollout_selection == "greedy", "only one greedy rollout per candidate is reused"
             todo = self._reuse(r, todo, out)
@@ -222,13 +250,17 @@ class RolloutRunner:
         if not alive:
             for row in rows:
                 out.keep(row, [])
+            self._weights_of_ended(rows, out)
+            return
+        living = set(alive)
+        self._weights_of_ended([row for row in rows if row not in living], out)
+        if s.spec.weighs_rollouts:
+            self._weighed_chunk(r, alive, noise, out)
             return
         device = r.parent.mask.device
         stream = r.parent.fork(torch.tensor([row // (k * n) for row in alive], device=device), share=self._share(r.parent))
         current = torch.tensor([tails[row][-1] for row in alive], device=device)
-        # Stream row p rolls out global row members[p]. A row that finishes stays in the batch (its
-        # outputs ignored) until a quarter of the rows have finished: dropping rows copies the whole
-        # cache, which costs more than carrying a few finished rows for the remaining steps.
+        # Stream row p rolls out global row members[p]; finished rows leave as `_rows_left` says.
         members, done = alive, [False] * len(alive)
         fed = generated = 0
         forward_key = f"{s.spec.rollout}_forward_tokens"
@@ -256,16 +288,10 @@ class RolloutRunner:
                     generated += 1
                     r.charge_to(row // (k * n), "rollout_tokens", 1)
                     done[position] = self._ends(tails[row])
-                finished = sum(done)
-                if step == L - 1 or finished == len(members):
+                left = _rows_left(step == L - 1, members, done, [stream], nxt)
+                if left is None:
                     break
-                if 4 * finished >= len(members):
-                    keep = [position for position, is_done in enumerate(done) if not is_done]
-                    keep_index = torch.tensor(keep, device=device)
-                    stream.keep(keep_index)
-                    nxt = nxt[keep_index]
-                    members, done = [members[p] for p in keep], [False] * len(keep)
-                current = nxt
+                members, done, current = left
         self.counters["rollout_tokens"] += generated
         self.counters[f"{s.spec.rollout}_forward_tokens"] += fed  # the rollout model's, even when it shares the proposer's cache
         if out.kept is not None:
@@ -275,3 +301,92 @@ class RolloutRunner:
             for row in rows:
                 p = full.get(row)
                 out.keep(row, continuations[row], None if p is None else [(keys[p : p + 1], values[p : p + 1]) for keys, values in kv])
+
+    # ------------------------------------------------------------------ weighed rollouts (soft transfer)
+    def _weights_of_ended(self, rows: list[int], out: Rollouts) -> None:
+        """A candidate that ends the response has an empty rollout: probability 1 under every density."""
+        if out.log_target is not None:
+            for row in rows:
+                out.log_target[row] = out.log_proposal[row] = 0.0
+
+    def _weighed_chunk(self, r: RolloutRequest, alive: list[int], noise, out: Rollouts) -> None:
+        """Sampled rollouts of rows `alive` whose tokens carry their log-probs under pi_k and under the proposal.
+
+        The SFT model's stream (`r.target`) steps beside the baseline's (`r.parent`; not needed when every row draws
+        from pi_k). At each position S is pi_sft's top rollout.top_k tokens (the whole vocabulary when unset); pi_k is
+        pi_sft renormalised over S; a row draws from q_sft = softmax(sft logits / T) over S (rollout j < mixture_rows
+        of its candidate) or q_bl = softmax(baseline logits / T) over S, with the row's own noise. Every row
+        accumulates log pi_k, log q_sft and log q_bl of its tokens; its proposal density is the one it was drawn from,
+        or under rollout.proposal=mixture the mixture's, sum_c (n_c / n) q_c (the balance heuristic)."""
+        s = self.settings
+        k, n, L = r.k, s.rollout_num, s.rollout_max_new_tokens
+        from_sft_rows, T = s.mixture_rows, s.rollout_temperature
+        device = r.target.mask.device
+        owners = torch.tensor([row // (k * n) for row in alive], device=device)
+        streams = {"sft": r.target.fork(owners, share=self._share(r.target))}
+        if from_sft_rows < n:
+            streams["baseline"] = r.parent.fork(owners.to(r.parent.mask.device), share=self._share(r.parent))
+        tails = {
+            row: r.prefixes[row // (k * n)][-self.stops.tail_tokens :] + [r.candidates[row // (k * n)][(row // n) % k]] for row in alive
+        }
+        sums = {row: [0.0, 0.0, 0.0] for row in alive}  # log pi_k, log q_sft, log q_bl
+        current = torch.tensor([tails[row][-1] for row in alive], device=device)
+        members, done = alive, [False] * len(alive)
+        fed = dict.fromkeys(streams, 0)
+        with ExitStack() as contexts:
+            for stream in streams.values():
+                contexts.enter_context(stream.steps())
+            for step in range(L):
+                logits = {role: stream.step(current.to(stream.mask.device)).to(device) for role, stream in streams.items()}
+                for role in streams:
+                    fed[role] += len(members)
+                    for row in members:
+                        r.charge_to(row // (k * n), f"{role}_forward_tokens", 1)
+                sft = logits["sft"]
+                if s.rollout_top_k is None:
+                    ids, sft_top = None, sft
+                else:
+                    sft_top, ids = sft.topk(min(s.rollout_top_k, sft.shape[-1]), dim=-1)
+                base_top = None if "baseline" not in logits else (logits["baseline"] if ids is None else logits["baseline"].gather(1, ids))
+                uniform = noise[torch.tensor(members, device=noise.device), step].to(device)
+                from_sft = torch.tensor([row % n < from_sft_rows for row in members], device=device)
+                probs = torch.softmax(sft_top / T, dim=-1)  # the same draw as an SFT rollout (decoder=cd) for rows of pi_k
+                if base_top is not None:
+                    probs = torch.where(from_sft[:, None], probs, torch.softmax(base_top / T, dim=-1))
+                pick = sample_index(probs, uniform)
+                nxt = pick if ids is None else ids.gather(1, pick[:, None]).squeeze(1)
+                at = pick[:, None]
+                log_pi_k = torch.log_softmax(sft_top, dim=-1).gather(1, at).squeeze(1).tolist()
+                log_q_sft = torch.log_softmax(sft_top / T, dim=-1).gather(1, at).squeeze(1).tolist()
+                log_q_bl = (
+                    [0.0] * len(members) if base_top is None else torch.log_softmax(base_top / T, dim=-1).gather(1, at).squeeze(1).tolist()
+                )
+                for position, (row, token) in enumerate(zip(members, nxt.tolist())):
+                    if done[position]:
+                        continue
+                    out.continuations[row].append(token)
+                    tails[row].append(token)
+                    total = sums[row]
+                    total[0] += log_pi_k[position]
+                    total[1] += log_q_sft[position]
+                    total[2] += log_q_bl[position]
+                    r.charge_to(row // (k * n), "rollout_tokens", 1)
+                    self.counters["rollout_tokens"] += 1
+                    done[position] = self._ends(tails[row])
+                left = _rows_left(step == L - 1, members, done, list(streams.values()), nxt)
+                if left is None:
+                    break
+                members, done, current = left
+        for role, tokens in fed.items():
+            self.counters[f"{role}_forward_tokens"] += tokens
+        share = from_sft_rows / n
+        for row, (log_pi_k, log_q_sft, log_q_bl) in sums.items():
+            out.log_target[row] = log_pi_k
+            if share == 1:
+                out.log_proposal[row] = log_q_sft
+            elif share == 0:
+                out.log_proposal[row] = log_q_bl
+            else:
+                out.log_proposal[row] = float(
+                    torch.logsumexp(torch.tensor([math.log(share) + log_q_sft, math.log(1 - share) + log_q_bl], dtype=torch.float64), 0)
+                )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..methods import METHODS, SELECTIONS, TRANSFERS, VALUES, MethodSpec, spec
+from ..methods import METHODS, PROPOSALS, SELECTIONS, TRANSFERS, VALUES, MethodSpec, spec
 
 # Nested config blocks flattened into fields: decoder.rollout.num -> rollout_num.
 NESTED = ("rollout",)
@@ -52,6 +52,11 @@ class DecoderSettings:
     rollout_selection: str = "greedy"
     rollout_temperature: float = 1.0
     rollout_top_k: int | None = None  # sampled rollouts draw from the rollout model's top k tokens only; None = whole vocabulary
+    # soft_transfer: rollouts drawn from the baseline (restricted to pi_sft's top rollout.top_k tokens), from a mixture of
+    # pi_k and the baseline (rollout.mixture of them from pi_k; weighted by the mixture's density, the balance
+    # heuristic of multiple importance sampling), or from pi_k itself (the optimal decoder with SFT rollouts)
+    rollout_proposal: str = "baseline"
+    rollout_mixture: float = 0.5  # rollout.proposal=mixture: the share of each candidate's rollouts drawn from pi_k
     sample_top_k: int | None = None  # sampled plain decoding (sft, baseline, best_of_n): top-k sampling; None = whole vocabulary
     prune: bool = True  # exact bound pruning of candidates where it is exact (see `prunes`); false: value every candidate
     reuse_rollouts: bool = True  # greedy rollouts: reuse the chosen candidate's rollout at the next step (see `reuses_rollouts`)
@@ -67,6 +72,7 @@ class DecoderSettings:
             ("rollout_selection", SELECTIONS),
             ("transfer", TRANSFERS),
             ("value", VALUES),
+            ("rollout_proposal", PROPOSALS),
         ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{config_key(key)}={getattr(self, key)!r} is not allowed; {did_you_mean(getattr(self, key), allowed)}")
@@ -83,6 +89,8 @@ class DecoderSettings:
         for key in _POSITIVE:
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
                 raise bad(key, "must be a number > 0")
+        if not _is_number(self.rollout_mixture) or not 0 < self.rollout_mixture < 1:
+            raise bad("rollout_mixture", "must be a number strictly between 0 and 1 (the share of rollouts drawn from pi_k)")
         for key in ("prune", "reuse_rollouts", "shared_prefix"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be true or false")
@@ -116,11 +124,55 @@ class DecoderSettings:
             )
         if self.value == "soft" and self.needs_baseline_reward:
             raise ConfigError("decoder.value=soft with decoder.transfer=indirect is not defined here; use transfer=direct, or value=mean")
+        if self.value == "soft" and self.spec.rollout == "baseline" and not self.spec.weighs_rollouts:
+            raise ConfigError(
+                f"decoder.value=soft with decoder.method={self.method!r} takes beta log mean e^(r/beta) over baseline rollouts, "
+                "which counts the baseline's tilt towards r twice; use decoder=soft_transfer (the same rollouts weighted by "
+                "pi_k/q), or decoder=cd for SFT rollouts"
+            )
+        if self.spec.weighs_rollouts:
+            self._check_soft_transfer()
+        elif self.rollout_proposal != "baseline" or self.rollout_mixture != 0.5:
+            raise ConfigError(
+                f"decoder.rollout.proposal / decoder.rollout.mixture apply to decoder=soft_transfer only, not "
+                f"decoder.method={self.method!r}; leave them at their defaults (baseline, 0.5)"
+            )
         if self.self_normalize and self.needs_baseline_reward and self.rollout_num == 1:
             raise ConfigError(
                 "decoder.self_normalize=true with decoder.rollout.num=1: sum(w r) / sum(w) over one rollout is r "
                 "itself (direct transfer); use decoder.rollout.num >= 2 with decoder.rollout.selection=sample"
             )
+
+    def _check_soft_transfer(self) -> None:
+        if self.value != "soft":
+            raise ConfigError(
+                "decoder=soft_transfer estimates the soft value (decoder.value=soft); for the mean reward of baseline rollouts "
+                "use decoder=tqstar"
+            )
+        if self.transfer != "direct":
+            raise ConfigError("decoder=soft_transfer with decoder.transfer=indirect is not defined here; use transfer=direct")
+        if self.rollout_selection != "sample":
+            raise ConfigError(
+                "decoder=soft_transfer weighs sampled rollouts by pi_k/q; greedy rollouts are no sample of q: "
+                "use decoder.rollout.selection=sample"
+            )
+        if self.rollout_proposal == "mixture":
+            drawn = self.mixture_rows
+            if not 0 < drawn < self.rollout_num:
+                raise ConfigError(
+                    f"decoder.rollout.proposal=mixture draws round({self.rollout_mixture} x {self.rollout_num}) = {drawn} of "
+                    f"decoder.rollout.num={self.rollout_num} rollouts from pi_k: it needs at least one from each; use "
+                    "decoder.rollout.num >= 2 and another decoder.rollout.mixture"
+                )
+
+    @property
+    def mixture_rows(self) -> int:
+        """Rollouts per candidate drawn from pi_k: all of them (proposal=sft), rollout.mixture of them (mixture), none."""
+        if self.rollout_proposal == "sft":
+            return self.rollout_num
+        if self.rollout_proposal == "mixture":
+            return int(round(self.rollout_mixture * self.rollout_num))
+        return 0
 
     @classmethod
     def from_config(cls, decoder_cfg: Any) -> "DecoderSettings":
@@ -165,8 +217,8 @@ class DecoderSettings:
         self_normalize=false), whose weights are unbounded."""
         if not self.uses_rollouts:
             return False  # ARGS's Q, a reward, is within them too; not pruned: its k candidates cost one reward batch, no rollouts
-        if self.needs_baseline_reward:
-            return self.self_normalize
+        if self.needs_baseline_reward or self.spec.weighs_rollouts:
+            return self.self_normalize  # log weights are unbounded: only sum_j w_j e^{r_j/beta} / sum_j w_j stays within
         return True
 
     @property

@@ -16,12 +16,19 @@ rewards are plain functions that the reference oracle shares.
   log-mean-exp of the rollout rewards. With SFT rollouts, alpha = 1/beta and sampled selection, the
   decoder draws from rho*_beta(z | s) ∝ pi_sft(z | s) E[e^{r/beta} | s, z] up to the top-k cut and
   Monte-Carlo error: the exact optimum of the KL-regularised objective (the optimal-decoder preset in conf/experiment/).
+  With baseline rollouts this would count the baseline's tilt towards r twice; settings refuse it.
+- soft_importance (soft_transfer): the same soft value of pi_k (pi_sft truncated to rollout.top_k) estimated from
+  rollouts tau_j ~ q (the baseline, a mixture, or pi_k): V_i = beta [logsumexp_j (r_ij / beta + log w_ij) - log n],
+  log w_ij = log pi_k(tau_ij) - log q(tau_ij); self-normalised (decoder.self_normalize): - logsumexp_j log w_ij instead
+  of - log n. Unbiased in Z = E_pi_k[e^{r/beta}] and consistent; exact at n = 1 when q is rho*_{beta,k}; with q = pi_k
+  every log w is 0 and it is soft_q. Details carry the log weights and each candidate's effective sample size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -39,8 +46,9 @@ class ValueContext:
         [list[str], list[str], list[int]], list[float]
     ]  # r(prompts, responses, owners): owners[i] = row b of pair i, for costs
     baseline_reward: Callable[[list[str], list[str], list[int]], list[float]] | None  # r_bl (indirect transfer), same signature
-    # rollouts(pairs): continuations of rows (b, i, j) in that order, [] for the rows of candidates not in pairs
-    rollouts: Callable[[list[tuple[int, int]]], list[list[int]]]
+    # rollouts(pairs): a `Rollouts` (decoding/rollouts.py) of rows (b, i, j) in that order: continuations, [] for the rows
+    # of candidates not in pairs, and, for weighed rollouts, their log-probs under pi_k and the proposal
+    rollouts: Callable[[list[tuple[int, int]]], Any]
     device: torch.device
     select: list[list[bool]] | None = None  # (B, k): the candidates to value now; None = all
 
@@ -80,6 +88,20 @@ def soft_q(rewards: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * (torch.logsumexp(rewards / beta, dim=-1) - torch.log(torch.tensor(float(n), dtype=rewards.dtype, device=rewards.device)))
 
 
+def soft_importance_q(rewards: torch.Tensor, log_weights: torch.Tensor, beta: float, self_normalize: bool) -> torch.Tensor:
+    """(B, k, n) rewards and log importance weights log pi_k(tau) - log q(tau) -> (B, k): the soft value of pi_k."""
+    total = torch.logsumexp(rewards / beta + log_weights, dim=-1)
+    if self_normalize:
+        return beta * (total - torch.logsumexp(log_weights, dim=-1))
+    n = rewards.shape[-1]
+    return beta * (total - math.log(n))
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
+    """(..., n) log weights -> (...): Kish's (sum w)^2 / sum w^2, between 1 and n (n when the weights are equal)."""
+    return torch.exp(2 * torch.logsumexp(log_weights, dim=-1) - torch.logsumexp(2 * log_weights, dim=-1))
+
+
 def q_from_rollouts(settings: DecoderSettings, rewards: torch.Tensor, baseline_rewards: torch.Tensor | None) -> torch.Tensor:
     """Q (B, k) from (B, k, n) rollout rewards, by the method's estimator."""
     if settings.value == "soft":
@@ -115,7 +137,8 @@ def from_rollouts(ctx: ValueContext):
     s = ctx.settings
     (B, k), n = ctx.shape, s.rollout_num
     pairs = ctx.pairs()
-    continuations = ctx.rollouts(pairs)
+    made = ctx.rollouts(pairs)
+    continuations = made.continuations
     owners = [b for b, _ in pairs for _ in range(n)]
     prompts = [ctx.prompts[b] for b in owners]
     responses = [
@@ -127,6 +150,12 @@ def from_rollouts(ctx: ValueContext):
     if s.needs_baseline_reward:
         baseline_rewards = _scatter(ctx.baseline_reward(prompts, responses, owners), pairs, (B, k, n), ctx.device)
         details.update(baseline_rewards=baseline_rewards, weights=importance_weights(rewards, baseline_rewards, s.beta_bl))
+    if s.spec.weighs_rollouts:
+        logs = [made.log_target[(b * k + i) * n + j] - made.log_proposal[(b * k + i) * n + j] for b, i in pairs for j in range(n)]
+        log_weights = _scatter(logs, pairs, (B, k, n), ctx.device)
+        values = soft_importance_q(rewards, log_weights, s.beta, s.self_normalize)
+        details.update(log_weights=log_weights, ess=effective_sample_size(log_weights))
+        return values.to(torch.float32), details
     values = q_from_rollouts(s, rewards, baseline_rewards)
     return values.to(torch.float32), details
 
@@ -135,4 +164,5 @@ ESTIMATORS: dict[str, Callable[[ValueContext], tuple[torch.Tensor, dict | None]]
     "partial_reward": partial_reward,
     "rollout_mean": from_rollouts,
     "transfer": from_rollouts,
+    "soft_importance": from_rollouts,  # the rollouts' log weights towards pi_k (MethodSpec.weighs_rollouts)
 }
