@@ -6,7 +6,9 @@ import importlib
 from pathlib import Path
 
 from ..errors import ConfigError
+from .agreement import judge_agreement
 from .base import REWARD_TYPES, FunctionReward, Reward, RewardBoundsError, RewardValueError, check_bounds, cut_at_stop, validate_reward_cfg
+from .lexicons import AfinnReward, TextBlobReward
 from .vader import VaderReward
 
 __all__ = [
@@ -15,6 +17,9 @@ __all__ = [
     "RewardBoundsError",
     "RewardValueError",
     "VaderReward",
+    "AfinnReward",
+    "TextBlobReward",
+    "judge_agreement",
     "build_reward",
     "check_bounds",
     "load_callable",
@@ -44,7 +49,7 @@ def load_callable(spec: str, key: str = "reward.function"):
 
 
 def build_reward(cfg, default_device: str = "auto") -> Reward:
-    """A Reward from a `reward` config (type vader | hf | callable), with its declared `bounds` (null = unbounded)."""
+    """A Reward from a `reward` config (type vader | afinn | textblob | hf | callable), with its declared `bounds` (null = unbounded)."""
     from ..models import config_key
 
     stops = list(cfg.get("stop_strings") or [])
@@ -52,10 +57,14 @@ def build_reward(cfg, default_device: str = "auto") -> Reward:
     kind = cfg.type
     if kind == "vader":
         return VaderReward(stop_strings=stops, bounds=bounds)
+    if kind == "afinn":
+        return AfinnReward(stop_strings=stops, bounds=bounds)
+    if kind == "textblob":
+        return TextBlobReward(stop_strings=stops, bounds=bounds)
     if kind == "callable":
         fn = load_callable(cfg.function, config_key(cfg, "function"))
         return FunctionReward(fn, name=str(cfg.function), stop_strings=stops, bounds=bounds)
-    return _build_hf(cfg, default_device, stops, bounds)  # validate_reward_cfg let only the three types through
+    return _build_hf(cfg, default_device, stops, bounds)  # validate_reward_cfg let only REWARD_TYPES through: hf is the one left
 
 
 def _build_hf(cfg, default_device: str, stops: list[str], bounds: tuple[float, float] | None) -> Reward:

@@ -10,7 +10,7 @@ from ..errors import ConfigError, check_choice
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 # What a reward config's `type` may be: rewards.build_reward has one branch for each.
-REWARD_TYPES = ("vader", "hf", "callable")
+REWARD_TYPES = ("vader", "hf", "callable", "afinn", "textblob")
 # What a Hugging Face classifier reward scores with (config `reward.output`): its raw logit, or the label's probability.
 HF_OUTPUTS = ("logit", "probability")
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..builds import build_once, first_use_line, is_built, load_manifest
 from ..files import read_jsonl, write_jsonl
+from ..stats import pearson, spearman  # noqa: F401  (proxy.pearson / proxy.spearman: the proxy tests read them here)
 from .cache import _versions, task_dir
 from .params import STOP_STRINGS, BuildParams
 
@@ -177,35 +178,6 @@ def pairwise_accuracy(groups: list[int], rewards: list[float], scores: list[floa
                 total += 1
                 right += (scores[i] - scores[j]) * dr > 0
     return (right / total if total else None), total
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 2:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
-
-
-def _ranks(xs: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their average rank."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and xs[order[end + 1]] == xs[order[start]]:
-            end += 1
-        for k in range(start, end + 1):
-            ranks[order[k]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    return pearson(_ranks(xs), _ranks(ys))
 
 
 # ----------------------------------------------------------------------------- the proxy build
