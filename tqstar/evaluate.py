@@ -293,6 +293,13 @@ def trace_diagnostics(row: GenerationRow) -> tuple[float | None, float | None]:
     return mean_or_none(spreads), mean_or_none(gaps)
 
 
+def ended_share(stop_reasons: Iterable[str | None]) -> float | None:
+    """The share of responses that ended by themselves (stop_reason eos or stop_string, not max_new_tokens),
+    over the rows that record a stop_reason; None when none does (runs decoded before rows had one)."""
+    known = [reason for reason in stop_reasons if reason is not None]
+    return sum(reason != "max_new_tokens" for reason in known) / len(known) if known else None
+
+
 def _forward_tokens(cost: dict | None) -> int | None:
     """Tokens the policy models read for a response (SFT and baseline, rollouts included)."""
     if not cost:
@@ -387,6 +394,7 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "optimism_gap": optimism_mean,
         "optimism_gap_stderr": optimism_stderr,
         "tokens_mean": mean_or_none(tokens),
+        "ended_share": ended_share(row.stop_reason for row in run.rows),  # ended by EOS or a stop string, not the cap
         "chars_mean": mean_or_none(column("num_chars")),
         "seconds_per_response": mean_or_none(seconds),
         "tokens_per_second": (sum(tokens) / sum(seconds)) if seconds and sum(seconds) > 0 else None,

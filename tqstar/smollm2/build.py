@@ -22,7 +22,12 @@ Recipe (v1, Smollm2Params):
      dpo_bl/), near-ties skipped; each baseline is DPO of sft/ (TRL's DPOTrainer, beta / bl_beta) on its pairs;
   5. evaluation.py: the premise checks of both baselines on the test prompts, and the headline: dpo/'s
      sampled mean VADER minus sft/'s, paired by prompt, in standard errors.
-The manifest's ``seconds`` records each stage's time. Where a build lives and its key: cache.py.
+The manifest's ``seconds`` records each stage's time (prompts, sft, samples, dpo, dpo_bl, premise, total);
+``training.<baseline>.seconds`` splits a DPO stage (load, train, save) and ``premise_seconds`` the premise
+checks (SFT samples, each baseline's samples). ``sizes.samples_ended_share`` and the premise checks'
+``finished_frac`` say how many responses ended by themselves. Where a build lives and its key: cache.py.
+With ``lora_rank`` set, step 4 trains LoRA adapters and merges them (training.py); ``instruction`` ends every
+question of step 1 (prompts.py).
 
 Module order (each imports only from those before it): prompts -> params -> cache, rewards -> sampling,
 training -> evaluation -> build. Heavy libraries are imported inside the functions that need them.
@@ -92,6 +97,22 @@ def _sample_rows(prompts: list[dict], rows: list[dict], keep_ids: bool = False) 
     return [{"prompt_id": prompts[r["prompt_index"]]["id"], "prompt_index": r["prompt_index"], **{k: r.get(k) for k in keys}} for r in rows]
 
 
+def _timed_tasks(task):
+    """(``task`` that also notes when each progress task starts, ``ends(t_end)`` -> seconds per task, each
+    from its start to the next one's or ``t_end``), keyed by the task's description without "premise: "."""
+    starts: list[tuple[str, float]] = []
+
+    def timed(description: str, total):
+        starts.append((description.removeprefix("premise: ").lower().replace(" ", "_"), time.perf_counter()))
+        return task(description, total)
+
+    def ends(t_end: float) -> dict[str, float]:
+        bounds = [t for _, t in starts[1:]] + [t_end]
+        return {name: end - start for (name, start), end in zip(starts, bounds)}
+
+    return timed, ends
+
+
 def _build(out: Path, seed: int, params: Smollm2Params, bar) -> dict:
     """Fill ``out`` with every file of the layout but the manifest; return the manifest."""
     import torch
@@ -102,7 +123,7 @@ def _build(out: Path, seed: int, params: Smollm2Params, bar) -> dict:
 
     # 1. prompts
     t0 = time.perf_counter()
-    train, test = make_prompts(seed, params.n_train_prompts, params.n_test_prompts)
+    train, test = make_prompts(seed, params.n_train_prompts, params.n_test_prompts, params.instruction)
     write_jsonl(out / "prompts" / "train.jsonl", train)
     write_jsonl(out / "prompts" / "test.jsonl", test)
     seconds["prompts"] = time.perf_counter() - t0
@@ -163,11 +184,13 @@ def _build(out: Path, seed: int, params: Smollm2Params, bar) -> dict:
 
     # 5. premise checks on the held-out prompts, and the headline
     t0 = time.perf_counter()
-    checks, headline, heldout = premise_checks(out, [p["prompt"] for p in test], params, seed + 1, task=bar.task)
+    task, premise_parts = _timed_tasks(bar.task)
+    checks, headline, heldout = premise_checks(out, [p["prompt"] for p in test], params, seed + 1, task=task)
     for name, rows in heldout.items():
         write_jsonl(out / "heldout" / f"{name}.jsonl", _sample_rows(test, rows))
     seconds["premise"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
+    premise_seconds = premise_parts(t0 + seconds["premise"])
 
     return {
         "task": "smollm2",
@@ -188,11 +211,15 @@ def _build(out: Path, seed: int, params: Smollm2Params, bar) -> dict:
             "test_prompts": len(test),
             "samples": len(samples),
             "samples_finished": sum(s["finished"] for s in samples),
+            # the share of the SFT samples that ended by themselves (EOS or a stop string) within max_new_tokens
+            "samples_ended_share": round(sum(s["finished"] for s in samples) / len(samples), 4),
             "sample_tokens_mean": round(sum(s["n_tokens"] for s in samples) / len(samples), 2),
         },
         "pairs": pair_stats,
         "training": training,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        # the premise stage by part: SFT samples (and the rewards, the optimum's estimates), each baseline's samples
+        "premise_seconds": {k: round(v, 2) for k, v in premise_seconds.items()},
         "premise": checks,
         "headline": headline,
         "versions": versions(),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import ConfigError, did_you_mean
 from .prompts import MAX_PROMPTS
@@ -20,6 +20,12 @@ MODEL_NAMES = ("sft", "dpo", "dpo_bl")  # smollm2:<name> models: folders of the 
 # the HH turn marker, and the chat end marker in case a tokenizer does not treat it as EOS.
 STOP_STRINGS = ("\n\nHuman:", "<|im_end|>")
 PROMPT_FORMAT = "chat"  # the models see the chat template; the rewards see the HH prompt as written
+# Every linear layer of a Llama block (transformers' LlamaAttention and LlamaMLP; SmolLM2 is a Llama): LoRA's targets.
+LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# Not LoRA targets: TRL computes log-probs from lm_head.weight directly, and the embedding is tied to it.
+NOT_LORA_TARGETS = ("lm_head", "embed_tokens")
+# An instruction may not hold the HH turn markers (it sits inside the Human turn).
+HH_MARKERS = ("Human:", "Assistant:")
 TARGET_REWARD = "vader"  # r: conf/reward/vader.yaml
 BASELINE_REWARD = "tqstar.smollm2.rewards:on_topic"  # r_bl: conf/reward/smollm2_on_topic.yaml
 
@@ -34,6 +40,9 @@ class Smollm2Params:
     # prompts (prompts.py): the held-out split is cut first, so it does not change with n_train_prompts
     n_train_prompts: int = 400
     n_test_prompts: int = 128
+    # appended to every question of the prompt set (e.g. "Answer in one or two sentences."), so the SFT samples,
+    # the DPO pairs, the premise checks and dataset=smollm2 decodes all see it; None: the questions as they are
+    instruction: str | None = None
     # SFT samples on the train prompts, through the engine at temperature 1, scored by r and r_bl
     samples_per_prompt: int = 4
     max_new_tokens: int = 48
@@ -50,6 +59,12 @@ class Smollm2Params:
     warmup_ratio: float = 0.1
     train_embeddings: bool = False  # the tied embedding / LM-head matrix (28M of 135M parameters) stays frozen
     train_layers: int | None = None  # train only the top this many transformer blocks (the rest frozen); None: all
+    # LoRA (peft) for DPO: rank-r adapters on the blocks' linear layers (within train_layers), merged into the weights
+    # after training, so the saved folder is a plain model; None: full fine-tuning of the blocks
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # > 0 also leaves the model's own dropout on in training (TRL turns all dropout off otherwise)
+    lora_target_modules: str = LORA_TARGET_MODULES  # comma-separated names of the linear layers that get adapters
     # premise checks on the held-out prompts (tqstar.premise)
     premise_sft_samples: int = 8  # per test prompt: importance-sampling estimates of rho*_beta (16: about 4 CPU minutes more)
     premise_policy_samples: int = 4  # per test prompt and baseline: sampled reward, KL, implied reward
@@ -76,9 +91,35 @@ class Smollm2Params:
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be null (the epochs decide) or an integer >= 1")
         need(self.train_layers is None or self.train_layers >= 1, "train_layers", "must be null (all blocks) or an integer >= 1")
         need(bool(self.sft_source), "sft_source", "a model folder, a hub id or packaged:smollm2")
+        need(
+            self.instruction is None or (bool(self.instruction.strip()) and not any(m in self.instruction for m in HH_MARKERS)),
+            "instruction",
+            "null (the questions as they are) or a non-empty text without the HH markers 'Human:' / 'Assistant:'",
+        )
+        need(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "must be null (full fine-tuning) or an integer >= 1")
+        need(self.lora_alpha > 0, "lora_alpha", "must be a number > 0")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be a number in [0, 1)")
+        modules = self.lora_modules
+        need(
+            bool(modules) and all(m.isidentifier() and m not in NOT_LORA_TARGETS for m in modules),
+            "lora_target_modules",
+            f"comma-separated names of linear layers in the blocks, e.g. {LORA_TARGET_MODULES!r} (not {' or '.join(NOT_LORA_TARGETS)})",
+        )
+        need(
+            self.lora_rank is None or not self.train_embeddings,
+            "train_embeddings",
+            "must be false with lora_rank set (LoRA adapts the blocks' linear layers; the tied embedding stays frozen)",
+        )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The knobs (the build key hashes them; the manifest holds them), less the knobs added after recipe v1
+        while at their default: a build of the v1 knobs keeps its key (and its runs their hashes)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in LATER_KNOBS and v == LATER_KNOBS[k])}
+
+    @property
+    def lora_modules(self) -> list[str]:
+        """``lora_target_modules`` as a list of layer names."""
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
     @property
     def baselines(self) -> dict[str, tuple[str, float]]:
@@ -86,18 +127,32 @@ class Smollm2Params:
         return {"dpo": ("target_reward", self.beta), "dpo_bl": ("baseline_reward", self.bl_beta)}
 
 
+# Knobs added after recipe v1 and their defaults, under which a build is the v1 recipe (to_dict leaves them out).
+LATER_KNOBS = {
+    "instruction": None,
+    "lora_rank": None,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_target_modules": LORA_TARGET_MODULES,
+}
+
 # Wall seconds of the default build on a quiet 2-core CPU machine (2 threads; README): what its first-use line quotes.
 BUILD_SECONDS = 2776
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Smollm2Params))
+# The fields whose default is None, by the type a value must have (the annotations are strings: "int | None").
+OPTIONAL_TYPES = {f.name: str if str(f.type).startswith("str") else int for f in dataclasses.fields(Smollm2Params) if f.default is None}
 
 
 def _fits(value: Any, default: Any) -> bool:
-    """Whether a config value has the type of a field's default (an int where a float is expected is fine)."""
+    """Whether a config value has the type of a field's default (an int where a float is expected is fine);
+    ``default`` is the type itself for a field whose default is None."""
+    if isinstance(default, type):
+        return isinstance(value, default) and not isinstance(value, bool)
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
-    if default is None or isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, int) and not isinstance(default, bool):
         return isinstance(value, int)
     if isinstance(default, float):
         return isinstance(value, (int, float))
@@ -120,8 +175,13 @@ def params_from_config(node: Any) -> Smollm2Params:
         if value is None:
             continue
         default = getattr(defaults, name)
+        if default is None:
+            default = OPTIONAL_TYPES[name]
+        if name == "lora_target_modules" and isinstance(value, Sequence) and not isinstance(value, str):
+            value = ",".join(str(v) for v in value)  # a list of names in the config
         if not _fits(value, default):
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "an integer")
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+            kind = kind.get(default if isinstance(default, type) else type(default), "an integer")
             raise ConfigError(f"smollm2.params.{name}={value!r} is not allowed: must be {kind}")
         given[name] = float(value) if isinstance(default, float) else value
     return Smollm2Params(**given)

@@ -10,6 +10,11 @@ family of templates and the slot values that read naturally in them ("How was yo
 shuffles them with a seeded `random.Random` and cuts the test split first, then the train split, so
 the two never share a question; a quarter of the prompts get a short lead-in ("Quick question.")
 drawn from the same stream. Same seed and sizes, same prompts on every machine. Pure Python.
+
+An ``instruction`` (`Smollm2Params.instruction`, e.g. "Answer in one or two sentences.") is appended to
+every question: it is part of the prompt files, so the SFT samples, the DPO pairs, the premise checks and
+every decode of dataset=smollm2 see the same prompts. The rewards see it too (r_bl embeds the last Human
+turn, instruction included: a constant text, the same in the build and in a decode).
 """
 
 from __future__ import annotations
@@ -271,8 +276,15 @@ def question_pool() -> list[str]:
 MAX_PROMPTS = len(question_pool())  # train + test can hold at most this many questions
 
 
-def make_prompts(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    """(train, test): ``{"id", "prompt"}`` rows in HH format, disjoint in their questions."""
+def with_instruction(question: str, instruction: str | None) -> str:
+    """The question with ``instruction`` appended after a space (e.g. a brevity instruction); None: as it is."""
+    return question if not instruction else f"{question} {instruction.strip()}"
+
+
+def make_prompts(seed: int, n_train: int, n_test: int, instruction: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, test): ``{"id", "prompt"}`` rows in HH format, disjoint in their questions. ``instruction``
+    (`Smollm2Params.instruction`) ends every question, after its lead-in, if any; it draws nothing from the
+    seeded stream, so the questions and lead-ins are those without it."""
     pool = question_pool()
     if n_train + n_test > len(pool):
         raise ValueError(f"the SmolLM2 prompt set holds {len(pool)} questions; asked for {n_train} train + {n_test} test")
@@ -285,7 +297,7 @@ def make_prompts(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list
         for i, question in enumerate(questions):
             if rng.random() < LEAD_IN_PROBABILITY:
                 question = f"{rng.choice(LEAD_INS)} {question}"
-            out.append({"id": f"{prefix}-{i:04d}", "prompt": wrap(question)})
+            out.append({"id": f"{prefix}-{i:04d}", "prompt": wrap(with_instruction(question, instruction))})
         return out
 
     test = rows(order[:n_test], "test")

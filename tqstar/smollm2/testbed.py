@@ -88,6 +88,11 @@ def print_summary(console, folder, manifest: dict) -> None:
     seconds = manifest.get("seconds") or {}
     console.print(f"SmolLM2 experiment: {folder} (built in {seconds.get('total', 0):.0f} s)")
     console.print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if k != "total"), soft_wrap=True)
+    if manifest.get("premise_seconds"):
+        console.print("premise checks: " + ", ".join(f"{k} {v:.0f} s" for k, v in manifest["premise_seconds"].items()), soft_wrap=True)
+    sizes = manifest.get("sizes") or {}
+    if sizes.get("samples_ended_share") is not None:
+        console.print(f"SFT samples that ended by themselves (EOS or a stop string): {sizes['samples_ended_share']:.0%}")
     for name, pairs in (manifest.get("pairs") or {}).items():
         run = (manifest.get("training") or {}).get(name) or {}
         console.print(

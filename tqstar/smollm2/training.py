@@ -11,6 +11,13 @@ encodes it, the response ids with their EOS when the sample ended there, none wh
 already measured while sampling (the SFT model *is* the reference): TRL needs no reference model and
 no reference forward pass, which is a third of a step's time on a CPU. Two small overrides of
 DPOTrainer's dataset hooks do that (`_SampledPairsTrainer`); the loss, optimiser and schedule are TRL's.
+
+With ``lora_rank`` set (`Smollm2Params`), DPO trains LoRA adapters (peft, passed to TRL as its
+``peft_config``) on the blocks' linear layers (``lora_target_modules``; with ``train_layers``, only in the
+top blocks) instead of the weights: no gradient or Adam state for the 135M weights, only for the
+adapters. The reference log-probs are still the sampled ones (TRL would otherwise take the
+adapter-disabled base as the reference: the same model). After training the adapters are merged into
+the weights (``merge_and_unload``) and a plain model folder is saved, which decoding loads as any other.
 """
 
 from __future__ import annotations
@@ -62,6 +69,24 @@ def label_pairs(samples: list[dict], key: str, min_gap: float) -> tuple[list[dic
     return pairs, counts
 
 
+def lora_config(params: Smollm2Params, n_blocks: int):
+    """peft's LoraConfig of the recipe: rank ``lora_rank`` adapters on ``lora_target_modules`` of every block,
+    or of the top ``train_layers`` of the ``n_blocks``."""
+    from peft import LoraConfig
+
+    top = None if params.train_layers is None else list(range(max(0, n_blocks - params.train_layers), n_blocks))
+    return LoraConfig(
+        r=params.lora_rank,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules=params.lora_modules,
+        layers_to_transform=top,
+        layers_pattern=None if top is None else "layers",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def train_dpo(
     sft_dir: Path,
     out: Path,
@@ -77,6 +102,7 @@ def train_dpo(
     ``sft_logprob``; ``prompt_ids[prompt_index]`` the encoded chat prompt); saves a plain HF folder
     (weights, generation config, tokenizer) to ``out`` and returns the training record."""
     import tempfile
+    import time
 
     import torch
     from datasets import Dataset
@@ -106,20 +132,24 @@ def train_dpo(
         rows["ref_rejected_logps"].append(float(rejected["sft_logprob"]))
     dataset = Dataset.from_dict(rows)
 
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
-    if not params.train_embeddings:
+    peft_config = lora_config(params, len(model.get_decoder().layers)) if params.lora_rank is not None else None
+    # With LoRA, peft freezes every weight and trains the adapters (in the top train_layers blocks only, if set).
+    if peft_config is None and not params.train_embeddings:
         # The (tied) embedding / LM-head matrix is the costliest gradient on a CPU; DPO moves the layers.
         for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
             if embedding is not None:
                 embedding.weight.requires_grad_(False)
-    if params.train_layers is not None:
+    if peft_config is None and params.train_layers is not None:
         # Blocks below the top train_layers are frozen: the backward pass stops at the lowest trained block.
         blocks = model.get_decoder().layers
         for block in blocks[: max(0, len(blocks) - params.train_layers)]:
             block.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = None if peft_config is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     class _Steps(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -142,18 +172,36 @@ def train_dpo(
             weight_decay=0.0,
             max_length=None,  # responses are at most max_new_tokens long
             precompute_ref_log_probs=True,  # read from the dataset (see _SampledPairsTrainer)
+            # TRL zeroes every dropout (LoRA's too) unless asked not to; SmolLM2's own dropout is 0
+            disable_dropout=not (peft_config is not None and params.lora_dropout > 0),
             **quiet_cpu_trainer_args(seed, logging_steps=1),
         )
         trainer = without_printed_logs(
-            _SampledPairsTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[_Steps()])
+            _SampledPairsTrainer(
+                model=model,
+                args=config,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[_Steps()],
+                peft_config=peft_config,
+            )
         )
+        if trainable is None:
+            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        seconds["load"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         result = trainer.train()
+        seconds["train"] = time.perf_counter() - t0
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    t0 = time.perf_counter()
     model = trainer.model.eval()
+    if peft_config is not None:
+        model = model.merge_and_unload()  # W + (alpha / r) B A: a plain model of the SFT model's architecture
     for key in ("is_local", "local_files_only"):  # load-time flags that from_pretrained leaves behind
         tokenizer.init_kwargs.pop(key, None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    seconds["save"] = time.perf_counter() - t0
 
     def mean_of(key: str, entries: list[dict]) -> float | None:
         values = [e[key] for e in entries if key in e]
@@ -165,6 +213,8 @@ def train_dpo(
         "beta": beta,
         "steps": int(trainer.state.global_step),
         "trainable_params": trainable,
+        "lora": None if peft_config is None else {"rank": params.lora_rank, "alpha": params.lora_alpha, "modules": params.lora_modules},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},  # load (model, trainer), train, save (merge)
         "train_loss": round(float(result.training_loss), 4),
         "seconds_per_step": round(float(result.metrics.get("train_runtime", 0.0)) / max(1, trainer.state.global_step), 2),
         "final_loss": mean_of("loss", tail),

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ..builds import build_once, first_use_line, is_built, load_manifest
 from ..files import read_jsonl, write_jsonl
-from ..stats import pearson, spearman  # noqa: F401  (proxy.pearson / proxy.spearman: the proxy tests read them here)
+from ..stats import pearson, spearman
 from .cache import _versions, task_dir
 from .params import STOP_STRINGS, BuildParams
 
