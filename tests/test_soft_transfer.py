@@ -305,3 +305,62 @@ def test_the_recorded_kl_of_a_noisy_soft_decoder_carries_a_jensen_gap(tokenizer)
     assert abs(kl_mean - recorded) < 4 * kl_se + 0.005  # what it records: E[KL(p || pi_sft)]
     assert abs(kl_mean - real) > 4 * kl_se  # not the KL of what it decodes
     assert target != real
+
+
+def test_the_predicted_jensen_gap_matches_the_exact_one_once_the_noise_is_small():
+    """premise.predicted_jensen_gap (the delta method, from a draw's own rollouts) against the exact gap of the GAMBLE
+    toy's first step, both in expectation over the Binomial(n, 0.3) count of 'love': close at n = 64 and 256, far
+    too small at n = 4, where the noise is not small (no 'love' among 4 rollouts makes V(the) = -1)."""
+    from tqstar.premise import kl_split, predicted_jensen_gap, step_distribution
+
+    beta, love = SOFT_BETA, 0.3
+    log_pi = [math.log(0.5), math.log(0.5)]
+    exact = [beta * math.log(love * math.exp(1 / beta) + (1 - love) * math.exp(-1 / beta)), 0.0]
+    ratios = {}
+    for n in (4, 64, 256):
+        noisy, weights, predicted = [], [], 0.0
+        for c in range(n + 1):
+            values = [beta * math.log((c * math.exp(1 / beta) + (n - c) * math.exp(-1 / beta)) / n), 0.0]
+            weight = math.comb(n, c) * love**c * (1 - love) ** (n - c)
+            noisy.append(values)
+            weights.append(weight)
+            terms = [[1 / beta] * c + [-1 / beta] * (n - c), [0.0] * n]
+            predicted += weight * predicted_jensen_gap(step_distribution(log_pi, values, beta), terms, scale=1.0)
+        ratios[n] = predicted / kl_split(log_pi, exact, noisy, beta, weights)["jensen_gap"]
+    assert 0.8 < ratios[64] < 1.2 and 0.8 < ratios[256] < 1.2, ratios
+    assert ratios[4] < 0.1, ratios
+    assert predicted_jensen_gap([0.5, 0.5], [[1.0], [2.0]], 1.0) is None  # one rollout: no variance to estimate
+
+
+@pytest.mark.parametrize("method", ["cd", "soft_transfer"])
+def test_each_response_records_the_jensen_gap_its_steps_predict(tokenizer, sft_model, baseline_model, method):
+    """value_diagnostics.kl_jensen_gap is the sum over the response's steps of premise.predicted_jensen_gap, recomputed
+    here from the trace (the scores' softmax, each candidate's r / beta + log w); evaluate subtracts it from the KL."""
+    from tqstar.premise import predicted_jensen_gap
+
+    settings = DecoderSettings(
+        method=method,
+        value="soft",
+        beta=0.5,
+        alpha=2.0,
+        selection="sample",
+        temperature=1.0,
+        top_k=3,
+        rollout_top_k=3,
+        rollout_num=4,
+        rollout_selection="sample",
+        rollout_max_new_tokens=3,
+        max_new_tokens=4,
+        trace=True,
+    )
+    decoder = Decoder(sft_model, tokenizer, reward=positive_words_reward, baseline_model=baseline_model, settings=settings)
+    for g in decoder.decode(["\n\nHuman: hello there\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:"]):
+        expected = 0.0
+        for entry in g.trace:
+            top = max(entry["scores"])
+            weights = [math.exp(s - top) for s in entry["scores"]]
+            probs = [w / sum(weights) for w in weights]
+            log_weights = entry.get("rollout_log_weights") or [[0.0] * 4 for _ in entry["candidates"]]
+            terms = [[r / 0.5 + lw for r, lw in zip(rs, lws)] for rs, lws in zip(entry["rollout_rewards"], log_weights)]
+            expected += predicted_jensen_gap(probs, terms, scale=1.0)
+        assert g.diagnostics["kl_jensen_gap"] == pytest.approx(expected, rel=1e-4, abs=1e-9)

@@ -293,3 +293,73 @@ def test_committed_pages_are_what_report_writes(tmp_path):
         assert page.read_text() == (committed / page.name).read_text(), f"{page.name} differs from `tqstar report --all`"
         for table in (committed / page.stem).glob("*.csv"):
             assert (tmp_path / page.stem / table.name).read_text() == table.read_text(), f"{page.stem}/{table.name}"
+
+
+def test_soft_transfer_page_names_the_fewest_rollouts_that_match_on_every_seed():
+    """Two seeds; the rung matches rho*_(beta,k) from n = 2 on both, pi_k only at n = 4 on seed 0 and never on seed 1."""
+    from tqstar.studies import STUDIES
+    from tqstar.studies.page import Page
+    from tqstar.studies.sources import StudyData
+
+    runs, per_prompt = [], []
+    # reward offset from rho*'s 0.5 (KL always rho*'s): 0 is a match, 0.5 a clear difference
+    offsets = {("baseline", 1): 0.5, ("baseline", 2): 0.0, ("sft", 2): 0.5, ("sft", 4): (0.0, 0.5)}
+    for (proposal, n), offset in offsets.items():
+        for seed in (0, 1):
+            off = offset if not isinstance(offset, tuple) else offset[seed]
+            run = f"{proposal}-{n}-{seed}"
+            runs.append(
+                {
+                    "run": run,
+                    "seed": seed,
+                    "beta": 0.25,
+                    "alpha": 4.0,
+                    "top_k": 10,
+                    "rollout_top_k": 10,
+                    "rollout_num": n,
+                    "rollout_len": 32,
+                    "num_prompts": 40,
+                    "proposal": proposal if proposal != "sft" else float("nan"),
+                    "ess_fraction": 0.5,
+                    "flops_per_response": 1e8,
+                }
+            )
+            per_prompt += [
+                {"run": run, "index": i, "prompt_id": f"t-{i}", "reward": 0.5 + off + (0.01 if i % 2 else -0.01), "kl": 1.0, "seconds": 1.0}
+                for i in range(40)
+            ]
+    curve = [{"beta": 0.25, "reward_by_prompt": [0.5] * 40, "kl_by_prompt": [1.0] * 40}]
+    data = StudyData(
+        name="soft_transfer",
+        points=pd.DataFrame(runs),
+        environment={},
+        source="test",
+        per_prompt=pd.DataFrame(per_prompt),
+        curves={"rho*_(beta,10)": {"0": curve, "1": curve}},
+        # two responses of two states each: per response recorded 1.0 + 1.0, target 0.8 + 0.8, gap 0.15 + 0.15
+        tables={
+            "ground_truth": pd.DataFrame(
+                [
+                    {"seed": 0, "response": r, "t": t, "recorded": 1.0, "real": 0.85, "target": 0.8, "jensen_gap": 0.15}
+                    | {"predicted_gap": 0.1, "distortion": 0.05, "moved": 0.01}
+                    for r in (0, 1)
+                    for t in (0, 1)
+                ]
+            )
+        },
+    )
+    page = Page(study="soft_transfer", title="t", environment={})
+    STUDIES["soft_transfer"].render(data, page)
+    assert (
+        "seed 0: the recorded KL exceeds the target's by 0.400 nats a response; the Jensen gap (measurement) is 0.300 ± 0.000 "
+        "(75% of it), the distortion 0.100 ± 0.000" in page.checks
+    )
+    assert (
+        "beta 0.25, the rung (soft transfer): n = 2 rollouts match rho*_(beta,k) in reward and recorded KL on every seed (2)" in page.checks
+    )
+    assert (
+        "beta 0.25, pi_k (SFT rollouts): no n in {2, 4} matches rho*_(beta,k) in reward and recorded KL on every seed "
+        "(2; n = 4: seed 0: reward ✓ recorded KL ✓, seed 1: reward ✗ recorded KL ✓)" in page.checks
+    )
+    # equal KLs (1.0 everywhere): a zero difference is no sign on any seed
+    assert "beta 0.25, n = 2: the rung (soft transfer) minus pi_k in recorded KL: differs in sign across seeds (2 seeds)" in page.checks

@@ -60,7 +60,7 @@ DIVERSITY_CONVENTION = (
 
 
 # Weighed rollouts' diagnostics (rows.VALUE_DIAGNOSTICS): per prompt, means over its steps; per run, means over prompts
-VALUE_DIAGNOSTIC_KEYS = ("ess_fraction", "log_weight_var", "value_spread")
+VALUE_DIAGNOSTIC_KEYS = ("ess_fraction", "log_weight_var", "value_spread", "kl_jensen_gap")
 
 
 def compose_evaluate(overrides: Iterable[str] = ()) -> DictConfig:
@@ -353,6 +353,10 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
                 "forward_tokens": _forward_tokens(row.cost),
                 # weighed rollouts (soft_transfer): the importance weights' diagnostics, means over the response's steps
                 **{key: (row.value_diagnostics or {}).get(key) for key in VALUE_DIAGNOSTIC_KEYS},
+                # the KL of what a soft-value decoder draws: the recorded KL less its Jensen gap (value_diagnostics)
+                "kl_corrected": None
+                if kl is None or (row.value_diagnostics or {}).get("kl_jensen_gap") is None
+                else kl - row.value_diagnostics["kl_jensen_gap"],
             }
         )
     run.per_prompt = per_prompt
@@ -364,6 +368,7 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
     coherence_mean, coherence_stderr = mean_and_stderr(column("coherence"))
     logprob_mean, logprob_stderr = mean_and_stderr(column("sft_logprob_per_token"))
     kl_mean, kl_stderr = mean_and_stderr(column("kl"))
+    kl_corrected_mean, kl_corrected_stderr = mean_and_stderr(column("kl_corrected"))
     q_spread_mean, q_spread_stderr = mean_and_stderr(column("q_spread"))
     optimism_mean, optimism_stderr = mean_and_stderr(column("optimism_gap"))
     if kl_kind == "best_of_n_bound":
@@ -389,6 +394,8 @@ def evaluate_run(run: Run, ecfg: DictConfig, rewards: RewardBank, embedder: Embe
         "kl": kl_mean,
         "kl_stderr": kl_stderr,
         "kl_source": kl_kind,
+        "kl_corrected": kl_corrected_mean,  # soft-value decoders: kl less the Jensen gap of its value noise
+        "kl_corrected_stderr": kl_corrected_stderr,
         "q_spread": q_spread_mean,
         "q_spread_stderr": q_spread_stderr,
         "optimism_gap": optimism_mean,

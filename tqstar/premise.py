@@ -240,3 +240,43 @@ def kl_split(
         "distortion": real - target,
         "moved": _kl(mean_p, [math.log(p) if p > 0 else -math.inf for p in target_p]),
     }
+
+
+def predicted_jensen_gap(probs: Sequence[float], terms: Sequence[Sequence[float]], scale: float) -> float | None:
+    """The Jensen gap of one step predicted from the decoder's own rollouts, to second order (the delta method).
+
+    `terms[z]` are candidate z's n terms a_j = r_j / beta + log w_j (log w = 0 for rollouts of pi_k itself), so its
+    value is V = beta log mean_j e^{a_j}; `probs` the step distribution the decoder drew from; `scale` = alpha * beta /
+    temperature, what one unit of log mean_j e^{a_j} moves a candidate's score by. The estimate's noise has variance
+    sigma_z^2 ≈ Var(e^a) / (n mean(e^a)^2) (the delta method, the sample variance with n - 1), and for independent
+    small noise on the scores E[KL(p || p_bar)] ≈ 1/2 sum_z p_z (1 - p_z) scale^2 sigma_z^2. None with one rollout
+    (no variance to estimate)."""
+    gap = 0.0
+    for p, a in zip(probs, terms):
+        n = len(a)
+        if n < 2:
+            return None
+        top = max(a)
+        u = [math.exp(x - top) for x in a]
+        mean = sum(u) / n
+        variance = sum((x / mean - 1) ** 2 for x in u) / (n - 1)
+        gap += 0.5 * p * (1 - p) * scale**2 * variance / n
+    return gap
+
+
+SPLIT_KEYS = ("recorded", "real", "target", "jensen_gap", "predicted_gap", "distortion", "moved")
+
+
+def summarise_split(rows: Sequence[dict], keys: Sequence[str] = SPLIT_KEYS) -> dict:
+    """Per-state `kl_split` rows ({"response", key: value}) of whole responses -> per key the mean and s.e. over
+    responses of their sums over steps (per-response nats), and the number of responses."""
+    sums: dict = {}
+    for row in rows:
+        total = sums.setdefault(row["response"], {})
+        for key in keys:
+            if row.get(key) is not None:
+                total[key] = total.get(key, 0.0) + float(row[key])
+    out = {"responses": len(sums)}
+    for key in keys:
+        out[key] = mean_and_stderr([total.get(key) for total in sums.values()])
+    return out

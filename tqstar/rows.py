@@ -29,9 +29,10 @@ COST = "cost"  # forward tokens per model role, rollout tokens, reward calls and
 BEST_OF_N_REWARDS = "best_of_n_rewards"  # best-of-n only: the reward of each of the n samples
 BEST_OF_N_CHOSEN = "best_of_n_chosen"  # best-of-n only: which sample is the response
 TRACE = "trace"  # decoder.trace only: one entry per step (candidates, log-probs, Q, scores, chosen)
-# Weighed rollouts only (soft_transfer): means over the response's steps of the importance weights' diagnostics
-# (ess_fraction: effective sample size / n; log_weight_var: the variance of the log weights; value_spread: the
-# standard deviation of Q over the valued candidates), and the steps they are over
+# The value's diagnostics. Weighed rollouts (soft_transfer): means over the response's steps of ess_fraction (the
+# weights' effective sample size / n), log_weight_var (the variance of the log weights) and value_spread (the standard
+# deviation of Q over the valued candidates). The sampled soft value with n >= 2 rollouts (the optimal decoder, soft
+# transfer): kl_jensen_gap, summed over steps, what the recorded log-probs overstate the KL by (the delta method)
 VALUE_DIAGNOSTICS = "value_diagnostics"
 
 # Every field, in the order of the keys on disk.

@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from ..premise import predicted_jensen_gap
 from ..rewards.base import FunctionReward, Reward, cut_at_stop
 from .kv import KVStream
 from .rollouts import GreedyTail, RolloutRequest, RolloutRunner, Rollouts
@@ -55,7 +56,8 @@ class Generation:
     # What this response cost: forward tokens per model role, rollout tokens, reward calls and tokens
     # (COST_KEYS); a batch's shared passes are charged to the prompt each row belongs to.
     cost: dict = field(default_factory=dict)
-    # Weighed rollouts (soft_transfer): the importance weights' diagnostics, means over steps (rows.VALUE_DIAGNOSTICS)
+    # The value's diagnostics (rows.VALUE_DIAGNOSTICS): weighed rollouts' importance weights, means over steps; the soft
+    # value's Jensen gap of the recorded KL, summed over steps
     diagnostics: dict | None = None
 
     @property
@@ -405,27 +407,43 @@ def candidate_scores(base: torch.Tensor, alpha: float, values: torch.Tensor | No
     return scores if pruned is None else scores.masked_fill(pruned.to(scores.device), float("-inf"))
 
 
-def step_diagnostics(details: dict, values: torch.Tensor, n: int) -> list[dict] | None:
-    """Per active row, one step's importance-weight diagnostics over its valued candidates (weighed rollouts only):
-    the mean effective sample size / n, the mean variance of a candidate's n log weights (None for n = 1) and the
-    standard deviation of Q over the candidates (None for one candidate). None without log weights."""
-    if "log_weights" not in details:
+# value_diagnostics summed over a response's steps (a per-response quantity); the others are means over its steps
+SUMMED_DIAGNOSTICS = ("kl_jensen_gap",)
+
+
+def step_diagnostics(step: "Step", settings: DecoderSettings) -> list[dict] | None:
+    """Per active row, one step's value diagnostics over its valued candidates (rows.VALUE_DIAGNOSTICS).
+
+    Weighed rollouts (soft_transfer): the mean effective sample size / n, the mean variance of a candidate's n log
+    weights (None for n = 1) and the standard deviation of Q over the candidates (None for one candidate). The soft
+    value, sampled, with n >= 2 rollouts (the optimal decoder, soft transfer): `kl_jensen_gap`, by how much the step's
+    recorded log p - log pi_sft overstates the KL of what the decoder draws on average over its value noise
+    (`premise.predicted_jensen_gap`; docs/results/soft_transfer.md measures it). None when there is nothing to record."""
+    details, values, n = step.details, step.values, settings.rollout_num
+    weighed = "log_weights" in details
+    gapped = settings.value == "soft" and settings.selection == "sample" and n >= 2 and "rewards" in details
+    if not weighed and not gapped:
         return None
+    if gapped:  # each candidate's a_j = r_j / beta + log w_j, and the step distribution the decoder drew from
+        terms = details["rewards"].double() / settings.beta + (details["log_weights"].double() if weighed else 0.0)
+        probs = torch.softmax(step.scores.double() / settings.temperature, dim=-1)
+        scale = settings.alpha * settings.beta / settings.temperature  # one unit of log mean e^a in the sampling logits
     out = []
-    log_weights, ess = details["log_weights"].double(), details["ess"].double()
-    for b in range(log_weights.shape[0]):
+    for b in range(values.shape[0]):
         valued = ~torch.isnan(values[b].double())
-        if not bool(valued.any()):
-            out.append({})
-            continue
-        weights, q = log_weights[b][valued.to(log_weights.device)], values[b].double()[valued]
-        out.append(
-            {
-                "ess_fraction": float(ess[b][valued.to(ess.device)].mean()) / n,
-                "log_weight_var": float(weights.var(dim=-1, unbiased=False).mean()) if n > 1 else None,
-                "value_spread": float(q.std(unbiased=False)) if q.numel() > 1 else None,
-            }
-        )
+        row = {}
+        if gapped and bool(valued.any()):
+            kept = valued.to(terms.device)
+            row["kl_jensen_gap"] = predicted_jensen_gap(probs[b][valued.to(probs.device)].tolist(), terms[b][kept].tolist(), scale)
+        if weighed and bool(valued.any()):
+            log_weights, ess = details["log_weights"].double(), details["ess"].double()
+            weights, q = log_weights[b][valued.to(log_weights.device)], values[b].double()[valued]
+            row.update(
+                ess_fraction=float(ess[b][valued.to(ess.device)].mean()) / n,
+                log_weight_var=float(weights.var(dim=-1, unbiased=False).mean()) if n > 1 else None,
+                value_spread=float(q.std(unbiased=False)) if q.numel() > 1 else None,
+            )
+        out.append(row)
     return out
 
 
@@ -475,7 +493,7 @@ class _Batch:
         self.sft_logprobs: list[list[float]] = [[] for _ in prompts]
         self.policy_logprobs: list[list[float]] = [[] for _ in prompts]
         self.traces: list[list[dict]] = [[] for _ in prompts]
-        # weighed rollouts: per prompt, the sums over steps of each diagnostic (value_diagnostics) and their counts
+        # per prompt, the sums over steps of each value diagnostic (value_diagnostics) and their counts
         self.diagnostics: list[dict] = [{} for _ in prompts]
         self.stop_reason = ["max_new_tokens"] * len(prompts)
         # decoder.reuse_rollouts: per prompt the rollout of the token chosen at the previous step (`Step.kept` holds
@@ -594,7 +612,7 @@ class _Batch:
         # One device-to-host copy per step, not one per row.
         tokens, token_sft = step.chosen.tolist(), step.chosen_sft.tolist()
         token_policy = step.policy.tolist() if step.policy is not None else None
-        diagnostics = step_diagnostics(step.details, step.values, d.settings.rollout_num) if step.details else None
+        diagnostics = step_diagnostics(step, d.settings) if step.details else None
         for row, prompt_index in enumerate(self.active):
             if diagnostics is not None:
                 for key, value in diagnostics[row].items():
@@ -661,9 +679,10 @@ class _Batch:
                     stop_reason=self.stop_reason[i],
                     trace=self.traces[i] if s.trace else None,
                     cost=self.cost[i],
-                    diagnostics={key: total / count for key, (total, count) in self.diagnostics[i].items()} or None
-                    if d.spec.weighs_rollouts
-                    else None,
+                    diagnostics={
+                        key: total if key in SUMMED_DIAGNOSTICS else total / count for key, (total, count) in self.diagnostics[i].items()
+                    }
+                    or None,
                 )
             )
         return results

@@ -103,7 +103,7 @@ def write_report(source: Path | None, study: Study, out: Path = DEFAULT_OUT, cac
         if not is_archive(source):
             if study.synthetic_curves and "seed" in data.points:
                 data.curves = synthetic_curves(sorted(data.points["seed"].dropna().unique()), cache_dir)
-            if study.name == "optimal_check":
+            if study.name in ("optimal_check", "soft_transfer"):  # rho*_(beta,k) per prompt
                 data.curves = _optimal_curves(source, data, cache_dir)
     archive = out / study.name
     page = Page(study=study.name, title=study.title, environment=data.environment)

@@ -170,3 +170,13 @@ def best_at_budget(points, group: str = "method", reward: str = "reward_mean"):
         row["smallest_margin"] = min(margins) if margins else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def fewest_matching(verdicts_by_n: dict[int, dict[int, tuple[str, str]]], seeds: Sequence[int]) -> int | None:
+    """The fewest rollouts n at which reward and KL both match (verdict 'match') on every one of `seeds`:
+    verdicts_by_n[n][seed] = (reward verdict, KL verdict). None when no n does (or a seed lacks the point)."""
+    for n in sorted(verdicts_by_n):
+        by_seed = verdicts_by_n[n]
+        if seeds and all(seed in by_seed and by_seed[seed] == ("match", "match") for seed in seeds):
+            return n
+    return None

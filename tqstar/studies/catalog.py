@@ -27,6 +27,11 @@ def _knob(row) -> str:
     return f"{row['alpha']:g}"
 
 
+def _text(value) -> str:
+    """A table cell as text: '' for a missing one (None, or NaN as pandas reads an empty CSV cell)."""
+    return "" if value is None or value != value else str(value)
+
+
 def _records(frame) -> list[dict]:
     return frame.to_dict("records")
 
@@ -282,7 +287,10 @@ def optimal_rows(points, per_prompt, curve_of: Callable) -> list[dict]:
                 "subset": limit is not None,
                 "seconds_per_response": float(kept["seconds"].mean()),
             }
-            for name, column, key in (("reward", "reward", "reward_by_prompt"), ("kl", "kl", "kl_by_prompt")):
+            measures = [("reward", "reward", "reward_by_prompt"), ("kl", "kl", "kl_by_prompt")]
+            if "kl_corrected" in kept.columns and kept["kl_corrected"].notna().all():
+                measures.append(("kl_corrected", "kl_corrected", "kl_by_prompt"))  # the recorded KL less its Jensen gap
+            for name, column, key in measures:
                 decoded = kept[column].astype(float).tolist()
                 optimum = [float(point[key][int(i)]) for i in kept["index"]]
                 row[name], row[f"{name}_se"] = A.mean_and_stderr(decoded)
@@ -356,6 +364,194 @@ def optimal_check(data: StudyData, page: Page) -> None:
         table,
         rows,
     )
+
+
+PROPOSAL_LABEL = {"sft": "pi_k (SFT rollouts)", "baseline": "the rung (soft transfer)", "mixture": "mixture (half pi_k)"}
+
+
+def ground_truth_section(data: StudyData, page: Page) -> None:
+    """Where the optimal decoder's KL excess comes from (scripts/soft_ground_truth.py): per seed, per response, the KL
+    it records, the KL of what it decodes, the target's, and their differences (premise.summarise_split)."""
+    from ..premise import SPLIT_KEYS, summarise_split
+
+    page.text(
+        "## Ground truth at beta 0.25: where the KL excess comes from\n\nAt states the optimal decoder (16 SFT rollouts "
+        "a candidate) visited, every candidate rolled out 1,024 times: near-exact values give the target step "
+        "distribution p*, and 64 disjoint groups of 16 give draws of the decoder's own p. Per response (sums over its "
+        "steps): the KL the decoder records, E[KL(p || pi_sft)]; the KL of what it really decodes, KL(p_bar || pi_sft) "
+        "(p_bar = E[p], fresh value noise at every step); the target's, KL(p* || pi_sft); the Jensen gap (recorded - "
+        "real: a measurement artefact), the gap the delta method predicts from one draw's own rollouts, the distortion "
+        "(real - target: a real change of the decoded distribution) and KL(p_bar || p*). Command: "
+        "`scripts/soft_ground_truth.py --sweep <this sweep>`."
+    )
+    table = data.tables.get("ground_truth") if data.tables else None
+    if table is None or table.empty:
+        page.missing("the ground-truth split", "the sweep folder has no ground_truth/ (run scripts/soft_ground_truth.py --sweep)")
+        return
+    rows, summaries = [], {}
+    for seed, group in table.groupby("seed"):
+        summary = summarise_split(_records(group))
+        summaries[int(seed)] = summary
+        rows.append([int(seed), summary["responses"], len(group)] + [fmt(*summary[key]) for key in SPLIT_KEYS])
+    page.table(
+        "ground_truth",
+        [
+            "seed",
+            "responses",
+            "states",
+            "recorded KL",
+            "real KL",
+            "target KL",
+            "Jensen gap",
+            "predicted gap",
+            "distortion",
+            "KL(p_bar || p*)",
+        ],
+        rows,
+    )
+    for seed, s in summaries.items():
+        gap, distortion = s["jensen_gap"], s["distortion"]
+        excess = s["recorded"][0] - s["target"][0]
+        share = gap[0] / excess if excess else float("nan")
+        page.check(
+            f"seed {seed}: the recorded KL exceeds the target's by {excess:.3f} nats a response; the Jensen gap (measurement) is "
+            f"{fmt(*gap)} ({share:.0%} of it), the distortion {fmt(*distortion)}"
+        )
+
+
+def soft_transfer(data: StudyData, page: Page) -> None:
+    """5a of the soft-transfer issue: the optimal decoder's value from rollouts of pi_k, of the rung distilled for the
+    same beta, or of their mixture, n rollouts a candidate, against rho*_(beta,k) paired by prompt, per seed."""
+    import pandas as pd
+
+    ground_truth_section(data, page)
+    page.text(
+        "## Rollouts needed: proposals against rho*_(beta,k)\n\nThe optimal decoder (soft value, alpha = 1/beta, sampled) "
+        "with its rollouts drawn from pi_k, from the rung distilled for that beta (soft transfer: weighted back to pi_k), "
+        "or from their mixture; each run against rho*_(beta,k)'s importance-sampling estimate on the same prompts, paired "
+        f"by prompt. ✓ match: |difference| ≤ {A.Z:g} s.e. and {A.Z:g} s.e. ≤ the tolerance (reward "
+        f"{A.TOLERANCE['reward']:g}, KL {A.TOLERANCE['kl']:g} nats); ✗ differs; ? undecidable. The KL is the one the "
+        "decoder records, E[KL(p || pi_sft)] over its value noise, which exceeds the KL of what it decodes by a Jensen "
+        "gap (docs/bench/soft_ground_truth_seed*.json). ESS: the weights' effective sample size / n, mean over steps."
+    )
+    if data.per_prompt is None or not data.curves:
+        page.missing("the comparison", NO_PER_PROMPT + " (and the builds, for rho*_(beta,k))")
+        return
+    points = data.points.copy()
+    rows = pd.DataFrame(optimal_rows(points, data.per_prompt, lambda seed, k: _optimum_points(data.curves, seed, k)))
+    if rows.empty:
+        page.missing("the comparison", "no run has an optimum to compare with (rollout.top_k must equal top_k)")
+        return
+    rows = rows[~rows["subset"]]
+    extra = points.set_index("run")
+    rows["proposal"] = [_text(extra.loc[run, "proposal"]) or "sft" for run in rows["run"]]
+    for column in ("ess_fraction", "flops_per_response"):
+        rows[column] = [extra.loc[run, column] if column in extra.columns else None for run in rows["run"]]
+    if "kl_corrected_diff" not in rows.columns:
+        rows["kl_corrected_diff"] = rows["kl_corrected_diff_se"] = None
+    for name in ("reward", "kl", "kl_corrected"):
+        tolerance = A.TOLERANCE["kl" if name == "kl_corrected" else name]
+        rows[f"{name}_verdict"] = [
+            A.verdict(d, se, tolerance) if d == d and d is not None else None
+            for d, se in zip(rows[f"{name}_diff"], rows[f"{name}_diff_se"])
+        ]
+    rows = rows.sort_values(["beta", "proposal", "rollouts", "seed"], ascending=[False, True, True, True])
+    table = []
+    for r in _records(rows):
+        ess = r.get("ess_fraction")
+        table.append(
+            [
+                f"{r['beta']:g}",
+                PROPOSAL_LABEL.get(r["proposal"], r["proposal"]),
+                r["rollouts"],
+                r["seed"],
+                r["prompts"],
+                f"{fmt(r['reward_diff'], r['reward_diff_se'])} {A.MARK[r['reward_verdict']]}",
+                f"{fmt(r['kl_diff'], r['kl_diff_se'])} {A.MARK[r['kl_verdict']]}",
+                "-"
+                if not _text(r.get("kl_corrected_verdict"))
+                else f"{fmt(r['kl_corrected_diff'], r['kl_corrected_diff_se'])} {A.MARK[r['kl_corrected_verdict']]}",
+                "-" if ess is None or ess != ess else f"{float(ess):.2f}",
+                "-" if r.get("flops_per_response") != r.get("flops_per_response") else f"{float(r['flops_per_response']):.2e}",
+                f"{r['seconds_per_response']:.2f}",
+            ]
+        )
+    page.table(
+        "rollouts_needed",
+        [
+            "beta",
+            "proposal q",
+            "n",
+            "seed",
+            "prompts",
+            "reward - rho*'s",
+            "KL - rho*'s",
+            "corrected KL - rho*'s",
+            "ESS / n",
+            "FLOPs / response",
+            "s / response",
+        ],
+        table,
+        rows,
+    )
+    seeds = sorted({int(s) for s in rows["seed"]})
+    for beta, by_beta in rows.groupby("beta", sort=False):
+        for proposal, group in by_beta.groupby("proposal", sort=False):
+            label = PROPOSAL_LABEL.get(proposal, proposal)
+            for kl, what in (("kl_verdict", "recorded KL"), ("kl_corrected_verdict", "corrected KL")):
+                verdicts = {}
+                for r in _records(group):
+                    if _text(r.get(kl)):
+                        verdicts.setdefault(int(r["rollouts"]), {})[int(r["seed"])] = (r["reward_verdict"], r[kl])
+                if not verdicts:
+                    continue
+                fewest = A.fewest_matching(verdicts, seeds)
+                tried = ", ".join(str(n) for n in sorted(verdicts))
+                if fewest is None:  # why not, at the most rollouts tried: a difference, or an interval too wide to tell
+                    most = verdicts[max(verdicts)]
+                    why = ", ".join(f"seed {seed}: reward {A.MARK[v[0]]} {what} {A.MARK[v[1]]}" for seed, v in sorted(most.items()))
+                    matched = f"no n in {{{tried}}} matches rho*_(beta,k) in reward and {what} on every seed ({len(seeds)}; n = {max(verdicts)}: {why})"
+                else:
+                    matched = f"n = {fewest} rollouts match rho*_(beta,k) in reward and {what} on every seed ({len(seeds)})"
+                page.check(f"beta {beta:g}, {label}: {matched}")
+    transfer_against_pi_k(rows, data.per_prompt, page)
+
+
+def transfer_against_pi_k(rows, per_prompt, page: Page) -> None:
+    """The rung and the mixture against pi_k's own rollouts at the same beta, n and seed, paired by prompt: the
+    difference in reward and in KL (recorded; corrected where both runs have it). Lower KL at the same reward is
+    closer to rho*_(beta,k) (its KL is the least any decoder of that reward can have)."""
+    reference = {(r["beta"], r["rollouts"], r["seed"]): r["run"] for r in _records(rows) if r["proposal"] == "sft"}
+    table, claims = [], {}
+    for r in _records(rows):
+        other = reference.get((r["beta"], r["rollouts"], r["seed"]))
+        if r["proposal"] == "sft" or other is None:
+            continue
+        cells = [f"{r['beta']:g}", PROPOSAL_LABEL.get(r["proposal"], r["proposal"]), r["rollouts"], r["seed"]]
+        for column in ("reward", "kl", "kl_corrected"):
+            diff = se = None
+            if column in per_prompt.columns:
+                both = per_prompt[per_prompt["run"].isin([r["run"], other])][column]
+                if both.notna().all():
+                    diff, se, _ = A.paired(per_prompt, r["run"], other, column)
+            cells.append("-" if diff is None else fmt(diff, se))
+            if diff is not None:
+                claims.setdefault((r["beta"], r["proposal"], r["rollouts"], column), {})[int(r["seed"])] = (diff, se)
+        table.append(cells)
+    if not table:
+        return
+    page.text(
+        "## Transfer against pi_k at the same n\n\nEach proposal minus pi_k's own rollouts (the optimal decoder of "
+        "today), same beta, n and seed, paired by prompt. At the same reward, lower KL is closer to rho*_(beta,k)."
+    )
+    page.table("against_pi_k", ["beta", "proposal q", "n", "seed", "reward", "recorded KL", "corrected KL"], table)
+    names = {"reward": "reward", "kl": "recorded KL", "kl_corrected": "corrected KL"}
+    for (beta, proposal, n, column), by_seed in claims.items():
+        if column == "reward":
+            continue
+        page.check(
+            f"beta {beta:g}, n = {n}: {PROPOSAL_LABEL.get(proposal, proposal)} minus pi_k in {names[column]}: {A.seed_claim(by_seed)}"
+        )
 
 
 def _optimum_points(curves: dict, seed: int, top_k: int | None):
@@ -508,6 +704,7 @@ STUDIES = {
         Study("compute_frontier", "At equal compute: the reward-compute frontier", compute_frontier),
         Study("proxy_guided", "Guided by a learned proxy, judged by the gold reward", proxy_guided),
         Study("optimal_check", "Ground truth: the optimal decoder against rho*_(beta,k)", optimal_check),
+        Study("soft_transfer", "Soft transfer: rollouts needed to reach rho*_(beta,k)", soft_transfer),
         Study("smollm2_methods", "The methods on SmolLM2-135M with a DPO baseline", smollm2_methods),
         Study("synthetic_premise", "The synthetic testbed's baselines against the optimum", synthetic_premise),
     )

@@ -23,6 +23,7 @@ CURVES = "curves.json"
 ENVIRONMENT = "environment.json"
 # What a page reads of each prompt of each run (metrics_per_prompt.jsonl columns).
 PER_PROMPT_COLUMNS = ("index", "prompt_id", "reward", "baseline_reward", "gold_reward", "coherence", "kl", "num_tokens", "seconds", "flops")
+PER_PROMPT_COLUMNS += ("ess_fraction", "log_weight_var", "kl_corrected")  # weighed rollouts / the sampled soft value only
 
 
 @dataclass
@@ -82,22 +83,31 @@ def read_sweep(folder: Path, name: str) -> StudyData:
     missing = [run.path.name for run in runs if not run.path.is_dir()]
     if missing:
         raise ConfigError(f"{len(missing)} run folder(s) of {folder}/results.csv are missing, e.g. {missing[0]}")
-    extra = {"beta": [], "rollout_top_k": []}  # settings a page needs that results.csv does not carry
+    extra = {"beta": [], "rollout_top_k": [], "proposal": []}  # settings a page needs that results.csv does not carry
     rows = []
     for run in runs:
         cfg = run.config()
         extra["beta"].append(cfg.decoder.get("beta"))
         extra["rollout_top_k"].append((cfg.decoder.get("rollout") or {}).get("top_k"))
+        # where the rollouts come from: soft_transfer's rollout.proposal; "" for methods that do not weigh rollouts
+        weighs = str(cfg.decoder.method) == "soft_transfer"
+        extra["proposal"].append(str((cfg.decoder.get("rollout") or {}).get("proposal")) if weighs else "")
         rows += [{"run": run.path.name, **{k: r.get(k) for k in PER_PROMPT_COLUMNS}} for r in per_prompt_rows(run.path)]
     for column, values in extra.items():
         points[column] = values
     per_prompt = pd.DataFrame(rows) if rows else None
     if per_prompt is not None:
         per_prompt["prompt_id"] = per_prompt["prompt_id"].astype(str)
+    tables = {}
+    truths = sorted((folder / "ground_truth").glob("seed*.json")) if (folder / "ground_truth").is_dir() else []
+    if truths:  # scripts/soft_ground_truth.py --sweep: per-state splits of the recorded KL (the soft_transfer page)
+        tables["ground_truth"] = pd.DataFrame(
+            [{"seed": int(path.stem[4:]), **row} for path in truths for row in json.loads(path.read_text())["rows"]]
+        )
     sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").is_file() else {}
     environment = environment_of([run.status() for run in runs], [run.path.name for run in runs])
     environment.update(source=f"sweep folder {folder}", sweep_seconds=sweep.get("seconds"), executor=sweep.get("executor"))
-    return StudyData(name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt)
+    return StudyData(name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt, tables=tables)
 
 
 def per_prompt_rows(run: Path) -> list[dict]:
