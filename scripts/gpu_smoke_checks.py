@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tqstar.plan import PUBLISHED  # noqa: E402  (after the repository joins sys.path)
+
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 STOPS = [HUMAN]
 WORDS = (
@@ -59,16 +61,12 @@ NEGATIVE = {"bad", "awful", "terrible", "sad", "hate", "poor", "ugly"}
 GIB = 2**30
 
 # Pythia-6.9B (EleutherAI/pythia-6.9b, the hh_pythia preset's SFT, DPO and reward models): its config.json's sizes.
-PYTHIA_6_9B = dict(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    intermediate_size=16384,
-    vocab_size=50432,
-    max_position_embeddings=2048,
-    rotary_pct=0.25,
-    use_parallel_residual=True,
-)
+# The config tqstar plan assumes for them (plan.PUBLISHED), so planned and measured peaks are of the same model.
+PYTHIA_6_9B = {
+    **{key: value for key, value in PUBLISHED["lomahony/eleuther-pythia6.9b-hh-sft"].items() if key != "model_type"},
+    "rotary_pct": 0.25,
+    "use_parallel_residual": True,
+}
 TINY_NEOX = dict(
     hidden_size=64,
     num_hidden_layers=2,

@@ -255,7 +255,7 @@ class RolloutRunner:
         living = set(alive)
         self._weights_of_ended([row for row in rows if row not in living], out)
         if s.spec.weighs_rollouts:
-            self._weighed_chunk(r, alive, noise, out)
+            self._weighed_chunk(r, alive, tails, noise, out)
             return
         device = r.parent.mask.device
         stream = r.parent.fork(torch.tensor([row // (k * n) for row in alive], device=device), share=self._share(r.parent))
@@ -309,8 +309,8 @@ class RolloutRunner:
             for row in rows:
                 out.log_target[row] = out.log_proposal[row] = 0.0
 
-    def _weighed_chunk(self, r: RolloutRequest, alive: list[int], noise, out: Rollouts) -> None:
-        """Sampled rollouts of rows `alive` whose tokens carry their log-probs under pi_k and under the proposal.
+    def _weighed_chunk(self, r: RolloutRequest, alive: list[int], tails: dict, noise, out: Rollouts) -> None:
+        """Sampled rollouts of rows `alive` (`tails`: each row's stop-check tail, from `_chunk`) whose tokens carry their log-probs under pi_k and under the proposal.
 
         The SFT model's stream (`r.target`) steps beside the baseline's (`r.parent`; not needed when every row draws
         from pi_k). At each position S is pi_sft's top rollout.top_k tokens (the whole vocabulary when unset); pi_k is
@@ -326,9 +326,6 @@ class RolloutRunner:
         streams = {"sft": r.target.fork(owners, share=self._share(r.target))}
         if from_sft_rows < n:
             streams["baseline"] = r.parent.fork(owners.to(r.parent.mask.device), share=self._share(r.parent))
-        tails = {
-            row: r.prefixes[row // (k * n)][-self.stops.tail_tokens :] + [r.candidates[row // (k * n)][(row // n) % k]] for row in alive
-        }
         sums = {row: [0.0, 0.0, 0.0] for row in alive}  # log pi_k, log q_sft, log q_bl
         current = torch.tensor([tails[row][-1] for row in alive], device=device)
         members, done = alive, [False] * len(alive)
