@@ -124,7 +124,8 @@ def _prompt_reward(offset: float, seed: int, prompt: int) -> float:
     return round(offset + 0.01 * seed + 0.02 * ((prompt * 7 + seed) % 3 - 1), 6)
 
 
-def make_sweep(folder: Path, seeds=(0, 1)) -> Path:
+def make_sweep(folder: Path, seeds=(0, 1), shift: float = 0.0, invocations: list | None = None) -> Path:
+    """`invocations`: sweep.json's per-invocation wall times (None: a folder from before they were recorded)."""
     rows = []
     for seed in seeds:
         for number, (arm, method, baseline, selection, alpha, n, offset) in enumerate(ARMS):
@@ -145,7 +146,7 @@ def make_sweep(folder: Path, seeds=(0, 1)) -> Path:
                     }
                 )
             )
-            rewards = [_prompt_reward(offset, seed, p) for p in range(PROMPTS)]
+            rewards = [_prompt_reward(offset + shift, seed, p) for p in range(PROMPTS)]
             kl = 0.0 if method == "sft" else 0.5 + alpha / 4
             (run / "metrics_per_prompt.jsonl").write_text(
                 "".join(
@@ -180,7 +181,10 @@ def make_sweep(folder: Path, seeds=(0, 1)) -> Path:
                 }
             )
     pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
-    (folder / "sweep.json").write_text(json.dumps({"seconds": 12.5, "executor": "local"}))
+    sweep = {"seconds": 12.5, "executor": "local"}
+    if invocations is not None:
+        sweep.update(seconds=invocations[-1], invocations=[{"seconds": s, "points": 1, "points_decoded": 1} for s in invocations])
+    (folder / "sweep.json").write_text(json.dumps(sweep))
     return folder
 
 
@@ -198,7 +202,7 @@ def test_report_from_a_sweep_folder_then_from_its_archive(sweep, tmp_path, monke
     # environment header from the run folders
     assert "git commit: abc1234" in text and "CPU: AMD EPYC 9B14" in text and "torch 2.13.0" in text
     assert "other work shared the machine" in text  # seed 1's runs started at load 1.1
-    assert "sweep wall time: 12 s (executor local)" in text
+    assert "sweep wall time: 12 s (executor local, its last invocation only)" in text  # sweep.json without invocations
     # (b) keeps best-of-N's n apart
     sampled = pd.read_csv(out / "transfer_study" / "sampled.csv")
     assert sorted(sampled[sampled["method"] == "best_of_n"]["n"].tolist()) == [2, 4]
@@ -216,6 +220,48 @@ def test_report_from_a_sweep_folder_then_from_its_archive(sweep, tmp_path, monke
     assert again.read_text() == text
     assert {p.name: p.read_bytes() for p in (out / "transfer_study").glob("*.csv")} == first
     assert regenerate_all(out) == [out / "transfer_study.md"]
+
+
+def test_report_merges_an_archive_with_a_later_sweep(sweep, tmp_path, monkeypatch):
+    """`tqstar report docs/results/<study> outputs/sweeps/<study>`: the archive's seeds 0-1 and a later sweep of
+    seeds 1-2 (seed 1 decoded again, rewards 0.05 higher): one page over three seeds, seed 1 from the later sweep."""
+    monkeypatch.setenv("TQSTAR_CACHE", str(tmp_path / "no-builds"))
+    out = tmp_path / "results"
+    write_report(sweep, STUDIES["transfer_study"], out)
+    later = make_sweep(tmp_path / "later" / "transfer_study", seeds=(1, 2), shift=0.05, invocations=[3.0, 4.0])
+    result = CliRunner().invoke(app, ["report", str(out / "transfer_study"), str(later), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    points = pd.read_csv(out / "transfer_study" / "points.csv")
+    assert sorted(points["seed"].unique()) == [0, 1, 2] and len(points) == 3 * len(ARMS)
+    cd = points[(points["arm"] == "cd") & (points["seed"] == 1)]
+    assert len(cd) == 1 and cd["reward_mean"].iloc[0] == pytest.approx(0.8 + 0.05 + 0.01, abs=0.02)
+    per_prompt = pd.read_csv(out / "transfer_study" / "per_prompt.csv.gz")
+    assert per_prompt.groupby("run").size().eq(PROMPTS).all() and per_prompt["run"].nunique() == 3 * len(ARMS)
+    assert per_prompt[per_prompt["run"] == cd["run"].iloc[0]]["reward"].mean() == pytest.approx(cd["reward_mean"].iloc[0])
+    text = (out / "transfer_study.md").read_text()
+    assert f"runs: {3 * len(ARMS)}" in text and "seed 2" in text
+    assert "sweep wall time: 20 s (executor local, some sources' last invocation only)" in text  # 12.5 + 3 + 4
+    assert f"sweep folder {later}" in text
+    # the merged archive regenerates the same page on its own
+    again, _, _ = write_report(out / "transfer_study", STUDIES["transfer_study"], out)
+    assert again.read_text() == text
+    # sources of another study are refused with one line
+    (tmp_path / "cd_only").mkdir()
+    result = CliRunner().invoke(app, ["report", str(out / "transfer_study"), str(tmp_path / "cd_only"), "--out", str(out)])
+    assert result.exit_code == 2 and "is not a source of 'transfer_study'" in result.output
+
+
+def test_a_resumed_sweep_reports_every_invocation():
+    from tqstar.studies.sources import merge_environments
+
+    assert "2 invocations summed" in " ".join(environment_lines({"sweep_seconds": 7.0, "sweep_invocations": 2, "executor": "inline"}))
+    merged = merge_environments(
+        [
+            {"sweep_seconds": 5, "sweep_invocations": 2, "dates": ["a", "c"]},
+            {"sweep_seconds": 2, "sweep_invocations": 1, "dates": ["b", "d"]},
+        ]
+    )
+    assert merged["sweep_seconds"] == 7 and merged["sweep_invocations"] == 3 and merged["dates"] == ["a", "d"]
 
 
 def test_environment_header_of_a_quiet_run():

@@ -83,6 +83,21 @@ def test_sweep_runs_resumes_and_aggregates(axes, prompts, tiny, hydra_clean, mon
         assert len(rows.read_text().splitlines()) == prompts
     again = run_sweep(grid)
     assert list(again["reward_mean"]) == list(table["reward_mean"])
+    # every finished invocation's wall time is kept (the interrupted one never finished)
+    invocations = json.loads((folder / "sweep.json").read_text())["invocations"]
+    assert len(invocations) == 2 and invocations[-1]["points_decoded"] == 0 and invocations[0]["points_decoded"] >= 1
+
+
+def test_only_named_arms_run(tiny, hydra_clean, monkeypatch):
+    tmp_path, base = tiny
+    from tqstar import sweep as sweep_module
+
+    named = {"grid": base + ["dataset.limit=2"], "arms": {"sft": ["decoder=sft"], "args": ["decoder=args"]}}
+    monkeypatch.setattr(sweep_module, "load_named_sweep", lambda name: named)
+    table = run_sweep([], name="two_arms", only_arms=["args"])
+    assert set(table["arm"]) == {"args"} and len(table) == 1
+    with pytest.raises(ConfigError, match="has no arm 'arg'; did you mean 'args'"):
+        run_sweep([], name="two_arms", only_arms=["arg"])
 
 
 @pytest.mark.slow  # submitit worker processes

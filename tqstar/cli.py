@@ -393,6 +393,9 @@ def sweep(
     gold_reward: Optional[str] = typer.Option(
         None, "--gold-reward", "-g", help="Also score every run with this reward config (gold columns, gold_vs_guide.png)"
     ),
+    arm: Optional[List[str]] = typer.Option(
+        None, "--arm", "-a", help="Only this arm of the named sweep (repeat for several): e.g. arms added since its page was written"
+    ),
 ) -> None:
     """Run a grid of decodes (methods x alpha x k ...), resumable, aggregated and plotted."""
 
@@ -400,7 +403,16 @@ def sweep(
         from .sweep import run_sweep
 
         slurm = {"partition": partition, "gpus_per_node": gpus, "timeout_min": time_min}
-        run_sweep(list(overrides or []), name=name, executor=executor, jobs=jobs, slurm=slurm, console=_console(), gold_reward=gold_reward)
+        run_sweep(
+            list(overrides or []),
+            name=name,
+            executor=executor,
+            jobs=jobs,
+            slurm=slurm,
+            console=_console(),
+            gold_reward=gold_reward,
+            only_arms=arm,
+        )
 
     _guarded(body)
 
@@ -420,7 +432,11 @@ def merge(shards: List[str] = typer.Argument(..., help="Run folders of one decod
 
 @app.command()
 def report(
-    source: Optional[str] = typer.Argument(None, help="A sweep folder (outputs/sweeps/<study>) or a report archive (docs/results/<study>)"),
+    source: Optional[List[str]] = typer.Argument(
+        None,
+        help="A sweep folder (outputs/sweeps/<study>) or a report archive (docs/results/<study>); several of one study are "
+        "merged, later ones winning (e.g. docs/results/<study> outputs/sweeps/<study> adds the sweep's new arms or seeds)",
+    ),
     study: Optional[str] = typer.Option(None, "--study", help="Which results page (default: the source folder's name)"),
     out: str = typer.Option("docs/results", "--out", "-o", help="Where pages go: <out>/<study>.md and <out>/<study>/"),
     all_pages: bool = typer.Option(False, "--all", help="Regenerate every page under --out from its archive"),
@@ -449,15 +465,22 @@ def report(
             for page in regenerate_all(target):
                 _console().print(f"wrote {page}")
             return
-        if source is None and not seeds:
+        if not source and not seeds:
             raise ConfigError(f"give a sweep folder or report archive, --all, or --study {BUILD_STUDY} --seeds ...")
-        if source is not None and not Path(source).is_dir():
-            raise ConfigError(
-                f"{source!r} is not a folder (give a sweep folder, e.g. outputs/sweeps/transfer_study, or docs/results/<study>)"
-            )
-        chosen = study_for(study, Path(source) if source else None)
-        data = premise_from_builds(list(seeds), cache_dir) if seeds and source is None else None
-        page, written, checks = write_report(Path(source) if source else None, chosen, target, cache_dir, data=data)
+        for folder in source or []:
+            if not Path(folder).is_dir():
+                raise ConfigError(
+                    f"{folder!r} is not a folder (give a sweep folder, e.g. outputs/sweeps/transfer_study, or docs/results/<study>)"
+                )
+        folders = [Path(folder) for folder in source or []]
+        chosen = study_for(study, folders[0] if folders else None)
+        for folder in folders[1:]:  # every source of one study: named after it unless --study says which
+            if study is None and folder.name != chosen.name:
+                raise ConfigError(
+                    f"{str(folder)!r} is not a source of {chosen.name!r} (merge sources of one study, or name it with --study)"
+                )
+        data = premise_from_builds(list(seeds), cache_dir) if seeds and not folders else None
+        page, written, checks = write_report(folders or None, chosen, target, cache_dir, data=data)
         _console().print(f"wrote {page} and {len(written) - 1} file(s) in {target / chosen.name}")
         for check in checks:
             _console().print(f"  check: {check}", soft_wrap=True)

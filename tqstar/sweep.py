@@ -437,8 +437,11 @@ def run_sweep(
     slurm: dict | None = None,
     console=None,
     gold_reward: str | None = None,
+    only_arms: Sequence[str] | None = None,
 ):
-    """Expand, run (skipping finished points), aggregate. Returns the results table."""
+    """Expand, run (skipping finished points), aggregate. Returns the results table. `only_arms` runs those arms
+    of a named sweep and no others (e.g. arms added to a study since its page was written; `tqstar report` merges
+    the new sweep folder with the page's archive)."""
     spec = SweepSpec(grid=list(overrides))
     if name:
         named = load_named_sweep(name)
@@ -451,6 +454,13 @@ def run_sweep(
             slurm=dict(named.get("slurm") or {}),
             gold_reward=named.get("gold_reward"),
         )
+    if only_arms:
+        if not spec.arms:
+            raise ConfigError("--arm selects arms of a named sweep with arms (give --name)")
+        unknown = [arm for arm in only_arms if arm not in spec.arms]
+        if unknown:
+            raise ConfigError(f"sweep {spec.name!r} has no arm {unknown[0]!r}; {did_you_mean(unknown[0], list(spec.arms))}")
+        spec.arms = {arm: overrides for arm, overrides in spec.arms.items() if arm in only_arms}
     if executor:
         spec.executor = executor
     if jobs:
@@ -473,9 +483,19 @@ def run_sweep(
         point_config(point, folder)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # every invocation's wall time, so a sweep resumed over several sessions reports its whole cost
+    earlier = json.loads((folder / "sweep.json").read_text()).get("invocations", []) if (folder / "sweep.json").is_file() else []
     (folder / "sweep.json").write_text(
         json.dumps(
-            {"grid": spec.grid, "arms": spec.arms, "points": points, "executor": spec.executor, "gold_reward": spec.gold_reward}, indent=2
+            {
+                "grid": spec.grid,
+                "arms": spec.arms,
+                "points": points,
+                "executor": spec.executor,
+                "gold_reward": spec.gold_reward,
+                "invocations": earlier,  # kept if this one is interrupted
+            },
+            indent=2,
         )
         + "\n"
     )
@@ -493,6 +513,8 @@ def run_sweep(
         "seconds": round(time.perf_counter() - started, 2),
         "failed": len(failed),
     }
+    ran = sum(1 for r in results if r.get("new_rows"))
+    summary["invocations"] = earlier + [{"seconds": summary["seconds"], "points": len(points), "points_decoded": ran}]
     (folder / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = aggregate(folder, points, console, spec.arms, spec.grid, spec.gold_reward)
     if console:

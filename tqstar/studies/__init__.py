@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import ConfigError, did_you_mean
 from .catalog import STUDIES, Study, premise_rows
 from .page import Page
-from .sources import StudyData, environment_of, is_archive, load, synthetic_curves, write_archive
+from .sources import StudyData, environment_of, is_archive, load, merge, synthetic_curves, write_archive
 
 DEFAULT_OUT = Path("docs/results")
 
@@ -95,21 +95,35 @@ def _sample_truncated_curve(build: Path, seed: int, top_k: int, source: Path, sa
     return curve
 
 
-def write_report(source: Path | None, study: Study, out: Path = DEFAULT_OUT, cache_dir: str | None = None, data: StudyData | None = None):
-    """Read the source, render the study's page into `out`, and archive its inputs beside it (unless the source
-    is that archive already). Returns (page path, written paths, checks)."""
+def read_source(source: Path, study: Study, cache_dir: str | None = None) -> StudyData:
+    """One sweep folder or archive, with the curves a sweep folder's page needs from the builds."""
+    data = load(source, study.name)
+    if not is_archive(source):
+        if study.synthetic_curves and "seed" in data.points:
+            data.curves = synthetic_curves(sorted(data.points["seed"].dropna().unique()), cache_dir)
+        if study.name in ("optimal_check", "soft_transfer"):  # rho*_(beta,k) per prompt
+            data.curves = _optimal_curves(source, data, cache_dir)
+    return data
+
+
+def write_report(
+    source: Path | list[Path] | None,
+    study: Study,
+    out: Path = DEFAULT_OUT,
+    cache_dir: str | None = None,
+    data: StudyData | None = None,
+):
+    """Read the source (or several sources of the study, merged: `sources.merge`), render the study's page into
+    `out`, and archive its inputs beside it (unless the source is that archive already). Returns (page path,
+    written paths, checks)."""
+    sources = [Path(s) for s in source] if isinstance(source, (list, tuple)) else [Path(source)] if source is not None else []
     if data is None:
-        data = load(source, study.name)
-        if not is_archive(source):
-            if study.synthetic_curves and "seed" in data.points:
-                data.curves = synthetic_curves(sorted(data.points["seed"].dropna().unique()), cache_dir)
-            if study.name in ("optimal_check", "soft_transfer"):  # rho*_(beta,k) per prompt
-                data.curves = _optimal_curves(source, data, cache_dir)
+        data = merge([read_source(s, study, cache_dir) for s in sources])
     archive = out / study.name
     page = Page(study=study.name, title=study.title, environment=data.environment)
     study.render(data, page)
     written = page.save(out)
-    if source is None or not is_archive(source) or Path(source).resolve() != archive.resolve():
+    if len(sources) != 1 or not is_archive(sources[0]) or sources[0].resolve() != archive.resolve():
         written += write_archive(data, archive)
     return written[0], written, page.checks
 

@@ -70,7 +70,11 @@ def environment_lines(env: dict) -> list[str]:
     else:
         lines.append("- load: not recorded")
     if env.get("sweep_seconds"):
-        lines.append(f"- sweep wall time: {env['sweep_seconds']:.0f} s (executor {env.get('executor')})")
+        count = env.get("sweep_invocations")
+        which = {None: "", "last": ", its last invocation only", "some": ", some sources' last invocation only"}.get(
+            count, f", {count} invocations summed" if count != 1 else ""
+        )
+        lines.append(f"- sweep wall time: {env['sweep_seconds']:.0f} s (executor {env.get('executor')}{which})")
     lines += [f"- note: {note}" for note in env.get("notes") or []]
     return lines
 

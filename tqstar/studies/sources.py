@@ -106,7 +106,12 @@ def read_sweep(folder: Path, name: str) -> StudyData:
         )
     sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").is_file() else {}
     environment = environment_of([run.status() for run in runs], [run.path.name for run in runs])
-    environment.update(source=f"sweep folder {folder}", sweep_seconds=sweep.get("seconds"), executor=sweep.get("executor"))
+    environment.update(source=f"sweep folder {folder}", executor=sweep.get("executor"))
+    invocations = sweep.get("invocations") or []
+    if invocations:  # every invocation of a resumed sweep
+        environment.update(sweep_seconds=round(sum(i["seconds"] for i in invocations), 2), sweep_invocations=len(invocations))
+    elif sweep.get("seconds") is not None:  # a sweep folder from before invocations were recorded: its last one only
+        environment.update(sweep_seconds=sweep["seconds"], sweep_invocations="last")
     return StudyData(name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt, tables=tables)
 
 
@@ -172,6 +177,96 @@ def read_archive(folder: Path, name: str) -> StudyData:
     return StudyData(
         name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt, curves=curves, tables=tables
     )
+
+
+def merge(parts: list[StudyData]) -> StudyData:
+    """Several sources of one study as one (`tqstar report <archive> <sweep folder>`): e.g. a page's archive and a
+    sweep that ran arms or seeds added since. Later sources win: a run in several is read from the last; a curve
+    or input table row of a seed that a later source has is replaced by that source's; curves and tables only an
+    earlier source has are kept. The environment spans every source's runs."""
+    import pandas as pd
+
+    if len(parts) == 1:
+        return parts[0]
+    names = {part.name for part in parts}
+    if len(names) > 1:
+        raise ConfigError(f"these sources are of different studies ({', '.join(sorted(names))}); merge sources of one study")
+    frames = [part.points for part in parts if len(part.points)]
+    points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(points):
+        points = points.drop_duplicates(subset=["run"], keep="last").reset_index(drop=True)
+    runs_of = [set(part.points["run"]) if len(part.points) else set() for part in parts]
+    rows = []
+    for i, part in enumerate(parts):
+        if part.per_prompt is None:
+            continue
+        later = set().union(*runs_of[i + 1 :])  # runs a later source reads again
+        rows.append(part.per_prompt[~part.per_prompt["run"].isin(later)])
+    per_prompt = pd.concat(rows, ignore_index=True) if rows else None
+    curves = None
+    for part in parts:
+        for name, by_seed in (part.curves or {}).items():
+            curves = curves or {}
+            curves.setdefault(name, {}).update(by_seed)
+    tables: dict = {}
+    for part in parts:
+        for name, table in part.tables.items():
+            if name in tables and "seed" in table and "seed" in tables[name]:
+                kept = tables[name][~tables[name]["seed"].isin(set(table["seed"]))]
+                tables[name] = pd.concat([kept, table], ignore_index=True).sort_values("seed", kind="stable").reset_index(drop=True)
+            else:
+                tables[name] = table
+    environment = merge_environments([part.environment for part in parts])
+    environment["runs"] = len(points)
+    return StudyData(
+        name=parts[0].name,
+        points=points,
+        environment=environment,
+        source=" + ".join(part.source for part in parts),
+        per_prompt=per_prompt,
+        curves=curves,
+        tables=tables,
+    )
+
+
+def merge_environments(environments: list[dict]) -> dict:
+    """One header for several sources: lists joined, spans widened, sweep times summed, sources named."""
+
+    def union(key):
+        out: list = []
+        for env in environments:
+            out += [v for v in env.get(key) or [] if v not in out]
+        return sorted(out)
+
+    def span(key):
+        spans = [env[key] for env in environments if env.get(key)]
+        return [min(s[0] for s in spans), max(s[1] for s in spans)] if spans else None
+
+    versions: dict[str, list] = {}
+    for env in environments:
+        for lib, values in (env.get("versions") or {}).items():
+            versions.setdefault(lib, [])
+            versions[lib] += [v for v in values if v not in versions[lib]]
+    notes: list = []
+    for env in environments:
+        notes += [n for n in env.get("notes") or [] if n not in notes]
+    out = {
+        "runs": None,
+        "dates": span("dates"),
+        **{key: union(key) for key in ("git_commits", "hosts", "cpus", "threads", "cpu_count", "devices")},
+        "versions": versions,
+        "load_at_start": span("load_at_start"),
+        "load_at_end": span("load_at_end"),
+        "notes": notes,
+        "source": "; ".join(str(env.get("source", "unknown")) for env in environments),
+    }
+    seconds = [env["sweep_seconds"] for env in environments if env.get("sweep_seconds")]
+    if seconds:
+        out["sweep_seconds"] = round(sum(seconds), 2)
+        counted = [env.get("sweep_invocations") for env in environments if env.get("sweep_seconds")]
+        out["sweep_invocations"] = sum(c for c in counted if isinstance(c, int)) if all(isinstance(c, int) for c in counted) else "some"
+        out["executor"] = ", ".join(dict.fromkeys(str(env.get("executor")) for env in environments if env.get("sweep_seconds")))
+    return out
 
 
 def write_archive(data: StudyData, folder: Path) -> list[Path]:
