@@ -116,6 +116,7 @@ ARMS = [
     ("best_of_n_sampled", "best_of_n", "", "sample", 1.0, 2, 0.5),
     ("best_of_n_sampled", "best_of_n", "", "sample", 1.0, 4, 0.7),
     ("cd_sampled", "cd", "", "sample", 4.0, None, 0.8),
+    ("tqstar_alpha_rho0.1", "tqstar", "synthetic:rho0.1", "greedy", 10.0, None, 0.3),  # the paper's alpha = 1/beta
 ]
 PROMPTS = 6
 
@@ -212,6 +213,11 @@ def test_report_from_a_sweep_folder_then_from_its_archive(sweep, tmp_path, monke
     assert row["diff"] == pytest.approx(-0.4) and row["se"] == pytest.approx(0.0, abs=1e-9)
     assert "tqstar (rho0.1) − cd: lower on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in checks
     assert "tqstar (rho1) − baseline (rho1): higher on every seed (2 of 2)" in " ".join(checks)
+    # (e) the paper's alpha against the same rung at alpha 1: 0.1 lower on every prompt of every seed
+    alpha = pd.read_csv(out / "transfer_study" / "paper_alpha.csv")
+    row = alpha[(alpha["comparison"] == "tqstar_alpha_rho0.1 - tqstar (rho0.1)") & (alpha["seed"] == 1)].iloc[0]
+    assert row["diff"] == pytest.approx(-0.1) and row["se"] == pytest.approx(0.0, abs=1e-9)
+    assert "tqstar_alpha_rho0.1 − baseline (rho0.1): lower on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in checks
     # (d) says why it is missing: no build manifests here
     assert "(d): not computed" in text
     # the archive regenerates the same page and tables
@@ -249,6 +255,18 @@ def test_report_merges_an_archive_with_a_later_sweep(sweep, tmp_path, monkeypatc
     (tmp_path / "cd_only").mkdir()
     result = CliRunner().invoke(app, ["report", str(out / "transfer_study"), str(tmp_path / "cd_only"), "--out", str(out)])
     assert result.exit_code == 2 and "is not a source of 'transfer_study'" in result.output
+    # the same setting decoded again in another run folder replaces the archive's point (and its prompts)
+    redo = make_sweep(tmp_path / "redo" / "transfer_study", seeds=(0,), shift=0.1, invocations=[1.0])
+    for run in redo.iterdir():
+        if run.is_dir():
+            run.rename(run.with_name(run.name.replace("-s0", "-again")))
+    table = pd.read_csv(redo / "results.csv")
+    table["run"] = table["run"].str.replace("-s0", "-again")
+    table.to_csv(redo / "results.csv", index=False)
+    write_report([out / "transfer_study", redo], STUDIES["transfer_study"], out)
+    merged = pd.read_csv(out / "transfer_study" / "points.csv")
+    assert len(merged) == 3 * len(ARMS) and merged[merged["seed"] == 0]["run"].str.endswith("-again").all()
+    assert pd.read_csv(out / "transfer_study" / "per_prompt.csv.gz")["run"].nunique() == 3 * len(ARMS)
 
 
 def test_a_resumed_sweep_reports_every_invocation():
@@ -410,3 +428,45 @@ def test_soft_transfer_page_names_the_fewest_rollouts_that_match_on_every_seed()
     )
     # equal KLs (1.0 everywhere): a zero difference is no sign on any seed
     assert "beta 0.25, n = 2: the rung (soft transfer) minus pi_k in recorded KL: differs in sign across seeds (2 seeds)" in page.checks
+
+
+def test_against_best_of_n_at_equal_kl():
+    reference = pd.DataFrame(
+        {"seed": [0, 0, 0], "kl": [0.0, 1.0, 2.0], "reward_mean": [0.2, 0.6, 0.8], "reward_stderr": [0.01, 0.01, 0.01]}
+    )
+    points = pd.DataFrame(
+        {
+            "group": ["soft_transfer", "soft_transfer", "cd, sampled"],
+            "seed": [0, 1, 0],
+            "kl": [0.5, 0.5, 3.0],
+            "reward_mean": [0.5, 0.5, 0.9],
+            "reward_stderr": [0.02, 0.02, 0.02],
+        }
+    )
+    rows = {r["group"]: r for r in A.against_curve_at_kl(points, reference, keys=("group",))}
+    diff, se = rows["soft_transfer"]["by_seed"][0]
+    assert diff == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.02**2 + 0.005**2 + 0.005**2))
+    assert 1 not in rows["soft_transfer"]["by_seed"]  # seed 1 has no best-of-N points
+    assert rows["cd, sampled"]["by_seed"] == {} and rows["cd, sampled"]["claim"] == "no data"  # KL past best-of-N's largest n
+
+
+def test_compute_frontier_page_compares_sampled_arms_at_equal_kl(tmp_path):
+    from tqstar.studies.sources import StudyData
+
+    rows = []
+    for seed in (0, 1):
+        for n, kl in ((1, 0.0), (4, 0.636), (16, 1.835)):
+            rows.append({"arm": "best_of_n", "method": "best_of_n", "selection": "sample", "n": n, "rollout_num": 1, "kl": kl})
+            rows[-1].update(reward_mean=0.3 + 0.2 * kl, reward_stderr=0.01, flops_per_response=1e8 * n)
+        rows.append({"arm": "soft_transfer", "method": "soft_transfer", "selection": "sample", "rollout_num": 4, "kl": 1.0})
+        rows[-1].update(reward_mean=0.6 + 0.01 * seed, reward_stderr=0.02, flops_per_response=2e10)
+        rows.append({"arm": "cd", "method": "cd", "selection": "greedy", "rollout_num": 1, "kl": None})
+        rows[-1].update(reward_mean=0.7, reward_stderr=0.02, flops_per_response=1e9)
+    points = pd.DataFrame(
+        [{**r, "seed": seed, "run": f"r{i}", "label": r["arm"], "baseline": ""} for i, r in enumerate(rows) for seed in [i // 5]]
+    )
+    data = StudyData(name="compute_frontier", points=points, environment={"source": "test"}, source="test")
+    _, _, checks = write_report(None, STUDIES["compute_frontier"], tmp_path, data=data)
+    table = pd.read_csv(tmp_path / "compute_frontier" / "equal_kl.csv")
+    assert set(table["group"]) == {"soft_transfer"} and table["diff"].tolist() == pytest.approx([0.1, 0.11])
+    assert "soft_transfer (n = 4) − best-of-N at equal KL: higher on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in checks

@@ -172,6 +172,39 @@ def best_at_budget(points, group: str = "method", reward: str = "reward_mean"):
     return pd.DataFrame(rows)
 
 
+def against_curve_at_kl(points, reference, keys: Sequence[str] = ("group", "n", "rollout_num")) -> list[dict]:
+    """Sampled points against a reference method at the same KL, per seed: the reference's reward at the point's
+    KL, linear in KL between the reference's own points of that seed (sorted by KL; none past its largest KL), and
+    the difference with s.e. sqrt(point s.e.^2 + interpolated reference s.e.^2) (the two runs are not paired).
+    One dict per setting (the `keys` present): its per-seed (KL, reward, FLOPs, diff, se) and the seed claim."""
+    keys = [k for k in keys if k in points.columns]
+    out = []
+    for values, group in points.groupby(keys, dropna=False, sort=False):
+        by_seed, rows = {}, {}
+        for r in group.to_dict("records"):
+            ref = reference[reference["seed"] == r["seed"]].sort_values("kl")
+            curve = list(zip(ref["kl"].astype(float), ref["reward_mean"].astype(float), ref["reward_stderr"].astype(float)))
+            at = None
+            for (k0, r0, s0), (k1, r1, s1) in zip(curve, curve[1:]):
+                if k0 <= r["kl"] <= k1:
+                    w = (r["kl"] - k0) / (k1 - k0) if k1 > k0 else 1.0
+                    at = (r0 + w * (r1 - r0), math.sqrt(((1 - w) * s0) ** 2 + (w * s1) ** 2))
+                    break
+            seed = int(r["seed"])
+            rows[seed] = {"kl": r["kl"], "reward": r["reward_mean"], "flops": r.get("flops_per_response"), "reference": at and at[0]}
+            if at is not None:
+                by_seed[seed] = (r["reward_mean"] - at[0], math.sqrt(float(r["reward_stderr"]) ** 2 + at[1] ** 2))
+        out.append(
+            {
+                **dict(zip(keys, values if isinstance(values, tuple) else (values,))),
+                "by_seed": by_seed,
+                "seeds": rows,
+                "claim": seed_claim(by_seed),
+            }
+        )
+    return out
+
+
 def fewest_matching(verdicts_by_n: dict[int, dict[int, tuple[str, str]]], seeds: Sequence[int]) -> int | None:
     """The fewest rollouts n at which reward and KL both match (verdict 'match') on every one of `seeds`:
     verdicts_by_n[n][seed] = (reward verdict, KL verdict). None when no n does (or a seed lacks the point)."""

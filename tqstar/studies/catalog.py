@@ -37,17 +37,16 @@ def _records(frame) -> list[dict]:
 
 
 def _seed_difference(points, label_a: str, label_b: str, per_prompt=None) -> dict[int, tuple]:
-    """Per seed: (a - b, s.e.) paired by prompt when per-prompt rows exist, else the difference of the runs'
-    means with no s.e."""
+    """Per seed: (a - b, s.e.) paired by prompt when both runs have per-prompt rows, else the difference of the
+    runs' means with no s.e."""
     out = {}
     for seed in sorted(points["seed"].dropna().unique()):
         a = points[(points["label"] == label_a) & (points["seed"] == seed)]
         b = points[(points["label"] == label_b) & (points["seed"] == seed)]
         if a.empty or b.empty:
             continue
-        if per_prompt is not None:
-            mean, se, _ = A.paired(per_prompt, a["run"].iloc[0], b["run"].iloc[0])
-        else:
+        mean, se, shared = A.paired(per_prompt, a["run"].iloc[0], b["run"].iloc[0]) if per_prompt is not None else (None, None, 0)
+        if not shared:  # no per-prompt rows for one of them (e.g. an archived point merged with a new sweep's)
             mean, se = float(a["reward_mean"].iloc[0]) - float(b["reward_mean"].iloc[0]), None
         out[int(seed)] = (mean, se)
     return out
@@ -111,6 +110,29 @@ def transfer_study(data: StudyData, page: Page) -> None:
     comparisons.append(("cd", "best_of_n"))
     _comparison_table(page, "differences", greedy, [(a, b) for a, b in comparisons if a in labels and b in labels], data.per_prompt)
     _against_optimum(data, sampled, page)
+    _paper_alpha(greedy, labels, data.per_prompt, page)
+
+
+def _paper_alpha(greedy, labels: list[str], per_prompt, page: Page) -> None:
+    """(e), soft-transfer issue 5c: TQ* with the mean value at the paper's alpha = 1/beta of its rung (arms
+    tqstar_alpha_<rung>), against the same rung at alpha = 1, CD and the rung decoded alone; greedy, per seed."""
+    page.text(
+        "## (e) The paper's alpha: TQ* at alpha = 1/beta of its rung\n\nThe mean value of the rung's greedy rollouts, "
+        "as in (a), with alpha = 1/beta of the DPO beta the rung was distilled for (the paper's choice; (a) uses alpha = 1, "
+        "which is 1/beta only for rho1), so the ladder compares estimators rather than alphas. Paired by prompt where both "
+        "runs have per-prompt rows, else the difference of the runs' means (no s.e.)."
+    )
+    arms = [label for label in labels if label.startswith("tqstar_alpha_")]
+    if not arms:
+        page.missing(
+            "(e)", "no tqstar_alpha_<rung> points in this source (tqstar sweep --name transfer_study --arm tqstar_alpha_rho0.1 ...)"
+        )
+        return
+    comparisons = []
+    for arm in arms:
+        rung = arm.removeprefix("tqstar_alpha_")
+        comparisons += [(arm, f"tqstar ({rung})"), (arm, "cd"), (arm, f"baseline ({rung})")]
+    _comparison_table(page, "paper_alpha", greedy, [(a, b) for a, b in comparisons if a in labels and b in labels], per_prompt)
 
 
 def _against_optimum(data: StudyData, sampled, page: Page) -> None:
@@ -164,9 +186,19 @@ def _against_optimum(data: StudyData, sampled, page: Page) -> None:
     page.figure("frontier", "reward against KL, with rho*_beta's curve", draw)
 
 
+ROLLS_OUT = ("cd", "tqstar", "soft_transfer")  # methods whose rollouts per candidate are a setting of the point
+
+
+def _group(row) -> str:
+    """A method's line on the compute frontier; its sampled points (but best-of-N's) apart from its greedy ones."""
+    sampled = row.get("selection") == "sample" and row.get("method") != "best_of_n" and row.get("method") != "soft_transfer"
+    return f"{row['method']}, sampled" if sampled else str(row["method"])
+
+
 def compute_frontier(data: StudyData, page: Page) -> None:
-    points = data.points
-    groups = list(dict.fromkeys(points["method"]))
+    points = data.points.copy()
+    points["group"] = [_group(r) for r in _records(points)]
+    groups = list(dict.fromkeys(points["group"]))
     page.text(
         "## Best reward at a compute budget\n\nFor each build seed and method, its best mean target reward among its points "
         "that cost at most B FLOPs per response; mean ± s.e. over seeds (– where some seed has no point that cheap). "
@@ -177,7 +209,7 @@ def compute_frontier(data: StudyData, page: Page) -> None:
             "The baseline decoded alone is not among this source's points (conf/sweep/compute_frontier.yaml has it since "
             "this report was introduced; a rerun adds it)."
         )
-    table = A.best_at_budget(points, group="method")
+    table = A.best_at_budget(points, group="group")
     rows = []
     for r in _records(table):
         best = r["best"] if r["best"] != "differs by seed" else f"differs ({r['winners_by_seed']})"
@@ -211,6 +243,64 @@ def compute_frontier(data: StudyData, page: Page) -> None:
         )
 
     page.figure("reward_vs_flops", "reward against FLOPs per response", draw)
+    _equal_kl(points, page)
+
+
+def _equal_kl(points, page: Page) -> None:
+    """Sampled arms (the optimal decoder, soft transfer, the baseline at T = 1, ...) against best-of-N at the same KL."""
+    page.text(
+        "## Sampled arms at equal KL\n\nEach sampled point against best-of-N at the same KL to the SFT model on the same "
+        "seed: best-of-N's reward linear in KL between its n (KL: the analytic bound log n − (n−1)/n, which is at least its "
+        "true KL, so best-of-N's reward at a given true KL is at least this: a lead over it here is an upper bound, a "
+        "deficit is real). Difference ± sqrt(s.e.² + interpolated s.e.²) (unpaired runs); – where the point's KL is past "
+        "best-of-N's largest n. Mean ± s.e. across seeds."
+    )
+    sampled = points[(points["selection"] == "sample") & (points["method"] != "best_of_n") & points["kl"].notna()]
+    reference = points[(points["method"] == "best_of_n") & points["kl"].notna()]
+    if sampled.empty or reference.empty:
+        page.missing("equal KL", "no sampled points with a KL, or no best-of-N points, in this source")
+        return
+    seeds = sorted(int(s) for s in points["seed"].dropna().unique())
+    rows, frame = [], []
+    for r in A.against_curve_at_kl(sampled, reference, keys=("group", "rollout_num")):
+        per = r["seeds"]
+        mean = {m: A.mean_and_stderr([v[m] for v in per.values() if v[m] is not None]) for m in ("kl", "reward", "flops", "reference")}
+        rollouts = int(r["rollout_num"]) if r["group"].split(",")[0] in ROLLS_OUT and r["rollout_num"] == r["rollout_num"] else "–"
+        cells = [fmt(*r["by_seed"][s]) if s in r["by_seed"] else "–" for s in seeds]
+        flops = f"{mean['flops'][0]:.1e}" if mean["flops"][0] is not None else "–"
+        rows.append(
+            [r["group"], rollouts, len(per), flops, fmt(*mean["kl"]), fmt(*mean["reward"]), fmt(*mean["reference"]), *cells, r["claim"]]
+        )
+        frame += [
+            {
+                "group": r["group"],
+                "rollouts": rollouts,
+                "seed": s,
+                **v,
+                "diff": r["by_seed"].get(s, (None, None))[0],
+                "se": r["by_seed"].get(s, (None, None))[1],
+            }
+            for s, v in per.items()
+        ]
+        page.check(f"{r['group']}" + (f" (n = {rollouts})" if rollouts != "–" else "") + f" − best-of-N at equal KL: {r['claim']}")
+    import pandas as pd
+
+    page.table(
+        "equal_kl",
+        [
+            "arm",
+            "rollouts / candidate",
+            "seeds",
+            "FLOPs / response",
+            "KL",
+            "reward",
+            "best-of-N at that KL",
+            *[f"diff, seed {s}" for s in seeds],
+            "on every seed",
+        ],
+        rows,
+        pd.DataFrame(frame),
+    )
 
 
 def proxy_guided(data: StudyData, page: Page) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..runs import RunFolder
 from ..stats import finite
+from .analysis import SETTING_COLUMNS
 
 POINTS = "points.csv"
 PER_PROMPT = "per_prompt.csv.gz"
@@ -24,6 +25,9 @@ ENVIRONMENT = "environment.json"
 # What a page reads of each prompt of each run (metrics_per_prompt.jsonl columns).
 PER_PROMPT_COLUMNS = ("index", "prompt_id", "reward", "baseline_reward", "gold_reward", "coherence", "kl", "num_tokens", "seconds", "flops")
 PER_PROMPT_COLUMNS += ("ess_fraction", "log_weight_var", "kl_corrected")  # weighed rollouts / the sampled soft value only
+# what makes two points the same setting (with the seed): the pages' settings but the label (which depends on the
+# other points), and settings only a run's config carries
+SAME_SETTING = tuple(c for c in SETTING_COLUMNS if c != "label") + ("max_new_tokens", "beta", "proposal")
 
 
 @dataclass
@@ -181,7 +185,8 @@ def read_archive(folder: Path, name: str) -> StudyData:
 
 def merge(parts: list[StudyData]) -> StudyData:
     """Several sources of one study as one (`tqstar report <archive> <sweep folder>`): e.g. a page's archive and a
-    sweep that ran arms or seeds added since. Later sources win: a run in several is read from the last; a curve
+    sweep that ran arms or seeds added since. Later sources win: a run in several is read from the last, and so is
+    a setting decoded again (the same seed and `SAME_SETTING`, in another run folder); a curve
     or input table row of a seed that a later source has is replaced by that source's; curves and tables only an
     earlier source has are kept. The environment spans every source's runs."""
     import pandas as pd
@@ -194,14 +199,18 @@ def merge(parts: list[StudyData]) -> StudyData:
     frames = [part.points for part in parts if len(part.points)]
     points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(points):
-        points = points.drop_duplicates(subset=["run"], keep="last").reset_index(drop=True)
+        # a run read twice, or a setting decoded again (same arm, seed and settings): the later source's
+        setting = [c for c in ("seed", *SAME_SETTING) if all(c in frame.columns for frame in frames)]  # in every source
+        points = points.drop_duplicates(subset=["run"], keep="last")
+        points = points[~points[setting].map(_setting_value).duplicated(keep="last")].reset_index(drop=True)
     runs_of = [set(part.points["run"]) if len(part.points) else set() for part in parts]
+    kept = set(points["run"]) if len(points) else set()
     rows = []
     for i, part in enumerate(parts):
         if part.per_prompt is None:
             continue
         later = set().union(*runs_of[i + 1 :])  # runs a later source reads again
-        rows.append(part.per_prompt[~part.per_prompt["run"].isin(later)])
+        rows.append(part.per_prompt[~part.per_prompt["run"].isin(later) & part.per_prompt["run"].isin(kept)])
     per_prompt = pd.concat(rows, ignore_index=True) if rows else None
     curves = None
     for part in parts:
@@ -227,6 +236,16 @@ def merge(parts: list[StudyData]) -> StudyData:
         curves=curves,
         tables=tables,
     )
+
+
+def _setting_value(value) -> str:
+    """A setting as text that reads the same from a sweep folder and from an archive's CSV ('' for a missing one)."""
+    if value is None or value != value or value == "":
+        return ""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def merge_environments(environments: list[dict]) -> dict:
