@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/smollm2_ended_share.py                  # 32 held-out questions, caps 48 and 64
     .venv/bin/python scripts/smollm2_ended_share.py --prompts 64 --caps 48 96
+    .venv/bin/python scripts/smollm2_ended_share.py --instructions "Answer in one short sentence." --out x.json
 
 Samples the SFT model (SmolLM2-135M-Instruct from the packaged GGUF, chat template, temperature 1, the build's
 sampling settings) on the build's held-out questions (`tqstar.smollm2.prompts.make_prompts`, seed 0) with and
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--caps", type=int, nargs="+", default=[48, 64])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--instructions", nargs="+", default=["none", INSTRUCTION], help="brevity instructions to compare ('none': the questions as they are)"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "smollm2_ended_share.json"))
     args = parser.parse_args()
 
@@ -46,7 +50,7 @@ def main() -> None:
     cfg = validate(compose(["experiment=smollm2_offline", "sft=smollm2", "baseline=smollm2", "dataset=hh_sample", "device=cpu"]))
     sft = load_model(cfg.sft, "cpu", {})
     results = []
-    for instruction in (None, INSTRUCTION):
+    for instruction in [None if i == "none" else i for i in args.instructions]:
         _, test = make_prompts(0, 400, 128, instruction)
         prompts = [row["prompt"] for row in test[: args.prompts]]
         texts = [format_prompt(sft.tokenizer, p, "chat") for p in prompts]
