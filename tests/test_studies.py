@@ -248,6 +248,7 @@ def test_report_merges_an_archive_with_a_later_sweep(sweep, tmp_path, monkeypatc
     assert f"runs: {3 * len(ARMS)}" in text and "seed 2" in text
     assert "sweep wall time: 20 s (executor local, some sources' last invocation only)" in text  # 12.5 + 3 + 4
     assert f"sweep folder {later}" in text
+    assert f"{2 * len(ARMS) - 2} of the {2 * len(ARMS)} points were decoded by sweep invocations whose wall time was not recorded" in text
     # the merged archive regenerates the same page on its own
     again, _, _ = write_report(out / "transfer_study", STUDIES["transfer_study"], out)
     assert again.read_text() == text

@@ -114,6 +114,13 @@ def read_sweep(folder: Path, name: str) -> StudyData:
     invocations = sweep.get("invocations") or []
     if invocations:  # every invocation of a resumed sweep
         environment.update(sweep_seconds=round(sum(i["seconds"] for i in invocations), 2), sweep_invocations=len(invocations))
+        # points decoded by invocations from before they were recorded: their time is not in the sum
+        unrecorded = len(points) - sum(int(i.get("points_decoded") or 0) for i in invocations)
+        if unrecorded > 0:
+            environment["notes"].append(
+                f"{unrecorded} of the {len(points)} points were decoded by sweep invocations whose wall time was not recorded "
+                "(before sweep.json kept every invocation): the sweep wall time above leaves them out"
+            )
     elif sweep.get("seconds") is not None:  # a sweep folder from before invocations were recorded: its last one only
         environment.update(sweep_seconds=sweep["seconds"], sweep_invocations="last")
     return StudyData(name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt, tables=tables)
