@@ -282,7 +282,10 @@ def _equal_kl(points, page: Page) -> None:
             }
             for s, v in per.items()
         ]
-        page.check(f"{r['group']}" + (f" (n = {rollouts})" if rollouts != "–" else "") + f" − best-of-N at equal KL: {r['claim']}")
+        past = sorted(set(per) - set(r["by_seed"]))  # seeds where the point's KL is past best-of-N's largest n
+        claim = r["claim"] + (f"; seed {', '.join(map(str, past))}: KL past best-of-N's largest n" if past else "")
+        rows[-1][-1] = claim
+        page.check(f"{r['group']}" + (f" (n = {rollouts})" if rollouts != "–" else "") + f" − best-of-N at equal KL: {claim}")
     import pandas as pd
 
     page.table(
