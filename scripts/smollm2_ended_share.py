@@ -31,7 +31,10 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="+", default=[48, 64])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--instructions", nargs="+", default=["none", INSTRUCTION], help="brevity instructions to compare ('none': the questions as they are)"
+        "--instructions",
+        nargs="+",
+        default=["none", INSTRUCTION],
+        help="brevity instructions to compare ('none': the questions as they are)",
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "smollm2_ended_share.json"))
     args = parser.parse_args()

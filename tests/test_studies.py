@@ -471,3 +471,14 @@ def test_compute_frontier_page_compares_sampled_arms_at_equal_kl(tmp_path):
     table = pd.read_csv(tmp_path / "compute_frontier" / "equal_kl.csv")
     assert set(table["group"]) == {"soft_transfer"} and table["diff"].tolist() == pytest.approx([0.1, 0.11])
     assert "soft_transfer (n = 4) − best-of-N at equal KL: higher on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in checks
+
+
+def test_merge_keeps_the_first_sources_curve_of_a_seed_and_adds_new_seeds():
+    from tqstar.studies.sources import StudyData, merge
+
+    def part(curves, seeds):
+        points = pd.DataFrame({"run": [f"r{s}-{len(curves['c'])}" for s in seeds], "seed": seeds, "arm": "a"})
+        return StudyData(name="s", points=points, environment={"source": "x"}, source="x", curves=curves)
+
+    merged = merge([part({"c": {"0": [[0, 1]]}}, [0]), part({"c": {"0": [[0, 2]], "2": [[0, 3]]}}, [0, 2])])
+    assert merged.curves == {"c": {"0": [[0, 1]], "2": [[0, 3]]}}

@@ -26,8 +26,9 @@ ENVIRONMENT = "environment.json"
 PER_PROMPT_COLUMNS = ("index", "prompt_id", "reward", "baseline_reward", "gold_reward", "coherence", "kl", "num_tokens", "seconds", "flops")
 PER_PROMPT_COLUMNS += ("ess_fraction", "log_weight_var", "kl_corrected")  # weighed rollouts / the sampled soft value only
 # what makes two points the same setting (with the seed): the pages' settings but the label (which depends on the
-# other points), and settings only a run's config carries
-SAME_SETTING = tuple(c for c in SETTING_COLUMNS if c != "label") + ("max_new_tokens", "beta", "proposal")
+# other points), and the response length. Only columns every source's points.csv has (older archives lack the ones
+# read from run configs, such as beta; the arm's name tells those apart within a sweep)
+SAME_SETTING = tuple(c for c in SETTING_COLUMNS if c != "label") + ("max_new_tokens",)
 
 
 @dataclass
@@ -193,9 +194,11 @@ def read_archive(folder: Path, name: str) -> StudyData:
 def merge(parts: list[StudyData]) -> StudyData:
     """Several sources of one study as one (`tqstar report <archive> <sweep folder>`): e.g. a page's archive and a
     sweep that ran arms or seeds added since. Later sources win: a run in several is read from the last, and so is
-    a setting decoded again (the same seed and `SAME_SETTING`, in another run folder); a curve
-    or input table row of a seed that a later source has is replaced by that source's; curves and tables only an
-    earlier source has are kept. The environment spans every source's runs."""
+    a setting decoded again (the same seed and `SAME_SETTING`, in another run folder); an input table row of a seed
+    that a later source has is replaced by that source's. Curves (the builds' optima) are the exception: a seed's
+    curve comes from the first source that has it, so an archive's points keep the curve they were measured against
+    when a later sweep reads today's builds; a later source adds the seeds the earlier lack. The environment spans
+    every source's runs."""
     import pandas as pd
 
     if len(parts) == 1:
@@ -219,11 +222,12 @@ def merge(parts: list[StudyData]) -> StudyData:
         later = set().union(*runs_of[i + 1 :])  # runs a later source reads again
         rows.append(part.per_prompt[~part.per_prompt["run"].isin(later) & part.per_prompt["run"].isin(kept)])
     per_prompt = pd.concat(rows, ignore_index=True) if rows else None
-    curves = None
+    curves = None  # the builds' own curves: the first source's stay (its points were measured against them)
     for part in parts:
         for name, by_seed in (part.curves or {}).items():
             curves = curves or {}
-            curves.setdefault(name, {}).update(by_seed)
+            kept = curves.setdefault(name, {})
+            kept.update({seed: curve for seed, curve in by_seed.items() if seed not in kept})
     tables: dict = {}
     for part in parts:
         for name, table in part.tables.items():
