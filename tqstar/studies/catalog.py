@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from ..methods import spec
 from ..metrics import win_tie
 from . import analysis as A
 from .page import Page, fmt, fmt_across
@@ -186,12 +187,9 @@ def _against_optimum(data: StudyData, sampled, page: Page) -> None:
     page.figure("frontier", "reward against KL, with rho*_beta's curve", draw)
 
 
-ROLLS_OUT = ("cd", "tqstar", "soft_transfer")  # methods whose rollouts per candidate are a setting of the point
-
-
 def _group(row) -> str:
     """A method's line on the compute frontier; its sampled points (but best-of-N's) apart from its greedy ones."""
-    sampled = row.get("selection") == "sample" and row.get("method") != "best_of_n" and row.get("method") != "soft_transfer"
+    sampled = row.get("selection") == "sample" and row.get("method") not in ("best_of_n", "soft_transfer")  # these always sample
     return f"{row['method']}, sampled" if sampled else str(row["method"])
 
 
@@ -265,12 +263,13 @@ def _equal_kl(points, page: Page) -> None:
     for r in A.against_curve_at_kl(sampled, reference, keys=("group", "rollout_num")):
         per = r["seeds"]
         mean = {m: A.mean_and_stderr([v[m] for v in per.values() if v[m] is not None]) for m in ("kl", "reward", "flops", "reference")}
-        rollouts = int(r["rollout_num"]) if r["group"].split(",")[0] in ROLLS_OUT and r["rollout_num"] == r["rollout_num"] else "–"
+        rolls_out = spec(r["group"].split(",")[0]).uses_rollouts  # rollouts per candidate are a setting of the point
+        rollouts = int(r["rollout_num"]) if rolls_out and r["rollout_num"] == r["rollout_num"] else "–"
+        past = sorted(set(per) - set(r["by_seed"]))  # seeds where the point's KL is past best-of-N's largest n
+        claim = r["claim"] + (f"; seed {', '.join(map(str, past))}: KL past best-of-N's largest n" if past else "")
         cells = [fmt(*r["by_seed"][s]) if s in r["by_seed"] else "–" for s in seeds]
         flops = f"{mean['flops'][0]:.1e}" if mean["flops"][0] is not None else "–"
-        rows.append(
-            [r["group"], rollouts, len(per), flops, fmt(*mean["kl"]), fmt(*mean["reward"]), fmt(*mean["reference"]), *cells, r["claim"]]
-        )
+        rows.append([r["group"], rollouts, len(per), flops, fmt(*mean["kl"]), fmt(*mean["reward"]), fmt(*mean["reference"]), *cells, claim])
         frame += [
             {
                 "group": r["group"],
@@ -282,9 +281,6 @@ def _equal_kl(points, page: Page) -> None:
             }
             for s, v in per.items()
         ]
-        past = sorted(set(per) - set(r["by_seed"]))  # seeds where the point's KL is past best-of-N's largest n
-        claim = r["claim"] + (f"; seed {', '.join(map(str, past))}: KL past best-of-N's largest n" if past else "")
-        rows[-1][-1] = claim
         page.check(f"{r['group']}" + (f" (n = {rollouts})" if rollouts != "–" else "") + f" − best-of-N at equal KL: {claim}")
     import pandas as pd
 
