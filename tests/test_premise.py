@@ -55,6 +55,16 @@ def test_optimum_reward_and_kl_from_sft_samples_match_the_closed_form():
     assert abs(estimate["mean"] - kl) < 4 * estimate["se"] + 0.01
 
 
+def test_optimum_expectation_of_any_quantity_matches_the_closed_form():
+    rng = random.Random(1)
+    sft = {y: p for y, p, _ in responses()}
+    drawn = [[draw(rng, sft) for _ in range(400)] for _ in range(30)]
+    optimum, _, _ = exact()
+    great = premise.optimum_expectation([[REWARD[y] for y in g] for g in drawn], [[float(y[1] == "great") for y in g] for g in drawn], BETA)
+    truth = sum(p for y, p in optimum.items() if y[1] == "great")
+    assert abs(great["mean"] - truth) < 4 * great["se"] + 0.01 and great["prompts"] == 30 and great["samples_per_prompt"] == 400
+
+
 def test_optimum_curve_matches_the_closed_form_and_rises_with_kl():
     rng = random.Random(2)
     sft = {y: p for y, p, _ in responses()}

@@ -324,3 +324,22 @@ def test_tiny_build_is_found_again_and_decodes_through_the_presets(tiny_build, t
         )
         rows = run_decode(cfg).rows
         assert [r["prompt_id"] for r in rows] == ["test-0000", "test-0001"] and all(1 <= r["num_tokens"] <= 3 for r in rows)
+
+
+def test_build_summary_says_how_many_answers_end_against_the_optimum():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tqstar.smollm2.testbed import print_summary
+
+    manifest = {
+        "seconds": {"total": 10.0, "samples": 4.0},
+        "premise": {
+            "sft": {"finished_frac": 0.9},
+            "dpo": {"reward": "target_reward", "beta": 0.1, "finished_frac": 0.73, "optimum_finished_frac": {"mean": 0.84, "se": 0.02}},
+        },
+    }
+    out = StringIO()
+    print_summary(Console(file=out, width=200), "a-build", manifest)
+    assert "ended by themselves within the cap, held-out samples: sft 90%, dpo 73% (its rho*: 84%)" in out.getvalue()

@@ -73,6 +73,12 @@ def test_new_knobs_come_from_the_config():
         ("smollm2.params.instruction=' '", "smollm2.params.instruction=' ' is not allowed"),
         ("smollm2.params.instruction='Human: hi'", "without the HH markers"),
         ("smollm2.params.lora_rnk=8", "did you mean 'lora_rank'?"),
+        ("smollm2.params.premise_prompts=1", "smollm2.params.premise_prompts=1 is not allowed: must be null (all held-out prompts)"),
+        ("smollm2.params.premise_prompts=129", "or an integer from 2 to n_test_prompts (128)"),
+        ("smollm2.params.bf16=1", "smollm2.params.bf16=1 is not allowed: must be true or false"),
+        ("smollm2.params.ld_alpha=1.5", "smollm2.params.ld_alpha=1.5 is not allowed: must be null (plain DPO) or a number in [0, 1]"),
+        ("smollm2.params.ld_alpha=half", "smollm2.params.ld_alpha='half' is not allowed: must be a number"),
+        ("smollm2.params.pairs_finished_only=yes", "smollm2.params.pairs_finished_only='yes' is not allowed: must be true or false"),
     ],
 )
 def test_bad_new_knobs_are_one_line_config_errors(override, message):
@@ -130,6 +136,35 @@ def test_ended_share_counts_eos_and_stop_strings_not_the_cap():
     assert ended_share([None, None]) is None and ended_share([]) is None
 
 
+def test_pairs_of_whole_answers_leave_out_the_samples_cut_at_the_cap():
+    from tqstar.smollm2.training import label_pairs
+
+    samples = [
+        {"prompt_index": 0, "response": "cut but glowing", "r": 0.95, "stop_reason": "max_new_tokens"},
+        {"prompt_index": 0, "response": "good", "r": 0.6, "stop_reason": "eos"},
+        {"prompt_index": 0, "response": "bad", "r": -0.5, "stop_reason": "eos"},
+        {"prompt_index": 1, "response": "fine", "r": 0.2, "stop_reason": "eos"},
+        {"prompt_index": 1, "response": "cut and grim", "r": -0.9, "stop_reason": "max_new_tokens"},
+    ]
+    every, counts = label_pairs(samples, "r", min_gap=0.1)
+    assert [(p["chosen"], p["rejected"]) for p in every] == [(0, 2), (3, 4)] and counts["unusable_samples"] == 0
+    whole, counts = label_pairs(samples, "r", min_gap=0.1, finished_only=True)
+    assert [(p["chosen"], p["rejected"]) for p in whole] == [(1, 2)]  # prompt 1 has one whole answer: no pair
+    assert (counts["unusable_samples"], counts["too_few_usable"], counts["pairs"]) == (2, 1, 1)
+
+
+def test_ld_dpo_weighs_the_reference_as_trl_weighs_the_policy():
+    from tqstar.smollm2.training import reference_logps
+
+    chosen = {"token_ids": [5, 6, 7, 2], "sft_logprob": -10.0, "sft_token_logprobs": [-1.0, -2.0, -3.0, -4.0]}
+    rejected = {"token_ids": [8, 2], "sft_logprob": -3.0, "sft_token_logprobs": [-2.5, -0.5]}
+    assert reference_logps(chosen, rejected, None) == (-10.0, -3.0)  # plain DPO: the sums
+    assert reference_logps(chosen, rejected, 0.5) == (-1.0 - 2.0 + 0.5 * (-3.0 - 4.0), -3.0)  # 2 shared tokens
+    assert reference_logps(chosen, rejected, 1.0) == (-10.0, -3.0)
+    with pytest.raises(RuntimeError, match="ld_alpha needs each sample's per-token log pi_sft"):
+        reference_logps({"token_ids": [1], "sft_logprob": -1.0}, rejected, 0.5)
+
+
 # ----------------------------------------------------------------------------- LoRA DPO on a tiny Llama
 
 
@@ -155,8 +190,17 @@ def tiny_pairs(tmp_path_factory):
         prompt, response = prompt_ids[i // 2], encode(text) + [tokenizer.eos_token_id]
         with torch.no_grad():
             logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
-        logprob = float(logits.gather(-1, torch.tensor(response)[:, None]).sum())
-        samples.append({"prompt_index": i // 2, "response": text, "token_ids": response, "sft_logprob": logprob, "stop_reason": "eos"})
+        tokens = logits.gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
+        samples.append(
+            {
+                "prompt_index": i // 2,
+                "response": text,
+                "token_ids": response,
+                "sft_logprob": sum(tokens),
+                "sft_token_logprobs": tokens,
+                "stop_reason": "eos",
+            }
+        )
     pairs = [{"prompt_index": i, "chosen": 2 * i, "rejected": 2 * i + 1} for i in range(4)]
     return folder, prompt_ids, samples, pairs
 
@@ -199,9 +243,23 @@ def test_lora_dpo_trains_merges_and_saves_a_plain_model(tiny_pairs, tmp_path, tr
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("knobs", [{"ld_alpha": 0.5}, {"ld_alpha": 0.0}, {"bf16": True}])
+def test_ld_dpo_and_bf16_start_at_the_reference(tiny_pairs, tmp_path, knobs):
+    """Step 1 of DPO is at loss ln 2 (policy = reference) with LD-DPO's weighting (the pairs differ in length, so
+    an unweighted reference would put the margin off zero) and under bf16 autocast (within its rounding)."""
+    from tqstar.smollm2.training import train_dpo
+
+    sft_dir, prompt_ids, samples, pairs = tiny_pairs
+    assert any(len(samples[p["chosen"]]["token_ids"]) != len(samples[p["rejected"]]["token_ids"]) for p in pairs)
+    record = train_dpo(sft_dir, tmp_path / "dpo", prompt_ids, samples, pairs, Smollm2Params(**LORA, **knobs), beta=0.1, seed=0)
+    assert record["log"][0]["loss"] == pytest.approx(0.6931, abs=2e-3 if "ld_alpha" in knobs else 2e-2)
+
+
+@pytest.mark.slow
 def test_a_tiny_build_with_lora_and_an_instruction_records_its_timings(tmp_path_factory):
-    """The build end to end with both new knobs: the prompts carry the instruction, the baselines are plain
-    folders, and the manifest holds every stage's seconds, DPO's and the premise checks' by part, the ended share."""
+    """The build end to end with the new knobs: the prompts carry the instruction, DPO runs under bf16 autocast, the
+    premise checks on the first held-out prompts only, the baselines are plain folders, and the manifest holds every
+    stage's seconds, DPO's and the premise checks' by part, the ended share."""
     from transformers import AutoModelForCausalLM
 
     from tqstar.smollm2 import ensure_built
@@ -229,10 +287,18 @@ def test_a_tiny_build_with_lora_and_an_instruction_records_its_timings(tmp_path_
         premise_policy_samples=2,
         lora_rank=2,
         instruction=BRIEF,
+        bf16=True,
+        premise_prompts=2,
     )
     folder = ensure_built(0, tmp_path_factory.mktemp("tiny-smollm2-cache"), recipe, progress=False, num_threads=1)
     m = cache.load_manifest(folder)
     assert m["params"]["lora_rank"] == 2 and m["params"]["instruction"] == BRIEF
+    assert m["params"]["bf16"] is True and m["params"]["premise_prompts"] == 2
+    # the premise checks ran on the first 2 of the 4 held-out prompts
+    test_ids = [json.loads(line)["id"] for line in (folder / "prompts" / "test.jsonl").read_text().splitlines()]
+    sft_rows = [json.loads(line) for line in (folder / "heldout" / "sft.jsonl").read_text().splitlines()]
+    assert len(test_ids) == 4 and {r["prompt_id"] for r in sft_rows} == set(test_ids[:2]) and len(sft_rows) == 2 * 4
+    assert m["premise"]["sft"]["target_reward"]["prompts"] == 2
     assert set(m["seconds"]) == {"prompts", "sft", "samples", "dpo", "dpo_bl", "premise", "total"}
     assert set(m["premise_seconds"]) == {"sft_samples", "dpo_samples", "dpo_bl_samples"}
     assert sum(m["premise_seconds"].values()) <= m["seconds"]["premise"] + 0.01

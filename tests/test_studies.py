@@ -482,3 +482,47 @@ def test_merge_keeps_the_first_sources_curve_of_a_seed_and_adds_new_seeds():
 
     merged = merge([part({"c": {"0": [[0, 1]]}}, [0]), part({"c": {"0": [[0, 2]], "2": [[0, 3]]}}, [0, 2])])
     assert merged.curves == {"c": {"0": [[0, 1]], "2": [[0, 3]]}}
+
+
+def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same_n(tmp_path):
+    """One seed: soft transfer at n = 1 beats SFT rollouts by 0.1 in VADER at 0.5 nats less KL; every arm is also
+    paired with the sampled DPO baseline; best-of-N's KL is its bound."""
+    from tqstar.studies.sources import StudyData
+
+    arms = [
+        ("sft", {}, 0.40, 0.0),
+        ("baseline", {}, 0.60, 1.5),
+        ("best_of_n", {"n": 4}, 0.55, 0.636),  # its analytic bound, as evaluate writes it
+        ("soft_sft_n1", {"rollout_num": 1}, 0.50, 2.0),
+        ("soft_transfer_n1", {"rollout_num": 1}, 0.60, 1.5),
+    ]
+    points, per_prompt = [], []
+    for i, (arm, knobs, reward, kl) in enumerate(arms):
+        run = f"r{i}-{arm}"
+        points.append(
+            {"run": run, "arm": arm, "label": arm, "method": arm, "baseline": "", "seed": 0, "num_prompts": 20, "n": knobs.get("n")}
+            | {"rollout_num": knobs.get("rollout_num", 1), "reward_mean": reward, "reward_stderr": 0.01, "kl": kl, "ended_share": 0.8}
+            | {"kl_source": "best_of_n_bound" if arm == "best_of_n" else "logprobs", "seconds_per_response": 1.0}
+        )
+        per_prompt += [
+            {"run": run, "prompt_id": f"t-{p}", "reward": reward + (noise if p % 2 else -noise), "kl": kl, "kl_corrected": None}
+            for p in range(20)
+            for noise in [0.3 if arm == "best_of_n" else 0.02]  # best-of-N: a paired s.e. wider than its difference
+        ]
+    data = StudyData(
+        name="smollm2_soft_transfer",
+        points=pd.DataFrame(points),
+        environment={"source": "test"},
+        source="test",
+        per_prompt=pd.DataFrame(per_prompt),
+    )
+    _, _, checks = write_report(None, STUDIES["smollm2_soft_transfer"], tmp_path, data=data)
+    page = (tmp_path / "smollm2_soft_transfer.md").read_text()
+    assert "| best-of-4 | 0 | 20 | 0.550 ± 0.010 | 0.636 (bound) |" in page
+    paired = pd.read_csv(tmp_path / "smollm2_soft_transfer" / "paired.csv")
+    versus = paired[paired["comparison"] == "soft transfer (DPO rollouts), n = 1 − soft decoder (SFT rollouts), n = 1"]
+    assert dict(zip(versus["column"], versus["diff"])) == pytest.approx({"reward": 0.1, "kl": -0.5})  # no corrected KL
+    assert "soft transfer (DPO rollouts), n = 1 − soft decoder (SFT rollouts), n = 1, VADER r: higher on every seed (1 of 1)" in " ".join(
+        checks
+    )
+    assert "best-of-4 − DPO baseline sampled, VADER r: lower on every seed (1 of 1); by 2 s.e. or more on 0 of 1" in checks

@@ -262,7 +262,8 @@ def generate(
     draw each token from the decoding model's top k only (``logprob`` is then the truncated policy's).
     ``stop_strings``: where a response ends besides EOS (the testbed's). ``keep_ids``: rows
     also carry ``token_ids`` (the generated ids, a final EOS / stop-string tokens included) and
-    ``stop_reason`` (eos | stop_string | max_new_tokens), for training on exactly what was sampled."""
+    ``stop_reason`` (eos | stop_string | max_new_tokens) and ``sft_token_logprobs`` (log pi_sft of each of those
+    ids), for training on exactly what was sampled."""
     from .decoding.engine import Decoder
     from .decoding.settings import DecoderSettings
 
@@ -299,7 +300,7 @@ def generate(
                     "logprob": None if g.policy_logprobs is None else sum(g.policy_logprobs),
                 }
                 if keep_ids:
-                    row.update(token_ids=list(g.token_ids), stop_reason=g.stop_reason)
+                    row.update(token_ids=list(g.token_ids), stop_reason=g.stop_reason, sft_token_logprobs=list(g.sft_logprobs))
                 out.append(row)
             update(completed=min(len(prompts), (start + rows_per_batch) // n))
     finally:

@@ -67,6 +67,16 @@ def optimum_reward(rewards_by_prompt: Sequence[Sequence[float]], beta: float) ->
     }
 
 
+def optimum_expectation(rewards_by_prompt: Sequence[Sequence[float]], values_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
+    """E_{rho*_beta}[f] of any per-sample quantity f (e.g. 1 for a response that ended by itself) from pi_sft samples:
+    per-prompt self-normalised IS with the weights of their rewards, then mean ± s.e. over prompts."""
+    per_prompt = [
+        sum(w * v for w, v in zip(soft_weights(rewards, beta), values)) for rewards, values in zip(rewards_by_prompt, values_by_prompt)
+    ]
+    mean, se = mean_and_stderr(per_prompt)
+    return {"mean": mean, "se": se, "prompts": len(per_prompt), "samples_per_prompt": _samples(rewards_by_prompt)}
+
+
 def optimum_kl(rewards_by_prompt: Sequence[Sequence[float]], beta: float) -> dict:
     """(b) KL(rho*_beta || pi_sft) per response: E_{rho*}[r]/beta - log E_{pi_sft}[e^{r/beta}], per prompt."""
     mean, se = mean_and_stderr([_optimum_of_prompt(rewards, beta)[1] for rewards in rewards_by_prompt])

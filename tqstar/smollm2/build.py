@@ -20,8 +20,9 @@ Recipe (v1, Smollm2Params):
      temperature 1 (chat template, at most ``max_new_tokens``), scored by r and r_bl (rewards.py);
   4. training.py: per prompt the best and the worst sample by r (pairs for dpo/) and by r_bl (pairs for
      dpo_bl/), near-ties skipped; each baseline is DPO of sft/ (TRL's DPOTrainer, beta / bl_beta) on its pairs;
-  5. evaluation.py: the premise checks of both baselines on the test prompts, and the headline: dpo/'s
-     sampled mean VADER minus sft/'s, paired by prompt, in standard errors.
+  5. evaluation.py: the premise checks of both baselines on the test prompts (the first ``premise_prompts``
+     of them, where set), and the headline: dpo/'s sampled mean VADER minus sft/'s, paired by prompt, in
+     standard errors.
 The manifest's ``seconds`` records each stage's time (prompts, sft, samples, dpo, dpo_bl, premise, total);
 ``training.<baseline>.seconds`` splits a DPO stage (load, train, save) and ``premise_seconds`` the premise
 checks (SFT samples, each baseline's samples). ``sizes.samples_ended_share`` and the premise checks'
@@ -93,7 +94,7 @@ def _sample_rows(prompts: list[dict], rows: list[dict], keep_ids: bool = False) 
     """Sample rows as written to disk: the prompt's id first, the fields a reader needs."""
     keys = ["response", "n_tokens", "finished", "target_reward", "baseline_reward", "sft_logprob", "logprob"]
     if keep_ids:
-        keys += ["stop_reason", "token_ids"]
+        keys += ["stop_reason", "token_ids", "sft_token_logprobs"]
     return [{"prompt_id": prompts[r["prompt_index"]]["id"], "prompt_index": r["prompt_index"], **{k: r.get(k) for k in keys}} for r in rows]
 
 
@@ -160,7 +161,7 @@ def _build(out: Path, seed: int, params: Smollm2Params, bar) -> dict:
     for name, (key, beta) in params.baselines.items():
         t0 = time.perf_counter()
         min_gap = params.min_gap if key == "target_reward" else params.bl_min_gap
-        pairs, counts = label_pairs(samples, key, min_gap)
+        pairs, counts = label_pairs(samples, key, min_gap, params.pairs_finished_only)
         write_jsonl(
             out / "pairs" / f"{name}.jsonl",
             (
@@ -185,9 +186,10 @@ def _build(out: Path, seed: int, params: Smollm2Params, bar) -> dict:
     # 5. premise checks on the held-out prompts, and the headline
     t0 = time.perf_counter()
     task, premise_parts = _timed_tasks(bar.task)
-    checks, headline, heldout = premise_checks(out, [p["prompt"] for p in test], params, seed + 1, task=task)
+    checked = test[: params.premise_prompts]  # the first premise_prompts held-out prompts (None: all)
+    checks, headline, heldout = premise_checks(out, [p["prompt"] for p in checked], params, seed + 1, task=task)
     for name, rows in heldout.items():
-        write_jsonl(out / "heldout" / f"{name}.jsonl", _sample_rows(test, rows))
+        write_jsonl(out / "heldout" / f"{name}.jsonl", _sample_rows(checked, rows))
     seconds["premise"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     premise_seconds = premise_parts(t0 + seconds["premise"])

@@ -95,6 +95,10 @@ def premise_checks(
         prompt_of = _prompt_of(rows)
         checks[name] = {
             **premise.baseline_checks(rows, rewards_by_prompt(sft_rows, key), key, beta),
+            # the share of rho*_beta's responses that end within the cap: what a baseline close to it can reach
+            "optimum_finished_frac": premise.optimum_expectation(
+                rewards_by_prompt(sft_rows, key), [[float(f) for f in g] for g in rewards_by_prompt(sft_rows, "finished")], beta
+            ),
             # both rewards of its samples, and what it gains over the SFT model on each (paired by prompt)
             "sampled": {k: premise.sample_reward([r[k] for r in rows], prompt_of) for k in REWARD_KEYS},
             "gain_over_sft": {k: paired_gain(rows, sft_rows, k) for k in REWARD_KEYS},

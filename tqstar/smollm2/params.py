@@ -49,6 +49,8 @@ class Smollm2Params:
     # preference pairs: per prompt the best and the worst sample; pairs closer than the gap are skipped
     min_gap: float = 0.1  # target reward r (VADER compound, in [-1, 1])
     bl_min_gap: float = 0.05  # baseline reward r_bl (prompt-response cosine similarity)
+    # True: samples cut at max_new_tokens are in no pair (both sides of a pair are whole answers); False: they are
+    pairs_finished_only: bool = False
     # DPO (TRL's DPOTrainer) from the SFT model, once per reward
     beta: float = 0.1  # the DPO beta of dpo/ (its target is rho*_beta of r)
     bl_beta: float = 0.1  # the DPO beta of dpo_bl/ (experiment=smollm2_indirect sets decoder.beta_bl to it)
@@ -57,6 +59,9 @@ class Smollm2Params:
     batch_size: int = 8  # pairs per step
     lr: float = 1e-5  # one epoch of about 45 steps; 5e-5 over-trained (KL 16 nats against rho*_0.1 0.74)
     warmup_ratio: float = 0.1
+    # LD-DPO (TRL's ld_alpha): each pair's log-probs count the tokens past the shorter response's length at this weight
+    # (the reference's too), so a longer chosen answer earns less of the margin by its length alone; None: plain DPO
+    ld_alpha: float | None = None
     train_embeddings: bool = False  # the tied embedding / LM-head matrix (28M of 135M parameters) stays frozen
     train_layers: int | None = None  # train only the top this many transformer blocks (the rest frozen); None: all
     # LoRA (peft) for DPO: rank-r adapters on the blocks' linear layers (within train_layers), merged into the weights
@@ -65,9 +70,13 @@ class Smollm2Params:
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # > 0 also leaves the model's own dropout on in training (TRL turns all dropout off otherwise)
     lora_target_modules: str = LORA_TARGET_MODULES  # comma-separated names of the linear layers that get adapters
+    # DPO's forward and backward under bfloat16 autocast (torch.autocast; weights, adapters and Adam state stay
+    # float32): on a CPU with AVX-512 bf16 a step takes about half the time; False: float32 throughout
+    bf16: bool = False
     # premise checks on the held-out prompts (tqstar.premise)
     premise_sft_samples: int = 8  # per test prompt: importance-sampling estimates of rho*_beta (16: about 4 CPU minutes more)
     premise_policy_samples: int = 4  # per test prompt and baseline: sampled reward, KL, implied reward
+    premise_prompts: int | None = None  # the premise checks run on the first this many held-out prompts; None: all
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -88,8 +97,14 @@ class Smollm2Params:
         for name in ("beta", "bl_beta", "lr"):
             need(getattr(self, name) > 0, name, "must be a number > 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be a number in [0, 1)")
+        need(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "ld_alpha", "must be null (plain DPO) or a number in [0, 1]")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be null (the epochs decide) or an integer >= 1")
         need(self.train_layers is None or self.train_layers >= 1, "train_layers", "must be null (all blocks) or an integer >= 1")
+        need(
+            self.premise_prompts is None or 2 <= self.premise_prompts <= self.n_test_prompts,
+            "premise_prompts",
+            f"must be null (all held-out prompts) or an integer from 2 to n_test_prompts ({self.n_test_prompts})",
+        )
         need(bool(self.sft_source), "sft_source", "a model folder, a hub id or packaged:smollm2")
         need(
             self.instruction is None or (bool(self.instruction.strip()) and not any(m in self.instruction for m in HH_MARKERS)),
@@ -134,6 +149,10 @@ LATER_KNOBS = {
     "lora_alpha": 16.0,
     "lora_dropout": 0.0,
     "lora_target_modules": LORA_TARGET_MODULES,
+    "bf16": False,
+    "pairs_finished_only": False,
+    "premise_prompts": None,
+    "ld_alpha": None,
 }
 
 # Wall seconds of the default build on a quiet 2-core CPU machine (2 threads; README): what its first-use line quotes.
@@ -142,14 +161,16 @@ BUILD_SECONDS = 2776
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Smollm2Params))
 # The fields whose default is None, by the type a value must have (the annotations are strings: "int | None").
-OPTIONAL_TYPES = {f.name: str if str(f.type).startswith("str") else int for f in dataclasses.fields(Smollm2Params) if f.default is None}
+OPTIONAL_TYPES = {
+    f.name: {"str": str, "float": float}.get(str(f.type).split(" ")[0], int) for f in dataclasses.fields(Smollm2Params) if f.default is None
+}
 
 
 def _fits(value: Any, default: Any) -> bool:
     """Whether a config value has the type of a field's default (an int where a float is expected is fine);
     ``default`` is the type itself for a field whose default is None."""
     if isinstance(default, type):
-        return isinstance(value, default) and not isinstance(value, bool)
+        return isinstance(value, (int, float) if default is float else default) and not isinstance(value, bool)
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
     if isinstance(default, int) and not isinstance(default, bool):
@@ -183,5 +204,5 @@ def params_from_config(node: Any) -> Smollm2Params:
             kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
             kind = kind.get(default if isinstance(default, type) else type(default), "an integer")
             raise ConfigError(f"smollm2.params.{name}={value!r} is not allowed: must be {kind}")
-        given[name] = float(value) if isinstance(default, float) else value
+        given[name] = float(value) if isinstance(default, float) or default is float else value
     return Smollm2Params(**given)

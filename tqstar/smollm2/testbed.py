@@ -130,6 +130,14 @@ def print_summary(console, folder, manifest: dict) -> None:
             "" if slope.get("slope") is None else f"{slope['slope']:.2f} ± {slope['se']:.2f}",
         )
     console.print(table)
+    ended = [f"sft {sft['finished_frac']:.0%}"] if sft.get("finished_frac") is not None else []
+    for name in ("dpo", "dpo_bl"):
+        check = premise.get(name) or {}
+        if check.get("finished_frac") is not None:
+            optimum = (check.get("optimum_finished_frac") or {}).get("mean")
+            ended.append(f"{name} {check['finished_frac']:.0%}" + ("" if optimum is None else f" (its rho*: {optimum:.0%})"))
+    if ended:
+        console.print("ended by themselves within the cap, held-out samples: " + ", ".join(ended), soft_wrap=True)
     head = manifest.get("headline") or {}
     if head.get("difference") is not None:
         z = "n/a" if head.get("z") is None else f"{head['z']:.1f}"

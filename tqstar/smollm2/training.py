@@ -3,7 +3,10 @@
 Pairs (`label_pairs`): per train prompt, chosen = the sample with the highest reward, rejected = the
 lowest; a prompt whose two differ by less than ``min_gap`` is a near-tie and gives no pair (its
 preference would be noise). Samples cut at a stop string are left out, since their token ids hold the
-stop string's tokens and the text alone would be re-tokenised differently.
+stop string's tokens and the text alone would be re-tokenised differently. With ``finished_only``
+(``pairs_finished_only``), samples cut at ``max_new_tokens`` are left out too: both sides of every pair are
+whole answers, so a reward earned by a fragment (often the longer, the more positive words) teaches no
+preference for running past the cap.
 
 Training (`train_dpo`) feeds TRL the token ids the engine sampled (the prompt encoded as the engine
 encodes it, the response ids with their EOS when the sample ended there, none when it hit
@@ -16,7 +19,8 @@ With ``lora_rank`` set (`Smollm2Params`), DPO trains LoRA adapters (peft, passed
 ``peft_config``) on the blocks' linear layers (``lora_target_modules``; with ``train_layers``, only in the
 top blocks) instead of the weights: no gradient or Adam state for the 135M weights, only for the
 adapters. The reference log-probs are still the sampled ones (TRL would otherwise take the
-adapter-disabled base as the reference: the same model). After training the adapters are merged into
+adapter-disabled base as the reference: the same model). With ``ld_alpha`` (LD-DPO) the reference log-probs are
+weighted as TRL weighs the policy's (`reference_logps`), from the per-token log-probs the samples keep. After training the adapters are merged into
 the weights (``merge_and_unload``) and a plain model folder is saved, which decoding loads as any other.
 """
 
@@ -28,23 +32,25 @@ from typing import Callable
 from .params import Smollm2Params
 
 
-def usable(sample: dict) -> bool:
-    """A sample that can be trained on as sampled: a response, not ended by a stop string."""
-    return bool(sample.get("response")) and sample.get("stop_reason") != "stop_string"
+def usable(sample: dict, finished_only: bool = False) -> bool:
+    """A sample that can be trained on as sampled: a response, not ended by a stop string (nor, with
+    ``finished_only``, cut at max_new_tokens)."""
+    reason = sample.get("stop_reason")
+    return bool(sample.get("response")) and reason != "stop_string" and not (finished_only and reason == "max_new_tokens")
 
 
-def label_pairs(samples: list[dict], key: str, min_gap: float) -> tuple[list[dict], dict]:
+def label_pairs(samples: list[dict], key: str, min_gap: float, finished_only: bool = False) -> tuple[list[dict], dict]:
     """(pairs, counts). ``samples``: rows with ``prompt_index`` and the reward ``key``. A pair is
     ``{"prompt_index", "chosen", "rejected", "chosen_reward", "rejected_reward", "gap"}`` with
     ``chosen`` / ``rejected`` indices into ``samples`` (the first of equal rewards wins); counts says
-    how many prompts gave a pair, were near-ties, or had fewer than two usable samples."""
+    how many prompts gave a pair, were near-ties, or had fewer than two usable samples (`usable`)."""
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(int(s["prompt_index"]), []).append(i)
     pairs: list[dict] = []
     counts = {"prompts": len(groups), "pairs": 0, "near_ties": 0, "too_few_usable": 0, "unusable_samples": 0}
     for index in sorted(groups):
-        members = [i for i in groups[index] if usable(samples[i])]
+        members = [i for i in groups[index] if usable(samples[i], finished_only)]
         counts["unusable_samples"] += len(groups[index]) - len(members)
         if len(members) < 2:
             counts["too_few_usable"] += 1
@@ -67,6 +73,19 @@ def label_pairs(samples: list[dict], key: str, min_gap: float) -> tuple[list[dic
         )
     counts["pairs"] = len(pairs)
     return pairs, counts
+
+
+def reference_logps(chosen: dict, rejected: dict, ld_alpha: float | None) -> tuple[float, float]:
+    """log pi_sft of the chosen and the rejected sample as DPO's reference (measured while sampling). With LD-DPO's
+    ``ld_alpha``, weighted as TRL weighs the policy's: the first min(len chosen, len rejected) tokens at 1, the rest at
+    ``ld_alpha`` (so at step 1, policy = reference, the margin is 0 as in plain DPO); per-token log-probs needed."""
+    if ld_alpha is None:
+        return float(chosen["sft_logprob"]), float(rejected["sft_logprob"])
+    tokens = [s.get("sft_token_logprobs") for s in (chosen, rejected)]
+    if any(t is None or len(t) != len(s["token_ids"]) for t, s in zip(tokens, (chosen, rejected))):
+        raise RuntimeError("smollm2 build: ld_alpha needs each sample's per-token log pi_sft (sft_token_logprobs)")
+    shared = min(len(t) for t in tokens)
+    return tuple(float(sum(t[:shared]) + ld_alpha * sum(t[shared:])) for t in tokens)
 
 
 def lora_config(params: Smollm2Params, n_blocks: int):
@@ -128,8 +147,9 @@ def train_dpo(
         rows["prompt_ids"].append(list(prompt_ids[pair["prompt_index"]]))
         rows["chosen_ids"].append(list(chosen["token_ids"]))
         rows["rejected_ids"].append(list(rejected["token_ids"]))
-        rows["ref_chosen_logps"].append(float(chosen["sft_logprob"]))
-        rows["ref_rejected_logps"].append(float(rejected["sft_logprob"]))
+        ref_chosen, ref_rejected = reference_logps(chosen, rejected, params.ld_alpha)
+        rows["ref_chosen_logps"].append(ref_chosen)
+        rows["ref_rejected_logps"].append(ref_rejected)
     dataset = Dataset.from_dict(rows)
 
     seconds: dict[str, float] = {}
@@ -172,9 +192,10 @@ def train_dpo(
             weight_decay=0.0,
             max_length=None,  # responses are at most max_new_tokens long
             precompute_ref_log_probs=True,  # read from the dataset (see _SampledPairsTrainer)
+            ld_alpha=params.ld_alpha,  # LD-DPO's weight of the tokens past the shorter response (None: plain DPO)
             # TRL zeroes every dropout (LoRA's too) unless asked not to; SmolLM2's own dropout is 0
             disable_dropout=not (peft_config is not None and params.lora_dropout > 0),
-            **quiet_cpu_trainer_args(seed, logging_steps=1),
+            **{**quiet_cpu_trainer_args(seed, logging_steps=1), "bf16": params.bf16},
         )
         trainer = without_printed_logs(
             _SampledPairsTrainer(

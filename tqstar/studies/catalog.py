@@ -703,6 +703,115 @@ def smollm2_methods(data: StudyData, page: Page) -> None:
         page.text("Δ and win/tie/lose as `tqstar evaluate -r <baseline run>` wrote them (inputs/comparison.csv); " + NO_PER_PROMPT + ".")
 
 
+SOFT_ARMS = {"soft_transfer": "soft transfer (DPO rollouts)", "soft_sft": "soft decoder (SFT rollouts)"}
+
+
+def _soft_arm(arm: str) -> str | None:
+    """soft_transfer / soft_sft for the sweep's soft arms (soft_transfer_n4, ...), else None."""
+    return next((name for name in SOFT_ARMS if str(arm).startswith(name)), None)
+
+
+def _arm_label(r: dict) -> str:
+    """A point of the SmolLM2 soft-transfer sweep as a reader names it: the arm and its n (samples or rollouts)."""
+    if r["arm"] == "best_of_n":
+        return f"best-of-{int(r['n'])}"
+    if _soft_arm(r["arm"]):
+        return f"{SOFT_ARMS[_soft_arm(r['arm'])]}, n = {int(r['rollout_num'])}"
+    return {"sft": "SFT sampled", "baseline": "DPO baseline sampled"}.get(r["arm"], str(r["arm"]))
+
+
+def _seed_text(seed) -> str:
+    return "" if seed is None or seed != seed else str(int(seed))
+
+
+def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
+    """5d of the soft-transfer issue: on the SmolLM2 build, the soft decoder (beta 0.1) with its rollouts from the DPO
+    baseline weighted back to pi_k, against the same decoder rolling out pi_k, at the same n; the DPO baseline, the
+    SFT model and best-of-N beside them. Every arm samples, so each reward is read with the KL it spends."""
+    import pandas as pd
+
+    page.text(
+        "## Soft transfer on SmolLM2\n\nThe soft decoder aims at rho*_(0.1,k) of VADER (soft value, alpha = 1/beta, "
+        "sampled, k = 5, rollouts of 10 tokens): its rollouts are drawn from the DPO baseline (restricted to pi_sft's top "
+        "k) and weighted back to pi_k (soft transfer), or from pi_k itself (SFT rollouts). KL to the SFT model: the "
+        "decoder's recorded one (E[KL(p ‖ pi_sft)] over its value noise), the corrected one (less the predicted Jensen "
+        "gap), and for best-of-N the analytic bound log n - (n-1)/n. ESS: the weights' effective sample size / n."
+    )
+    points = data.points.copy()
+    order = {"sft": 0, "baseline": 1, "best_of_n": 2, "soft_sft": 3, "soft_transfer": 4}
+    points["order"] = [order.get(_soft_arm(a) or a, 9) for a in points["arm"]]
+    points["n_sort"] = points["n"].fillna(0) + points["rollout_num"].fillna(0)
+    points = points.sort_values(["seed", "order", "n_sort"])
+    points["display"] = [_arm_label(r) for r in _records(points)]
+
+    def number(r: dict, key: str, form: Callable[[float], str]) -> str:
+        value = r.get(key)
+        return "-" if value is None or value != value else form(float(value))
+
+    def cell(r: dict, key: str) -> str:
+        return number(r, key, lambda value: fmt(value, r.get(f"{key.removesuffix('_mean')}_stderr")))
+
+    rows = []
+    for r in _records(points):
+        bound = r.get("kl_source") == "best_of_n_bound"
+        rows.append(
+            [
+                r["display"],
+                _seed_text(r.get("seed")),
+                r["num_prompts"],
+                cell(r, "reward_mean"),
+                cell(r, "kl") + (" (bound)" if bound else ""),
+                cell(r, "kl_corrected"),
+                cell(r, "baseline_reward_mean"),
+                cell(r, "coherence"),
+                number(r, "ended_share", lambda v: f"{100 * v:.0f}%"),
+                number(r, "ess_fraction", lambda v: f"{v:.2f}"),
+                number(r, "flops_per_response", lambda v: f"{v:.2e}"),
+                number(r, "seconds_per_response", lambda v: f"{v:.2f}"),
+            ]
+        )
+    page.table(
+        "arms",
+        ["method", "seed", "prompts", "VADER r", "KL to SFT", "corrected KL", "on-topic r_bl", "coherence", "ended", "ESS / n"]
+        + ["FLOPs / response", "s / response"],
+        rows,
+        points.drop(columns=["order", "n_sort"]),
+    )
+    if data.per_prompt is None:
+        page.missing("the paired comparisons", NO_PER_PROMPT)
+        return
+    comparisons, frame = [], []
+    runs = {
+        (_soft_arm(r["arm"]) or r["arm"], int(r["rollout_num"]) if _soft_arm(r["arm"]) else None, r["seed"]): r for r in _records(points)
+    }
+    for (arm, n, seed), r in runs.items():
+        pairs = []
+        if arm == "soft_transfer" and ("soft_sft", n, seed) in runs:
+            pairs.append((runs[("soft_sft", n, seed)], ("reward", "kl", "kl_corrected")))
+        if arm != "baseline" and ("baseline", None, seed) in runs:
+            pairs.append((runs[("baseline", None, seed)], ("reward",)))
+        for other, columns in pairs:
+            cells = [f"{r['display']} − {other['display']}", _seed_text(seed)]
+            for column in ("reward", "kl", "kl_corrected"):
+                diff = se = None
+                if column in columns and column in data.per_prompt.columns:
+                    both = data.per_prompt[data.per_prompt["run"].isin([r["run"], other["run"]])][column]
+                    if len(both) and both.notna().all():
+                        diff, se, _ = A.paired(data.per_prompt, r["run"], other["run"], column)
+                cells.append("-" if diff is None else fmt(diff, se))
+                if diff is not None:
+                    frame.append({"comparison": cells[0], "seed": _seed_text(seed), "column": column, "diff": diff, "se": se})
+            comparisons.append(cells)
+    page.text("## Paired by prompt\n\nSoft transfer against SFT rollouts at the same n, and every arm against the DPO baseline sampled.")
+    page.table("paired", ["comparison", "seed", "VADER r", "recorded KL", "corrected KL"], comparisons, pd.DataFrame(frame))
+    claims: dict[tuple[str, str], dict[int, tuple]] = {}
+    for f in frame:
+        claims.setdefault((f["comparison"], f["column"]), {})[f["seed"]] = (f["diff"], f["se"])
+    names = {"reward": "VADER r", "kl": "recorded KL", "kl_corrected": "corrected KL"}
+    for (comparison, column), by_seed in claims.items():
+        page.check(f"{comparison}, {names[column]}: {A.seed_claim(by_seed)}")
+
+
 PREMISE_FIELDS = (
     ("sampled_reward", "sampled reward"),
     ("optimum_reward", "E_rho*[r] (IS)"),
@@ -795,6 +904,7 @@ STUDIES = {
         Study("optimal_check", "Ground truth: the optimal decoder against rho*_(beta,k)", optimal_check),
         Study("soft_transfer", "Soft transfer: rollouts needed to reach rho*_(beta,k)", soft_transfer),
         Study("smollm2_methods", "The methods on SmolLM2-135M with a DPO baseline", smollm2_methods),
+        Study("smollm2_soft_transfer", "Soft transfer on SmolLM2: DPO rollouts against SFT rollouts", smollm2_soft_transfer),
         Study("synthetic_premise", "The synthetic testbed's baselines against the optimum", synthetic_premise),
     )
 }
