@@ -47,7 +47,7 @@ def test_smollm2_offline_is_direct_transfer_from_the_dpo_baseline_built_here():
     assert cfg.reward.type == "vader" and (cfg.dataset.name, cfg.dataset.split) == ("smollm2", "test")
     assert cfg.baseline_reward.function == "tqstar.smollm2.rewards:on_topic"  # r_bl, for `tqstar evaluate`
     d = cfg.decoder
-    assert (d.method, d.transfer, d.top_k, d.rollout.max_new_tokens, d.max_new_tokens, d.batch_size) == ("tqstar", "direct", 5, 10, 48, 8)
+    assert (d.method, d.transfer, d.top_k, d.rollout.max_new_tokens, d.max_new_tokens, d.batch_size) == ("tqstar", "direct", 5, 10, 80, 8)
     assert d.max_new_tokens == Smollm2Params().max_new_tokens  # as long as the samples the baseline was trained on
 
 
@@ -61,7 +61,7 @@ def test_smollm2_indirect_rolls_out_the_baseline_of_the_other_reward():
     )
     assert list(cfg.baseline_reward.bounds) == [-1.0, 1.0]
     assert (cfg.decoder.method, cfg.decoder.transfer, cfg.decoder.beta_bl) == ("tqstar", "indirect", Smollm2Params().bl_beta)
-    assert (cfg.decoder.top_k, cfg.decoder.rollout.max_new_tokens, cfg.decoder.max_new_tokens) == (5, 10, 48)
+    assert (cfg.decoder.top_k, cfg.decoder.rollout.max_new_tokens, cfg.decoder.max_new_tokens) == (5, 10, Smollm2Params().max_new_tokens)
     assert cfg.dataset.name == "smollm2"
 
 
@@ -138,3 +138,20 @@ def test_hh_pythia_release_changes_only_the_model_roles():
         return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("sft", "experiment_name", "choices")}
 
     assert rest(release) == rest(paper)
+
+
+def test_smollm2_soft_transfer_weighs_dpo_rollouts_back_to_the_sft_top_k():
+    cfg = validate(compose(["experiment=smollm2_soft_transfer"]))
+    assert (cfg.sft.name_or_path, cfg.baseline.name_or_path, cfg.reward.type) == ("smollm2:sft", "smollm2:dpo", "vader")
+    d = cfg.decoder
+    assert (d.method, d.value, d.selection, d.rollout.selection, d.rollout.proposal) == (
+        "soft_transfer",
+        "soft",
+        "sample",
+        "sample",
+        "baseline",
+    )
+    assert d.beta == Smollm2Params().beta and d.alpha == pytest.approx(1 / d.beta)  # rho*_beta of the DPO baseline's beta
+    assert d.rollout.top_k == d.top_k == 5 and d.max_new_tokens == Smollm2Params().max_new_tokens
+    sft = validate(compose(["experiment=smollm2_soft_transfer", "decoder.rollout.proposal=sft"])).decoder
+    assert sft.rollout.proposal == "sft" and sft.method == "soft_transfer"

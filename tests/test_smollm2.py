@@ -14,7 +14,7 @@ from tqstar.errors import ConfigError
 from tqstar.identity import config_hash, same_run
 from tqstar.smollm2 import cache, params, prompts
 from tqstar.smollm2.evaluation import paired_gain
-from tqstar.smollm2.params import MODEL_NAMES, Smollm2Params, params_from_config
+from tqstar.smollm2.params import MODEL_NAMES, V1_RECIPE, Smollm2Params, params_from_config
 from tqstar.smollm2.training import label_pairs
 
 
@@ -27,7 +27,7 @@ def _clean(hydra_clean):
 
 
 def test_prompt_set_is_deterministic_sized_and_disjoint():
-    defaults = Smollm2Params()
+    defaults = Smollm2Params(**V1_RECIPE)  # the most train prompts a recipe draws
     train, test = prompts.make_prompts(0, defaults.n_train_prompts, defaults.n_test_prompts)
     assert len(train) >= 400 and len(test) >= 128
     assert (train, test) == prompts.make_prompts(0, defaults.n_train_prompts, defaults.n_test_prompts)
@@ -256,7 +256,7 @@ def tiny_build(tiny_sft, tmp_path_factory):
     from tqstar.smollm2 import ensure_built
 
     root = tmp_path_factory.mktemp("tiny-smollm2-cache")
-    tiny = Smollm2Params(sft_source=str(tiny_sft), **TINY)
+    tiny = Smollm2Params(sft_source=str(tiny_sft), **{**V1_RECIPE, **TINY})  # recipe v1: full fine-tuning in float32
     return root, tiny, ensure_built(0, root, tiny, progress=False, num_threads=1)
 
 
@@ -304,7 +304,8 @@ def test_tiny_build_is_found_again_and_decodes_through_the_presets(tiny_build, t
 
     monkeypatch.setattr(build, "_build", no_build)
     assert ensure_built(0, root, tiny, progress=False) == folder
-    knobs = [f"smollm2.cache_dir={root}"] + [f"smollm2.params.{k}={v}" for k, v in tiny.to_dict().items()]
+    # a v1 build: its manifest's params over recipe v1 (to_dict leaves out the later knobs at their v1 values)
+    knobs = [f"smollm2.cache_dir={root}", "smollm2.recipe=v1"] + [f"smollm2.params.{k}={v}" for k, v in tiny.to_dict().items()]
     result = CliRunner().invoke(app, ["prepare", "smollm2", *knobs])
     assert result.exit_code == 0, result.output
     assert str(folder) in result.output and "headline: dpo - sft sampled VADER" in result.output

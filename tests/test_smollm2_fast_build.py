@@ -13,7 +13,7 @@ from tqstar.data.hh import last_human_turn, to_messages
 from tqstar.errors import ConfigError
 from tqstar.evaluate import ended_share
 from tqstar.smollm2 import cache, params, prompts
-from tqstar.smollm2.params import LATER_KNOBS, LORA_TARGET_MODULES, Smollm2Params, params_from_config
+from tqstar.smollm2.params import LATER_KNOBS, LORA_TARGET_MODULES, V1_RECIPE, Smollm2Params, params_from_config
 
 BRIEF = "Answer in one or two sentences."
 CHAT_TEMPLATE = (
@@ -32,15 +32,27 @@ def test_lora_target_modules_are_the_linear_layers_of_a_llama_block():
     assert set(Smollm2Params().lora_modules) == linear == set(LORA_TARGET_MODULES.split(","))
 
 
-def test_new_knobs_default_to_the_v1_recipe_and_keep_its_key(tmp_path):
-    default = Smollm2Params()
-    assert default.lora_rank is None and default.instruction is None
-    assert not set(LATER_KNOBS) & set(default.to_dict())  # the v1 key: a default build is found again
-    assert set(default.to_dict()) | set(LATER_KNOBS) == set(params.FIELDS)
-    lora, brief = Smollm2Params(lora_rank=8), Smollm2Params(instruction=BRIEF)
+def test_recipe_v1_keeps_its_key_and_v2_is_the_default(tmp_path):
+    v1, default = Smollm2Params(**V1_RECIPE), Smollm2Params()
+    assert not set(LATER_KNOBS) & set(v1.to_dict())  # the v1 key: a v1 build is found again
+    assert set(v1.to_dict()) | set(LATER_KNOBS) == set(params.FIELDS)
+    assert (default.lora_rank, default.instruction, default.bf16) == (16, "Answer in one short sentence.", True)
+    assert {k: getattr(default, k) for k in V1_RECIPE} != V1_RECIPE and set(V1_RECIPE) <= set(default.to_dict())
+    lora, brief = Smollm2Params(**{**V1_RECIPE, "lora_rank": 8}), Smollm2Params(**{**V1_RECIPE, "instruction": BRIEF})
     assert lora.to_dict()["lora_rank"] == 8 and brief.to_dict()["instruction"] == BRIEF
-    keys = {cache.build_dir(0, tmp_path, p) for p in (default, lora, brief, Smollm2Params(lora_rank=8, lora_alpha=32.0))}
+    keys = {cache.build_dir(0, tmp_path, p) for p in (default, v1, lora, brief)}
     assert len(keys) == 4
+
+
+def test_the_recipe_is_chosen_in_the_config_and_params_apply_over_it():
+    from tqstar.smollm2.testbed import TESTBED
+
+    assert TESTBED.params(compose([]).smollm2) == Smollm2Params()
+    assert TESTBED.params(compose(["smollm2.recipe=v1"]).smollm2) == Smollm2Params(**V1_RECIPE)
+    tuned = TESTBED.params(compose(["smollm2.recipe=v1", "smollm2.params.lr=2e-5"]).smollm2)
+    assert tuned == Smollm2Params(**{**V1_RECIPE, "lr": 2e-5})
+    with pytest.raises(ConfigError, match="smollm2.recipe='v3' is not a recipe; did you mean"):
+        TESTBED.params(compose(["smollm2.recipe=v3"]).smollm2)
 
 
 def test_new_knobs_come_from_the_config():
@@ -73,8 +85,10 @@ def test_new_knobs_come_from_the_config():
         ("smollm2.params.instruction=' '", "smollm2.params.instruction=' ' is not allowed"),
         ("smollm2.params.instruction='Human: hi'", "without the HH markers"),
         ("smollm2.params.lora_rnk=8", "did you mean 'lora_rank'?"),
-        ("smollm2.params.premise_prompts=1", "smollm2.params.premise_prompts=1 is not allowed: must be null (all held-out prompts)"),
-        ("smollm2.params.premise_prompts=129", "or an integer from 2 to n_test_prompts (128)"),
+        (
+            "smollm2.params.premise_prompts=1",
+            "smollm2.params.premise_prompts=1 is not allowed: must be null (all held-out prompts) or an integer >= 2",
+        ),
         ("smollm2.params.bf16=1", "smollm2.params.bf16=1 is not allowed: must be true or false"),
         ("smollm2.params.ld_alpha=1.5", "smollm2.params.ld_alpha=1.5 is not allowed: must be null (plain DPO) or a number in [0, 1]"),
         ("smollm2.params.ld_alpha=half", "smollm2.params.ld_alpha='half' is not allowed: must be a number"),
@@ -95,7 +109,7 @@ def test_lora_config_adapts_the_top_blocks_only_with_train_layers():
     pytest.importorskip("peft")
     from tqstar.smollm2.training import lora_config
 
-    every = lora_config(Smollm2Params(lora_rank=4, lora_alpha=8.0), n_blocks=30)
+    every = lora_config(Smollm2Params(lora_rank=4, lora_alpha=8.0, train_layers=None), n_blocks=30)
     top = lora_config(Smollm2Params(lora_rank=4, train_layers=10), n_blocks=30)
     assert (every.r, every.lora_alpha, every.layers_to_transform) == (4, 8.0, None)
     assert set(every.target_modules) == set(LORA_TARGET_MODULES.split(","))
@@ -205,7 +219,7 @@ def tiny_pairs(tmp_path_factory):
     return folder, prompt_ids, samples, pairs
 
 
-LORA = dict(lora_rank=4, lora_alpha=8.0, max_steps=2, batch_size=2, lr=5e-2, warmup_ratio=0.0)
+LORA = dict(lora_rank=4, lora_alpha=8.0, max_steps=2, batch_size=2, lr=5e-2, warmup_ratio=0.0, bf16=False, ld_alpha=None)
 
 
 @pytest.mark.slow
@@ -251,7 +265,7 @@ def test_ld_dpo_and_bf16_start_at_the_reference(tiny_pairs, tmp_path, knobs):
 
     sft_dir, prompt_ids, samples, pairs = tiny_pairs
     assert any(len(samples[p["chosen"]]["token_ids"]) != len(samples[p["rejected"]]["token_ids"]) for p in pairs)
-    record = train_dpo(sft_dir, tmp_path / "dpo", prompt_ids, samples, pairs, Smollm2Params(**LORA, **knobs), beta=0.1, seed=0)
+    record = train_dpo(sft_dir, tmp_path / "dpo", prompt_ids, samples, pairs, Smollm2Params(**{**LORA, **knobs}), beta=0.1, seed=0)
     assert record["log"][0]["loss"] == pytest.approx(0.6931, abs=2e-3 if "ld_alpha" in knobs else 2e-2)
 
 
@@ -289,6 +303,7 @@ def test_a_tiny_build_with_lora_and_an_instruction_records_its_timings(tmp_path_
         instruction=BRIEF,
         bf16=True,
         premise_prompts=2,
+        pairs_finished_only=False,  # a random tiny Llama never ends an answer
     )
     folder = ensure_built(0, tmp_path_factory.mktemp("tiny-smollm2-cache"), recipe, progress=False, num_threads=1)
     m = cache.load_manifest(folder)

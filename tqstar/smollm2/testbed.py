@@ -21,10 +21,12 @@ class Smollm2Testbed:
     prepare_flags: dict[str, str] = {}
 
     def params(self, block):
-        """The recipe (`Smollm2Params`) a `smollm2` block sets (`smollm2.params`)."""
+        """The recipe (`Smollm2Params`) a `smollm2` block sets: ``smollm2.params`` over the base ``smollm2.recipe``."""
         from .params import params_from_config
 
-        return params_from_config(block.get("params") if block is not None else None)
+        if block is None:
+            return params_from_config(None)
+        return params_from_config(block.get("params"), str(block.get("recipe") or "v2"))
 
     def build_key(self, block) -> str:
         from .cache import build_dir
