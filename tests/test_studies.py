@@ -503,9 +503,11 @@ def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same
             {"run": run, "arm": arm, "label": arm, "method": arm, "baseline": "", "seed": 0, "num_prompts": 20, "n": knobs.get("n")}
             | {"rollout_num": knobs.get("rollout_num", 1), "reward_mean": reward, "reward_stderr": 0.01, "kl": kl, "ended_share": 0.8}
             | {"kl_source": "best_of_n_bound" if arm == "best_of_n" else "logprobs", "seconds_per_response": 1.0}
+            | {"gold_reward_mean": reward - 0.1, "gold_reward_stderr": 0.01}  # the judge: VADER less 0.1
         )
         per_prompt += [
             {"run": run, "prompt_id": f"t-{p}", "reward": reward + (noise if p % 2 else -noise), "kl": kl, "kl_corrected": None}
+            | {"gold_reward": reward - 0.1 + (noise if p % 2 else -noise)}
             for p in range(20)
             for noise in [0.3 if arm == "best_of_n" else 0.02]  # best-of-N: a paired s.e. wider than its difference
         ]
@@ -518,10 +520,11 @@ def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same
     )
     _, _, checks = write_report(None, STUDIES["smollm2_soft_transfer"], tmp_path, data=data)
     page = (tmp_path / "smollm2_soft_transfer.md").read_text()
-    assert "| best-of-4 | 0 | 20 | 0.550 ± 0.010 | 0.636 (bound) |" in page
+    assert "| best-of-4 | 0 | 20 | 0.550 ± 0.010 | 0.450 ± 0.010 | 0.636 (bound) |" in page
+    assert "seed 0: the judge against VADER on the SFT model's samples: Pearson 1.00, Spearman 1.00, same sign on 100% of 20" in checks
     paired = pd.read_csv(tmp_path / "smollm2_soft_transfer" / "paired.csv")
     versus = paired[paired["comparison"] == "soft transfer (DPO rollouts), n = 1 − soft decoder (SFT rollouts), n = 1"]
-    assert dict(zip(versus["column"], versus["diff"])) == pytest.approx({"reward": 0.1, "kl": -0.5})  # no corrected KL
+    assert dict(zip(versus["column"], versus["diff"])) == pytest.approx({"reward": 0.1, "gold_reward": 0.1, "kl": -0.5})  # no corrected KL
     assert "soft transfer (DPO rollouts), n = 1 − soft decoder (SFT rollouts), n = 1, VADER r: higher on every seed (1 of 1)" in " ".join(
         checks
     )

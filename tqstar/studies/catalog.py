@@ -760,6 +760,7 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
                 _seed_text(r.get("seed")),
                 r["num_prompts"],
                 cell(r, "reward_mean"),
+                cell(r, "gold_reward_mean"),
                 cell(r, "kl") + (" (bound)" if bound else ""),
                 cell(r, "kl_corrected"),
                 cell(r, "baseline_reward_mean"),
@@ -772,7 +773,7 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
         )
     page.table(
         "arms",
-        ["method", "seed", "prompts", "VADER r", "KL to SFT", "corrected KL", "on-topic r_bl", "coherence", "ended", "ESS / n"]
+        ["method", "seed", "prompts", "VADER r", "judge", "KL to SFT", "corrected KL", "on-topic r_bl", "coherence", "ended", "ESS / n"]
         + ["FLOPs / response", "s / response"],
         rows,
         points.drop(columns=["order", "n_sort"]),
@@ -787,12 +788,12 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
     for (arm, n, seed), r in runs.items():
         pairs = []
         if arm == "soft_transfer" and ("soft_sft", n, seed) in runs:
-            pairs.append((runs[("soft_sft", n, seed)], ("reward", "kl", "kl_corrected")))
+            pairs.append((runs[("soft_sft", n, seed)], ("reward", "gold_reward", "kl", "kl_corrected")))
         if arm != "baseline" and ("baseline", None, seed) in runs:
-            pairs.append((runs[("baseline", None, seed)], ("reward",)))
+            pairs.append((runs[("baseline", None, seed)], ("reward", "gold_reward")))
         for other, columns in pairs:
             cells = [f"{r['display']} − {other['display']}", _seed_text(seed)]
-            for column in ("reward", "kl", "kl_corrected"):
+            for column in ("reward", "gold_reward", "kl", "kl_corrected"):
                 diff = se = None
                 if column in columns and column in data.per_prompt.columns:
                     both = data.per_prompt[data.per_prompt["run"].isin([r["run"], other["run"]])][column]
@@ -802,14 +803,36 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
                 if diff is not None:
                     frame.append({"comparison": cells[0], "seed": _seed_text(seed), "column": column, "diff": diff, "se": se})
             comparisons.append(cells)
-    page.text("## Paired by prompt\n\nSoft transfer against SFT rollouts at the same n, and every arm against the DPO baseline sampled.")
-    page.table("paired", ["comparison", "seed", "VADER r", "recorded KL", "corrected KL"], comparisons, pd.DataFrame(frame))
+    page.text(
+        "## Paired by prompt\n\nSoft transfer against SFT rollouts at the same n, and every arm against the DPO baseline "
+        "sampled. The judge (the runs' gold reward, e.g. AFINN with `tqstar sweep -g afinn`) guides no decoder: a method that "
+        "raises VADER but not the judge may be gaming VADER's lexicon."
+    )
+    page.table("paired", ["comparison", "seed", "VADER r", "judge", "recorded KL", "corrected KL"], comparisons, pd.DataFrame(frame))
+    _judge_agreement(points[points["arm"] == "sft"], data.per_prompt, page)
     claims: dict[tuple[str, str], dict[int, tuple]] = {}
     for f in frame:
         claims.setdefault((f["comparison"], f["column"]), {})[f["seed"]] = (f["diff"], f["se"])
-    names = {"reward": "VADER r", "kl": "recorded KL", "kl_corrected": "corrected KL"}
+    names = {"reward": "VADER r", "gold_reward": "judge", "kl": "recorded KL", "kl_corrected": "corrected KL"}
     for (comparison, column), by_seed in claims.items():
         page.check(f"{comparison}, {names[column]}: {A.seed_claim(by_seed)}")
+
+
+def _judge_agreement(sft_points, per_prompt, page: Page) -> None:
+    """How far the judge (gold reward) agrees with VADER on the SFT model's own samples, one check per seed."""
+    from ..rewards import judge_agreement
+
+    for r in _records(sft_points):
+        rows = per_prompt[per_prompt["run"] == r["run"]]
+        if "gold_reward" not in rows.columns or rows["gold_reward"].isna().all():
+            continue
+        a = judge_agreement(rows["reward"].tolist(), rows["gold_reward"].tolist())
+        if a["pearson"] is None:
+            continue
+        page.check(
+            f"seed {_seed_text(r.get('seed'))}: the judge against VADER on the SFT model's samples: Pearson {a['pearson']:.2f}, "
+            f"Spearman {a['spearman']:.2f}, same sign on {100 * a['sign_agreement']:.0f}% of {a['n']}"
+        )
 
 
 PREMISE_FIELDS = (
