@@ -493,6 +493,7 @@ def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same
         ("sft", {}, 0.40, 0.0),
         ("baseline", {}, 0.60, 1.5),
         ("best_of_n", {"n": 4}, 0.55, 0.636),  # its analytic bound, as evaluate writes it
+        ("best_of_n", {"n": 16}, 0.70, 1.835),
         ("soft_sft_n1", {"rollout_num": 1}, 0.50, 2.0),
         ("soft_transfer_n1", {"rollout_num": 1}, 0.60, 1.5),
     ]
@@ -529,3 +530,4 @@ def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same
         checks
     )
     assert "best-of-4 − DPO baseline sampled, VADER r: lower on every seed (1 of 1); by 2 s.e. or more on 0 of 1" in checks
+    assert "best-of-16 − DPO baseline sampled, VADER r: higher on every seed (1 of 1); by 2 s.e. or more on 0 of 1" in checks

@@ -73,11 +73,11 @@ def _drop(data: dict, dotted: str) -> None:
 
 def identity(cfg: DictConfig | dict, defaults: DictConfig | dict | None = None) -> dict:
     """The part of a config that says what a run generates (plain data, JSON-able)."""
-    from .testbeds import identity_keys
+    from .testbeds import identity_keys, stored_blocks
 
     data = _container(cfg)
     if defaults is not None:
-        data = _fill(data, _container(defaults))
+        data = _fill(stored_blocks(data), _container(defaults))
     for key in EXECUTION:
         _drop(data, key)
     return identity_keys(data)

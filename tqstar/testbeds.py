@@ -37,6 +37,9 @@ class Testbed(Protocol):
     prepare_help: str  # `tqstar prepare <name> --help`: what the command builds
     overrides_help: str  # ... and an example of its overrides
     prepare_flags: dict[str, str]  # extra `--flag`s of `tqstar prepare <name>` (flag -> help), passed to `prepare`
+    # keys added to the block whose default builds something else than before they existed, with the value that
+    # reproduces what a block without them built (a run folder's stored block keeps its build: `stored_blocks`)
+    stored_defaults: dict[str, Any]
 
     def build_key(self, block) -> str:
         """The name of the build this block selects (recipe version, seed, parameters): part of a run's identity."""
@@ -130,6 +133,18 @@ def folder_of(builds: Mapping[str, Path] | None, name: str, what: str) -> Path:
             f"builds={{'{name}': tqstar.testbeds.get('{name}').ensure(block)}})"
         )
     return Path(folder)
+
+
+def stored_blocks(data: dict) -> dict:
+    """A stored config's testbed blocks with the keys they predate set as they were (`Testbed.stored_defaults`),
+    before the rest of its missing keys take today's defaults (`identity.identity`): so a change of default recipe
+    gives new run folders, and the older ones stay reachable by naming the older recipe."""
+    for name in REGISTRY:
+        block = data.get(name)
+        if isinstance(block, dict):
+            for key, value in getattr(get(name), "stored_defaults", {}).items():
+                block.setdefault(key, value)
+    return data
 
 
 def identity_keys(data: dict) -> dict:

@@ -1,6 +1,7 @@
 """The SmolLM2 experiment as a testbed (`tqstar.testbeds`): its build, names and `tqstar prepare smollm2`.
 
-Its config block `smollm2:` holds `seed`, `cache_dir` and `params` (`Smollm2Params` knobs, null keeps a default);
+Its config block `smollm2:` holds `seed`, `cache_dir`, `recipe` (v2 or v1) and `params` (`Smollm2Params` knobs over
+that recipe, null keeps its value);
 `smollm2:<model>` names a model folder of the build and `dataset=smollm2` its prompts. It trains no reward model.
 """
 
@@ -19,6 +20,7 @@ class Smollm2Testbed:
     prepare_help = "Build the SmolLM2 experiment (SFT model, DPO baselines for direct and indirect transfer, premise checks); cached."
     overrides_help = "e.g. smollm2.seed=1 smollm2.params.n_train_prompts=16 (conf/smollm2/default.yaml lists the knobs)"
     prepare_flags: dict[str, str] = {}
+    stored_defaults = {"recipe": "v1"}  # a block from before smollm2.recipe existed built recipe v1
 
     def params(self, block):
         """The recipe (`Smollm2Params`) a `smollm2` block sets: ``smollm2.params`` over the base ``smollm2.recipe``."""

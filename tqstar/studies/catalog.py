@@ -735,7 +735,8 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
         "sampled, k = 5, rollouts of 10 tokens): its rollouts are drawn from the DPO baseline (restricted to pi_sft's top "
         "k) and weighted back to pi_k (soft transfer), or from pi_k itself (SFT rollouts). KL to the SFT model: the "
         "decoder's recorded one (E[KL(p ‖ pi_sft)] over its value noise), the corrected one (less the predicted Jensen "
-        "gap), and for best-of-N the analytic bound log n - (n-1)/n. ESS: the weights' effective sample size / n."
+        "gap, which needs n >= 2 rollouts), and for best-of-N the analytic bound log n - (n-1)/n. ESS: the weights' "
+        "effective sample size / n."
     )
     points = data.points.copy()
     order = {"sft": 0, "baseline": 1, "best_of_n": 2, "soft_sft": 3, "soft_transfer": 4}
@@ -782,9 +783,11 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
         page.missing("the paired comparisons", NO_PER_PROMPT)
         return
     comparisons, frame = [], []
-    runs = {
-        (_soft_arm(r["arm"]) or r["arm"], int(r["rollout_num"]) if _soft_arm(r["arm"]) else None, r["seed"]): r for r in _records(points)
-    }
+
+    def size(r: dict) -> int | None:  # what tells apart points of one arm: rollouts (soft arms), samples (best-of-N)
+        return int(r["rollout_num"]) if _soft_arm(r["arm"]) else int(r["n"]) if r["arm"] == "best_of_n" else None
+
+    runs = {(_soft_arm(r["arm"]) or r["arm"], size(r), r["seed"]): r for r in _records(points)}
     for (arm, n, seed), r in runs.items():
         pairs = []
         if arm == "soft_transfer" and ("soft_sft", n, seed) in runs:

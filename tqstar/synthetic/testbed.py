@@ -23,6 +23,7 @@ class SyntheticTestbed:
     prepare_help = "Build the offline synthetic task (corpus, tokenizer, SFT model, distilled baselines); cached."
     overrides_help = "e.g. synthetic.seed=1; experiment=demo: the demo-sized build of make demo"
     prepare_flags = {"proxy": PROXY_HELP}
+    stored_defaults: dict = {}
 
     # ------------------------------------------------------------------ the build a block selects
 
