@@ -72,7 +72,7 @@ class Smollm2Params:
     lora_dropout: float = 0.0  # > 0 also leaves the model's own dropout on in training (TRL turns all dropout off otherwise)
     lora_target_modules: str = LORA_TARGET_MODULES  # comma-separated names of the linear layers that get adapters
     # DPO's forward and backward under bfloat16 autocast (torch.autocast; weights, adapters and Adam state stay
-    # float32): on a CPU with AVX-512 bf16 a step takes about half the time; False: float32 throughout
+    # float32): on this AVX-512 bf16 CPU a step takes 0.6 of float32's (7.5 s against 12.3 s); False: float32 throughout
     bf16: bool = True
     # premise checks on the held-out prompts (tqstar.premise)
     premise_sft_samples: int = 8  # per test prompt: importance-sampling estimates of rho*_beta (16: about 4 CPU minutes more)

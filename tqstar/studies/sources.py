@@ -120,7 +120,7 @@ def read_sweep(folder: Path, name: str) -> StudyData:
         if unrecorded > 0:
             environment["notes"].append(
                 f"{unrecorded} of the {len(points)} points were decoded by sweep invocations whose wall time was not recorded "
-                "(before sweep.json kept every invocation): the sweep wall time above leaves them out"
+                "(stopped before they ended, or from before sweep.json kept every invocation): the sweep wall time above leaves them out"
             )
     elif sweep.get("seconds") is not None:  # a sweep folder from before invocations were recorded: its last one only
         environment.update(sweep_seconds=sweep["seconds"], sweep_invocations="last")
