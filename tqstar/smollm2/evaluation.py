@@ -79,6 +79,7 @@ def premise_checks(
     # rho*_beta's reward-KL frontier of the target reward over a grid of beta: what no decoder of pi_sft can beat
     checks["sft"]["optimum_curve"] = {"target_reward": premise.optimum_curve(rewards_by_prompt(sft_rows, "target_reward"))}
     samples = {"sft": sft_rows}
+    sft_finished = [[float(f) for f in g] for g in rewards_by_prompt(sft_rows, "finished")]  # 1 for an answer that ended
     for name, (key, beta) in params.baselines.items():
         model = AutoModelForCausalLM.from_pretrained(folder / name, dtype=torch.float32).eval()
         rows = sample(
@@ -96,9 +97,7 @@ def premise_checks(
         checks[name] = {
             **premise.baseline_checks(rows, rewards_by_prompt(sft_rows, key), key, beta),
             # the share of rho*_beta's responses that end within the cap: what a baseline close to it can reach
-            "optimum_finished_frac": premise.optimum_expectation(
-                rewards_by_prompt(sft_rows, key), [[float(f) for f in g] for g in rewards_by_prompt(sft_rows, "finished")], beta
-            ),
+            "optimum_finished_frac": premise.optimum_expectation(rewards_by_prompt(sft_rows, key), sft_finished, beta),
             # both rewards of its samples, and what it gains over the SFT model on each (paired by prompt)
             "sampled": {k: premise.sample_reward([r[k] for r in rows], prompt_of) for k in REWARD_KEYS},
             "gain_over_sft": {k: paired_gain(rows, sft_rows, k) for k in REWARD_KEYS},

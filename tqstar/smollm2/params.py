@@ -200,10 +200,11 @@ def _fits(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def params_from_config(node: Any, recipe: str = "v2") -> Smollm2Params:
+def params_from_config(node: Any, recipe: str | None = None) -> Smollm2Params:
     """`Smollm2Params` from the config's ``smollm2.params`` (conf/smollm2/default.yaml) over the base ``recipe``
-    (``smollm2.recipe``: v2, the defaults, or v1): null keeps the base's value; a key that is no field, a value of the
-    wrong type or an unknown recipe is a ConfigError."""
+    (``smollm2.recipe``: v2, the defaults, or v1; None: v2): null keeps the base's value; a key that is no field, a value
+    of the wrong type or an unknown recipe is a ConfigError."""
+    recipe = "v2" if recipe is None else recipe
     if recipe not in RECIPES:
         raise ConfigError(f"smollm2.recipe={recipe!r} is not a recipe; {did_you_mean(str(recipe), list(RECIPES))}")
     base = RECIPES[recipe]

@@ -26,9 +26,7 @@ class Smollm2Testbed:
         """The recipe (`Smollm2Params`) a `smollm2` block sets: ``smollm2.params`` over the base ``smollm2.recipe``."""
         from .params import params_from_config
 
-        if block is None:
-            return params_from_config(None)
-        return params_from_config(block.get("params"), str(block.get("recipe") or "v2"))
+        return params_from_config(None) if block is None else params_from_config(block.get("params"), block.get("recipe"))
 
     def build_key(self, block) -> str:
         from .cache import build_dir

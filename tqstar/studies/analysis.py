@@ -63,6 +63,15 @@ def paired(per_prompt, run_a: str, run_b: str, column: str = "reward", prompts: 
     return mean, se, len(shared)
 
 
+def paired_if_recorded(per_prompt, run_a: str, run_b: str, column: str) -> tuple[float | None, float | None]:
+    """`paired` of `column` (mean, s.e.) when both runs recorded it for every prompt; (None, None) when the column is
+    absent or either run lacks a value (e.g. a corrected KL, which only decoders with n >= 2 rollouts record)."""
+    if column not in per_prompt.columns or not per_prompt[per_prompt["run"].isin([run_a, run_b])][column].notna().all():
+        return None, None
+    diff, se, _ = paired(per_prompt, run_a, run_b, column)
+    return diff, se
+
+
 def verdict(diff: float | None, se: float | None, tolerance: float) -> str:
     """'match' (within Z s.e. of zero, and Z s.e. within the tolerance), 'differs' (more than Z s.e. from zero)
     or 'undecidable' (within Z s.e. of zero, but the interval is wider than the tolerance, or no s.e.)."""

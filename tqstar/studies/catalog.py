@@ -618,11 +618,7 @@ def transfer_against_pi_k(rows, per_prompt, page: Page) -> None:
             continue
         cells = [f"{r['beta']:g}", PROPOSAL_LABEL.get(r["proposal"], r["proposal"]), r["rollouts"], r["seed"]]
         for column in ("reward", "kl", "kl_corrected"):
-            diff = se = None
-            if column in per_prompt.columns:
-                both = per_prompt[per_prompt["run"].isin([r["run"], other])][column]
-                if both.notna().all():
-                    diff, se, _ = A.paired(per_prompt, r["run"], other, column)
+            diff, se = A.paired_if_recorded(per_prompt, r["run"], other, column)
             cells.append("-" if diff is None else fmt(diff, se))
             if diff is not None:
                 claims.setdefault((r["beta"], r["proposal"], r["rollouts"], column), {})[int(r["seed"])] = (diff, se)
@@ -797,11 +793,7 @@ def smollm2_soft_transfer(data: StudyData, page: Page) -> None:
         for other, columns in pairs:
             cells = [f"{r['display']} − {other['display']}", _seed_text(seed)]
             for column in ("reward", "gold_reward", "kl", "kl_corrected"):
-                diff = se = None
-                if column in columns and column in data.per_prompt.columns:
-                    both = data.per_prompt[data.per_prompt["run"].isin([r["run"], other["run"]])][column]
-                    if len(both) and both.notna().all():
-                        diff, se, _ = A.paired(data.per_prompt, r["run"], other["run"], column)
+                diff, se = A.paired_if_recorded(data.per_prompt, r["run"], other["run"], column) if column in columns else (None, None)
                 cells.append("-" if diff is None else fmt(diff, se))
                 if diff is not None:
                     frame.append({"comparison": cells[0], "seed": _seed_text(seed), "column": column, "diff": diff, "se": se})
