@@ -152,7 +152,7 @@ def test_the_smollm2_build_says_so_once(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     lines = _lines(err, "building ")
     assert len(calls) == 1 and len(lines) == 1, err
-    assert "SmolLM2" in lines[0] and "`tqstar prepare smollm2`" in lines[0] and "18 min" in lines[0]  # BUILD_SECONDS: recipe v2
+    assert "SmolLM2" in lines[0] and "`tqstar prepare smollm2`" in lines[0] and "18 min" in lines[0]  # BUILD_SECONDS: recipe v3
     assert build.ensure_built(seed=0, cache_dir=tmp_path) == folder and len(calls) == 1
     assert "building" not in capsys.readouterr().err
 

@@ -92,7 +92,7 @@ def test_runs_of_main_before_this_change_are_found(tmp_path, case):
 
 def test_a_new_default_recipe_starts_new_runs_and_the_old_recipe_finds_the_old_ones(tmp_path):
     """A SmolLM2 run from before `smollm2.recipe` existed built recipe v1 (`Testbed.stored_defaults`): today's plain
-    command (recipe v2) gets a new folder, and naming recipe v1 and its 48 tokens resumes the old one."""
+    command (today's default recipe) gets a new folder, and naming recipe v1 and its 48 tokens resumes the old one."""
     spec = json.loads((RUNS_9BA89C5 / "cases.json").read_text())["smollm2_indirect"]
     plain = compose([f"output_dir={tmp_path}", "experiment=smollm2_indirect"])
     folder = tmp_path / str(plain.experiment_name) / spec["folder"]

@@ -32,16 +32,21 @@ def test_lora_target_modules_are_the_linear_layers_of_a_llama_block():
     assert set(Smollm2Params().lora_modules) == linear == set(LORA_TARGET_MODULES.split(","))
 
 
-def test_recipe_v1_keeps_its_key_and_v2_is_the_default(tmp_path):
+def test_recipes_v1_and_v2_keep_their_keys_and_v3_is_the_default(tmp_path):
     v1, default = Smollm2Params(**V1_RECIPE), Smollm2Params()
+    v2 = Smollm2Params(**params.RECIPES["v2"])
+    assert (default.ld_alpha, default.rpo_alpha, v2.ld_alpha, v2.rpo_alpha) == (0.0, 1.0, 0.5, None)
+    assert "rpo_alpha" not in v2.to_dict()  # a knob v2 did not have, at the value that means "off": v2's key is kept
     assert not set(LATER_KNOBS) & set(v1.to_dict())  # the v1 key: a v1 build is found again
     assert set(v1.to_dict()) | set(LATER_KNOBS) == set(params.FIELDS)
     assert (default.lora_rank, default.instruction, default.bf16) == (16, "Answer in one short sentence.", True)
     assert {k: getattr(default, k) for k in V1_RECIPE} != V1_RECIPE and set(V1_RECIPE) <= set(default.to_dict())
     lora, brief = Smollm2Params(**{**V1_RECIPE, "lora_rank": 8}), Smollm2Params(**{**V1_RECIPE, "instruction": BRIEF})
     assert lora.to_dict()["lora_rank"] == 8 and brief.to_dict()["instruction"] == BRIEF
-    keys = {cache.build_dir(0, tmp_path, p) for p in (default, v1, lora, brief)}
-    assert len(keys) == 4
+    keys = {cache.build_dir(0, tmp_path, p) for p in (default, v1, v2, lora, brief)}
+    assert len(keys) == 5
+    # the keys the builds of seed 0 were made under (recipe v1 at 9ba89c5, v2 at stop 25, v3 at stop 26)
+    assert [cache.build_dir(0, tmp_path, p).name for p in (v1, v2, default)] == ["v1-ac49779c", "v1-3a069edf", "v1-045f8595"]
 
 
 def test_the_recipe_is_chosen_in_the_config_and_params_apply_over_it():
@@ -51,8 +56,9 @@ def test_the_recipe_is_chosen_in_the_config_and_params_apply_over_it():
     assert TESTBED.params(compose(["smollm2.recipe=v1"]).smollm2) == Smollm2Params(**V1_RECIPE)
     tuned = TESTBED.params(compose(["smollm2.recipe=v1", "smollm2.params.lr=2e-5"]).smollm2)
     assert tuned == Smollm2Params(**{**V1_RECIPE, "lr": 2e-5})
-    with pytest.raises(ConfigError, match="smollm2.recipe='v3' is not a recipe; did you mean"):
-        TESTBED.params(compose(["smollm2.recipe=v3"]).smollm2)
+    assert TESTBED.params(compose(["smollm2.recipe=v2"]).smollm2) == Smollm2Params(**params.RECIPES["v2"])
+    with pytest.raises(ConfigError, match="smollm2.recipe='v4' is not a recipe; did you mean"):
+        TESTBED.params(compose(["smollm2.recipe=v4"]).smollm2)
 
 
 def test_new_knobs_come_from_the_config():
@@ -92,6 +98,7 @@ def test_new_knobs_come_from_the_config():
         ("smollm2.params.bf16=1", "smollm2.params.bf16=1 is not allowed: must be true or false"),
         ("smollm2.params.ld_alpha=1.5", "smollm2.params.ld_alpha=1.5 is not allowed: must be null (plain DPO) or a number in [0, 1]"),
         ("smollm2.params.ld_alpha=half", "smollm2.params.ld_alpha='half' is not allowed: must be a number"),
+        ("smollm2.params.rpo_alpha=0", "smollm2.params.rpo_alpha=0.0 is not allowed: must be null (plain DPO) or a number > 0"),
         ("smollm2.params.pairs_finished_only=yes", "smollm2.params.pairs_finished_only='yes' is not allowed: must be true or false"),
     ],
 )
@@ -267,6 +274,21 @@ def test_ld_dpo_and_bf16_start_at_the_reference(tiny_pairs, tmp_path, knobs):
     assert any(len(samples[p["chosen"]]["token_ids"]) != len(samples[p["rejected"]]["token_ids"]) for p in pairs)
     record = train_dpo(sft_dir, tmp_path / "dpo", prompt_ids, samples, pairs, Smollm2Params(**{**LORA, **knobs}), beta=0.1, seed=0)
     assert record["log"][0]["loss"] == pytest.approx(0.6931, abs=2e-3 if "ld_alpha" in knobs else 2e-2)
+
+
+@pytest.mark.slow
+def test_rpo_adds_the_chosen_answers_nll_to_the_dpo_loss(tiny_pairs, tmp_path):
+    """RPO: step 1 (policy = reference, DPO loss ln 2) adds rpo_alpha x the mean NLL per token of its batch's chosen
+    answers (EOS included), which lies between the least and the largest of the pairs' own means."""
+    import math
+
+    from tqstar.smollm2.training import train_dpo
+
+    sft_dir, prompt_ids, samples, pairs = tiny_pairs
+    nll = [-sum(samples[p["chosen"]]["sft_token_logprobs"]) / len(samples[p["chosen"]]["token_ids"]) for p in pairs]
+    record = train_dpo(sft_dir, tmp_path / "dpo", prompt_ids, samples, pairs, Smollm2Params(**{**LORA, "rpo_alpha": 2.0}), beta=0.1, seed=0)
+    extra = record["log"][0]["loss"] - math.log(2)
+    assert 2.0 * min(nll) - 2e-3 <= extra <= 2.0 * max(nll) + 2e-3 and min(nll) > 0.1
 
 
 @pytest.mark.slow

@@ -394,6 +394,16 @@ def test_soft_transfer_page_names_the_fewest_rollouts_that_match_on_every_seed()
                 {"run": run, "index": i, "prompt_id": f"t-{i}", "reward": 0.5 + off + (0.01 if i % 2 else -0.01), "kl": 1.0, "seconds": 1.0}
                 for i in range(40)
             ]
+    # a rung distilled for beta 1 as the proposal at beta 0.25, on seed 0 only: matches from n = 4
+    for n, off in ((2, 0.5), (4, 0.0)):
+        run = f"mismatch-{n}"
+        runs.append(runs[0] | {"run": run, "seed": 0, "rollout_num": n, "proposal": "baseline", "baseline": "synthetic:rho1"})
+        per_prompt += [
+            {"run": run, "index": i, "prompt_id": f"t-{i}", "reward": 0.5 + off + (0.01 if i % 2 else -0.01), "kl": 1.0, "seconds": 1.0}
+            for i in range(40)
+        ]
+    for r in runs[:-2]:
+        r["baseline"] = "synthetic:rho0.25" if r["proposal"] == "baseline" else float("nan")
     curve = [{"beta": 0.25, "reward_by_prompt": [0.5] * 40, "kl_by_prompt": [1.0] * 40}]
     data = StudyData(
         name="soft_transfer",
@@ -427,6 +437,14 @@ def test_soft_transfer_page_names_the_fewest_rollouts_that_match_on_every_seed()
         "beta 0.25, pi_k (SFT rollouts): no n in {2, 4} matches rho*_(beta,k) in reward and recorded KL on every seed "
         "(2; n = 4: seed 0: reward ✓ recorded KL ✓, seed 1: reward ✗ recorded KL ✓)" in page.checks
     )
+    assert (
+        "beta 0.25, mismatched rung rho1 (soft transfer): n = 4 rollouts match rho*_(beta,k) in reward and recorded KL on seed 0 (the only one run)"
+        in page.checks
+    )
+    fewest = page.tables["rollouts_fewest"].set_index("proposal q")
+    assert fewest.loc["the rung (soft transfer)", "n (recorded KL)"] == "2"
+    assert fewest.loc["pi_k (SFT rollouts)", "n (recorded KL)"] == "none of 2, 4"
+    assert fewest.loc["mismatched rung rho1 (soft transfer)", "seeds"] == "0"
     # equal KLs (1.0 everywhere): a zero difference is no sign on any seed
     assert "beta 0.25, n = 2: the rung (soft transfer) minus pi_k in recorded KL: differs in sign across seeds (2 seeds)" in page.checks
 
@@ -531,3 +549,57 @@ def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same
     )
     assert "best-of-4 − DPO baseline sampled, VADER r: lower on every seed (1 of 1); by 2 s.e. or more on 0 of 1" in checks
     assert "best-of-16 − DPO baseline sampled, VADER r: higher on every seed (1 of 1); by 2 s.e. or more on 0 of 1" in checks
+
+
+def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vader_only_gains():
+    """Two seeds. TQ* beats the baseline in VADER by 0.2 on both seeds while the judge moves only on seed 0: seed 1 is
+    a 'VADER only' seed. Sampled TQ* at alpha 1 sits 0.1 above best-of-N's line at its KL on both seeds."""
+    from tqstar.studies.catalog import smollm2_study  # registered in STUDIES with its first page (the sweep is running)
+    from tqstar.studies.page import Page
+    from tqstar.studies.sources import StudyData
+
+    runs, per_prompt = [], []
+
+    def add(arm, seed, vader, judge, prompts=40, **settings):
+        run = f"{arm}-{settings.get('alpha', '')}{settings.get('n', '')}-{seed}"
+        row = {"run": run, "arm": arm, "seed": seed, "num_prompts": prompts, "alpha": 1.0, "n": None, "beta_bl": None}
+        row |= {"rollout_num": 1, "selection": "greedy", "method": arm.removeprefix("sampled_"), "reward_mean": vader}
+        row |= {"reward_stderr": 0.01, "gold_reward_mean": judge, "ended_share": 0.9, "kl": None, "seconds_per_response": 1.0}
+        row |= {"baseline_reward_mean": 0.5, "coherence": 0.5, "diversity": 0.7} | settings
+        runs.append(row)
+        per_prompt.extend(
+            {
+                "run": run,
+                "index": i,
+                "prompt_id": f"p-{i}",
+                "reward": vader + (0.01 if i % 2 else -0.01),
+                "gold_reward": judge + (0.01 if i % 3 else -0.02),
+            }
+            for i in range(prompts)
+        )
+
+    for seed in (0, 1):
+        add("sft", seed, 0.4, 0.4, ended_share=0.93)
+        add("baseline", seed, 0.6, 0.6, ended_share=0.85 if seed == 0 else 0.7)
+        add("cd", seed, 0.65, 0.62)
+        add("tqstar", seed, 0.8, 0.8 if seed == 0 else 0.6)
+        for n, kl, vader in ((4, 0.64, 0.5), (16, 1.84, 0.7)):
+            add("sampled_best_of_n", seed, vader, vader, n=n, kl=kl, selection="sample")
+        add("sampled_tqstar", seed, 0.7, 0.7, kl=1.24, selection="sample")  # best-of-N at KL 1.24: 0.6
+        add("sampled_sft", seed, 0.4, 0.45, kl=0.0, selection="sample")
+    data = StudyData(name="smollm2_study", points=pd.DataFrame(runs), environment={}, source="test", per_prompt=pd.DataFrame(per_prompt))
+    page = Page(study="smollm2_study", title="t", environment={})
+    smollm2_study(data, page)
+    paired = page.tables["paired"]
+    tq = paired[(paired["comparison"] == "TQ* direct - DPO baseline") & (paired["column"] == "reward")]
+    assert tq["diff"].tolist() == pytest.approx([0.2, 0.2])
+    assert "greedy, TQ* direct − DPO baseline, VADER: higher on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in page.checks
+    assert "greedy, TQ* direct − DPO baseline, judge: differs in sign across seeds (2 seeds)" in page.checks
+    markdown = page.markdown()
+    row = next(line for line in markdown.splitlines() if line.startswith("| TQ* direct − DPO baseline | VADER"))
+    assert row.rstrip(" |").endswith("| 1")  # VADER only on seed 1
+    assert any(c.startswith("greedy, TQ* direct − CD, VADER: higher on every seed") for c in page.checks)
+    assert "DPO baseline, greedy: answers that end within the cap: seed 0: 85%, seed 1: 70% (below 80% on seed 1)" in page.checks
+    matched = page.tables["matched_kl_best_of_n"]
+    assert matched[matched["point"] == "TQ* direct, alpha 1"]["diff"].tolist() == pytest.approx([0.1, 0.1])
+    assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)

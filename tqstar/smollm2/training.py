@@ -182,7 +182,8 @@ def train_dpo(
         config = DPOConfig(
             output_dir=scratch,
             beta=beta,
-            loss_type=["sigmoid"],  # the DPO loss
+            loss_type=["sigmoid"] + (["sft"] if params.rpo_alpha else []),  # the DPO loss (RPO: + NLL of the chosen)
+            loss_weights=[1.0, params.rpo_alpha] if params.rpo_alpha else None,
             num_train_epochs=params.epochs,
             max_steps=params.max_steps or -1,
             per_device_train_batch_size=params.batch_size,

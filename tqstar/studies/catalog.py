@@ -458,6 +458,25 @@ def optimal_check(data: StudyData, page: Page) -> None:
 PROPOSAL_LABEL = {"sft": "pi_k (SFT rollouts)", "baseline": "the rung (soft transfer)", "mixture": "mixture (half pi_k)"}
 
 
+def _proposal(proposal, baseline, beta: float) -> str:
+    """The proposal a run drew its rollouts from: sft, baseline (the rung distilled for the run's beta), mixture, or,
+    where the rung was distilled for another beta (synthetic:rhoB with B != beta), that proposal and the rung's name."""
+    import re
+
+    proposal = _text(proposal) or "sft"
+    match = re.search(r"rho([0-9.]+)$", _text(baseline))
+    if proposal != "sft" and match and not math.isclose(float(match.group(1)), float(beta)):
+        return f"{proposal} rho{match.group(1)}"
+    return proposal
+
+
+def _proposal_label(proposal: str) -> str:
+    kind, _, rung = proposal.partition(" ")
+    if rung:
+        return f"mismatched rung {rung} (soft transfer)" if kind == "baseline" else f"mixture with mismatched rung {rung}"
+    return PROPOSAL_LABEL.get(proposal, proposal)
+
+
 def ground_truth_section(data: StudyData, page: Page) -> None:
     """Where the optimal decoder's KL excess comes from (scripts/soft_ground_truth.py): per seed, per response, the KL
     it records, the KL of what it decodes, the target's, and their differences (premise.summarise_split)."""
@@ -533,7 +552,11 @@ def soft_transfer(data: StudyData, page: Page) -> None:
         return
     rows = rows[~rows["subset"]]
     extra = points.set_index("run")
-    rows["proposal"] = [_text(extra.loc[run, "proposal"]) or "sft" for run in rows["run"]]
+    baselines = extra["baseline"] if "baseline" in extra.columns else {}
+    rows["proposal"] = [
+        _proposal(extra.loc[run, "proposal"], baselines.get(run) if len(baselines) else None, beta)
+        for run, beta in zip(rows["run"], rows["beta"])
+    ]
     for column in ("ess_fraction", "flops_per_response"):
         rows[column] = [extra.loc[run, column] if column in extra.columns else None for run in rows["run"]]
     if "kl_corrected_diff" not in rows.columns:
@@ -551,7 +574,7 @@ def soft_transfer(data: StudyData, page: Page) -> None:
         table.append(
             [
                 f"{r['beta']:g}",
-                PROPOSAL_LABEL.get(r["proposal"], r["proposal"]),
+                _proposal_label(r["proposal"]),
                 r["rollouts"],
                 r["seed"],
                 r["prompts"],
@@ -583,10 +606,14 @@ def soft_transfer(data: StudyData, page: Page) -> None:
         table,
         rows,
     )
-    seeds = sorted({int(s) for s in rows["seed"]})
+    needed = []  # the sentence: per beta and proposal, the fewest n that match on every seed it ran on
     for beta, by_beta in rows.groupby("beta", sort=False):
         for proposal, group in by_beta.groupby("proposal", sort=False):
-            label = PROPOSAL_LABEL.get(proposal, proposal)
+            label = _proposal_label(proposal)
+            seeds = sorted({int(s) for s in group["seed"]})  # a mismatched rung may run on one seed only
+            # "on every seed (3" / "on seed 0 (the only one run", closed by the sentence that uses it
+            every = f"on every seed ({len(seeds)}" if len(seeds) > 1 else f"on seed {seeds[0]} (the only one run"
+            fewest_by_kl = {}
             for kl, what in (("kl_verdict", "recorded KL"), ("kl_corrected_verdict", "corrected KL")):
                 verdicts = {}
                 for r in _records(group):
@@ -599,10 +626,23 @@ def soft_transfer(data: StudyData, page: Page) -> None:
                 if fewest is None:  # why not, at the most rollouts tried: a difference, or an interval too wide to tell
                     most = verdicts[max(verdicts)]
                     why = ", ".join(f"seed {seed}: reward {A.MARK[v[0]]} {what} {A.MARK[v[1]]}" for seed, v in sorted(most.items()))
-                    matched = f"no n in {{{tried}}} matches rho*_(beta,k) in reward and {what} on every seed ({len(seeds)}; n = {max(verdicts)}: {why})"
+                    matched = f"no n in {{{tried}}} matches rho*_(beta,k) in reward and {what} {every}; n = {max(verdicts)}: {why})"
+                    fewest_by_kl[what] = f"none of {tried}"
                 else:
-                    matched = f"n = {fewest} rollouts match rho*_(beta,k) in reward and {what} on every seed ({len(seeds)})"
+                    matched = f"n = {fewest} rollouts match rho*_(beta,k) in reward and {what} {every})"
+                    fewest_by_kl[what] = str(fewest)
                 page.check(f"beta {beta:g}, {label}: {matched}")
+            needed.append(
+                [f"{beta:g}", label, ", ".join(map(str, seeds))] + [fewest_by_kl.get(what, "-") for what in ("recorded KL", "corrected KL")]
+            )
+    page.text(
+        "## Rollouts needed, in one table\n\nThe fewest rollouts n a candidate at which the decoder matches "
+        "rho*_(beta,k) in reward and in KL (✓ above) on every seed it ran on; 'none of ...' where no n tried does (a "
+        "difference or an interval too wide to tell: the rows above say which). Recorded KL carries the Jensen gap of "
+        "one noisy value per step; corrected KL (n >= 2) removes its delta-method estimate."
+    )
+    header = ["beta", "proposal q", "seeds", "n (recorded KL)", "n (corrected KL)"]
+    page.table("rollouts_fewest", header, needed, pd.DataFrame(needed, columns=header))
     transfer_against_pi_k(rows, data.per_prompt, page)
 
 
@@ -616,7 +656,7 @@ def transfer_against_pi_k(rows, per_prompt, page: Page) -> None:
         other = reference.get((r["beta"], r["rollouts"], r["seed"]))
         if r["proposal"] == "sft" or other is None:
             continue
-        cells = [f"{r['beta']:g}", PROPOSAL_LABEL.get(r["proposal"], r["proposal"]), r["rollouts"], r["seed"]]
+        cells = [f"{r['beta']:g}", _proposal_label(r["proposal"]), r["rollouts"], r["seed"]]
         for column in ("reward", "kl", "kl_corrected"):
             diff, se = A.paired_if_recorded(per_prompt, r["run"], other, column)
             cells.append("-" if diff is None else fmt(diff, se))
@@ -634,9 +674,7 @@ def transfer_against_pi_k(rows, per_prompt, page: Page) -> None:
     for (beta, proposal, n, column), by_seed in claims.items():
         if column == "reward":
             continue
-        page.check(
-            f"beta {beta:g}, n = {n}: {PROPOSAL_LABEL.get(proposal, proposal)} minus pi_k in {names[column]}: {A.seed_claim(by_seed)}"
-        )
+        page.check(f"beta {beta:g}, n = {n}: {_proposal_label(proposal)} minus pi_k in {names[column]}: {A.seed_claim(by_seed)}")
 
 
 def _optimum_points(curves: dict, seed: int, top_k: int | None):
@@ -828,6 +866,233 @@ def _judge_agreement(sft_points, per_prompt, page: Page) -> None:
             f"seed {_seed_text(r.get('seed'))}: the judge against VADER on the SFT model's samples: Pearson {a['pearson']:.2f}, "
             f"Spearman {a['spearman']:.2f}, same sign on {100 * a['sign_agreement']:.0f}% of {a['n']}"
         )
+
+
+STUDY_METHODS = {  # arm (less a leading "sampled_") -> how the page names it, in the order it lists them
+    "sft": "SFT",
+    "baseline": "DPO baseline",
+    "best_of_n": "best-of-N",
+    "args": "ARGS",
+    "cd": "CD",
+    "tqstar": "TQ* direct",
+    "indirect": "TQ* indirect",
+    "indirect_sn": "TQ* indirect, self-normalised",
+    "soft_sft": "soft value, SFT rollouts",
+    "soft_transfer": "soft transfer (DPO rollouts)",
+}
+STUDY_METRICS = (
+    "reward_mean",
+    "gold_reward_mean",
+    "baseline_reward_mean",
+    "coherence",
+    "diversity",
+    "ended_share",
+    "kl",
+    "seconds_per_response",
+)
+
+
+def _study_label(r: dict) -> str:
+    """A point of the SmolLM2 study as a reader names it: the method, and what tells its points apart (N, beta_bl,
+    rollouts, alpha where the arm is sampled and guided)."""
+    sampled = str(r["arm"]).startswith("sampled_")
+    base = str(r["arm"]).removeprefix("sampled_")
+    name = STUDY_METHODS.get(base, base)
+    if base == "best_of_n":
+        return f"best-of-{int(r['n'])}"
+    if base in ("indirect", "indirect_sn"):
+        name = f"{name}, beta_bl {float(r['beta_bl']):g}"
+    if base in ("soft_sft", "soft_transfer"):
+        return f"{name}, n = {int(r['rollout_num'])}"
+    if sampled and base in ("args", "cd", "tqstar"):
+        return f"{name}, alpha {float(r['alpha']):g}"
+    return name
+
+
+def _study_order(r: dict) -> tuple:
+    base = str(r["arm"]).removeprefix("sampled_")
+    order = list(STUDY_METHODS)
+    knob = r.get("n") if base == "best_of_n" else r.get("beta_bl") if base.startswith("indirect") else r.get("alpha")
+    return (order.index(base) if base in order else len(order), float(knob) if knob == knob and knob is not None else 0.0)
+
+
+def smollm2_study(data: StudyData, page: Page) -> None:
+    """Issue 27's study: every method on the SmolLM2 builds of several seeds, greedy (the presets' settings) and sampled
+    (reward against KL to the SFT model), VADER beside an independent judge, paired against the DPO baseline and CD."""
+
+    points = data.points.copy()
+    if "gold_reward_mean" not in points.columns:
+        points["gold_reward_mean"] = points["gold_reward_stderr"] = None
+    for column in ("beta_bl", "n", "alpha", "rollout_num"):
+        if column not in points.columns:
+            points[column] = None
+    points["display"] = [_study_label(r) for r in _records(points)]
+    points["order"] = [_study_order(r) for r in _records(points)]
+    points = points.sort_values(["order", "seed"]).drop(columns=["order"])
+    sampled_arm = points["arm"].astype(str).str.startswith(("sampled_", "soft_"))
+    greedy, sampled = points[~sampled_arm], points[sampled_arm]
+    seeds = sorted(int(s) for s in points["seed"].dropna().unique())
+    page.text(
+        "## Greedy, the presets' settings\n\nk = 5 candidates, rollouts of 10 tokens, alpha 1, at most 80 new tokens. Per "
+        "method: the mean over build seeds of each run's mean ± the s.e. across seeds [min, max]. VADER is the target "
+        "every guided decoder uses; the judge (the sweep's gold reward, AFINN) guides none; on-topic is r_bl (cosine of "
+        "question and answer); ended: the share of answers that end (EOS or a stop string) within the cap."
+    )
+    _study_summary(page, "greedy", greedy)
+    _study_paired(page, greedy, data.per_prompt, seeds)
+    page.text(
+        "## Sampled: reward against KL to the SFT model\n\nT = 1 on the first 64 held-out prompts; ARGS, CD and TQ* at "
+        "alpha 1 and 10, best-of-N at n = 4 and 16 (its KL: the analytic bound log n − (n−1)/n), the soft value at beta "
+        "0.1 (alpha 10) with its rollouts from pi_k or from the DPO baseline weighted back to pi_k. KL: the decoder's "
+        "recorded KL to the SFT model."
+    )
+    _study_summary(page, "sampled", sampled, kl=True)
+    if not sampled.empty:
+
+        def draw(path):
+            from ..plots import plot_frontier
+
+            means = A.across_seeds(
+                sampled.assign(method=[d.split(",")[0] for d in sampled["display"]]), ("reward_mean", "kl"), keys=("display", "method")
+            )
+            plot_frontier(
+                means,
+                x="kl",
+                y="reward_mean",
+                label_cols=[],
+                path=path,
+                yerr="reward_mean_se_seeds",
+                group="method",
+                title="VADER against KL to the SFT model (sampled; mean over seeds)",
+                xlabel="KL to the SFT model (nats a response)",
+                ylabel="VADER",
+            )
+
+        page.figure("reward_vs_kl", "VADER against KL to the SFT model, sampled arms", draw)
+        guided = sampled[~sampled["arm"].isin(["sampled_best_of_n", "sampled_cd", "sampled_sft"]) & sampled["kl"].notna()]
+        for reference_arm, name in (("sampled_best_of_n", "best-of-N"), ("sampled_cd", "CD")):
+            reference = sampled[(sampled["arm"] == reference_arm) & sampled["kl"].notna()]
+            _study_matched_kl(page, guided.assign(group=guided["display"]), reference, name, seeds)
+    if data.per_prompt is not None:
+        judge_from = sampled[sampled["arm"] == "sampled_sft"]
+        _judge_agreement(judge_from if not judge_from.empty else greedy[greedy["arm"] == "sft"], data.per_prompt, page)
+    for arm, name in (("sft", "SFT"), ("baseline", "DPO baseline")):
+        shares = {
+            int(r["seed"]): r["ended_share"] for r in _records(greedy[greedy["arm"] == arm]) if r.get("ended_share") == r.get("ended_share")
+        }
+        if shares:
+            below = sorted(s for s, v in shares.items() if v < 0.8)
+            verdict = "at least 80% on every seed" if not below else f"below 80% on seed {', '.join(map(str, below))}"
+            listed = ", ".join(f"seed {s}: {100 * v:.0f}%" for s, v in sorted(shares.items()))
+            page.check(f"{name}, greedy: answers that end within the cap: {listed} ({verdict})")
+
+
+def _study_summary(page: Page, name: str, points, kl: bool = False) -> None:
+    if points.empty:
+        page.missing(f"the {name} table", "no point of these arms has run")
+        return
+    table = A.across_seeds(points, STUDY_METRICS, keys=("display",))
+    header = ["method", "seeds", "prompts", "VADER", "judge", "on-topic r_bl", "coherence", "diversity", "ended"]
+    header += ["KL to SFT"] if kl else []
+    rows = []
+    for r in _records(table):
+        prompts = points[points["display"] == r["display"]]["num_prompts"]
+        cells = [
+            r["display"],
+            r["seeds"],
+            f"{int(prompts.min())}" if prompts.nunique() == 1 else f"{int(prompts.min())}-{int(prompts.max())}",
+        ]
+        cells += [fmt_across(r, m) for m in ("reward_mean", "gold_reward_mean", "baseline_reward_mean", "coherence", "diversity")]
+        share = r.get("ended_share")
+        cells.append(
+            "-"
+            if share is None or share != share
+            else f"{100 * share:.0f}% [{100 * r['ended_share_min']:.0f}, {100 * r['ended_share_max']:.0f}]"
+        )
+        if kl:
+            cells.append(fmt_across(r, "kl"))
+        rows.append(cells + [f"{r['seconds_per_response']:.2f}" if r.get("seconds_per_response") == r.get("seconds_per_response") else "-"])
+    page.table(name, header + ["s / response"], rows, table)
+
+
+def _study_paired(page: Page, greedy, per_prompt, seeds: list[int]) -> None:
+    """Every greedy method against the DPO baseline and against CD, paired by prompt per seed, in VADER and the judge;
+    a seed where VADER rises by 2 s.e. or more while the judge does not is named (a sign of gaming VADER)."""
+    import pandas as pd
+
+    if per_prompt is None:
+        page.missing("the paired comparisons", NO_PER_PROMPT)
+        return
+    page.text(
+        "### Paired by prompt, greedy\n\nEach method minus the DPO baseline alone and minus CD, per seed, on the prompts "
+        "both decoded: mean ± s.e. 'VADER only': seeds where VADER rises by 2 s.e. or more but the judge does not."
+    )
+    runs = {(r["display"], int(r["seed"])): r["run"] for r in _records(greedy)}
+    methods = list(dict.fromkeys(greedy["display"]))
+    rows, frame = [], []
+    for reference in ("DPO baseline", "CD"):
+        for method in methods:
+            if method == reference:
+                continue
+            cells_by_column = {}
+            for column in ("reward", "gold_reward"):
+                by_seed = {}
+                for seed in seeds:
+                    a, b = runs.get((method, seed)), runs.get((reference, seed))
+                    if a is None or b is None:
+                        continue
+                    diff, se = A.paired_if_recorded(per_prompt, a, b, column)
+                    if diff is not None:
+                        by_seed[seed] = (diff, se)
+                        frame.append({"comparison": f"{method} - {reference}", "column": column, "seed": seed, "diff": diff, "se": se})
+                cells_by_column[column] = by_seed
+            vader, judge = cells_by_column["reward"], cells_by_column["gold_reward"]
+            if not vader:
+                continue
+            only = [
+                s
+                for s, (d, se) in vader.items()
+                if se and d > A.Z * se and not (s in judge and judge[s][1] and judge[s][0] > A.Z * judge[s][1])
+            ]
+            title = f"{method} − {reference}"
+            for column, label in (("reward", "VADER"), ("gold_reward", "judge")):
+                by_seed = cells_by_column[column]
+                if not by_seed:
+                    continue
+                claim = A.seed_claim(by_seed)
+                rows.append(
+                    [title, label, *[fmt(*by_seed[s]) if s in by_seed else "–" for s in seeds], claim]
+                    + [(", ".join(map(str, only)) or "none") if column == "reward" and judge else ""]
+                )
+                page.check(f"greedy, {title}, {label}: {claim}")
+    page.table("paired", ["comparison", "measure", *[f"seed {s}" for s in seeds], "on every seed", "VADER only"], rows, pd.DataFrame(frame))
+
+
+def _study_matched_kl(page: Page, points, reference, name: str, seeds: list[int]) -> None:
+    """Sampled points against a reference curve (best-of-N over n, CD over alpha) at the same KL, per seed."""
+    import pandas as pd
+
+    if points.empty or reference.empty:
+        page.missing(f"matched KL against {name}", "no sampled guided points with a KL, or no reference points")
+        return
+    page.text(
+        f"### At matched KL: against {name}\n\nEach sampled point minus {name}'s VADER at the same KL on the same seed "
+        f"({name}'s reward linear in KL between its points; – where the point's KL is outside them). Difference ± "
+        "sqrt(s.e.² + interpolated s.e.²) (unpaired runs)."
+    )
+    rows, frame = [], []
+    for r in A.against_curve_at_kl(points, reference, keys=("group",)):
+        cells = [fmt(*r["by_seed"][s]) if s in r["by_seed"] else "–" for s in seeds]
+        rows.append([r["group"], *cells, r["claim"]])
+        frame += [{"point": r["group"], "seed": s, "diff": d, "se": se} for s, (d, se) in r["by_seed"].items()]
+        if r["by_seed"]:
+            page.check(f"sampled, {r['group']} − {name} at matched KL: {r['claim']}")
+    page.table(
+        f"matched_kl_{'cd' if name == 'CD' else 'best_of_n'}",
+        ["point", *[f"seed {s}" for s in seeds], "on every seed"],
+        rows,
+        pd.DataFrame(frame),
+    )
 
 
 PREMISE_FIELDS = (

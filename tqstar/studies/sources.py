@@ -88,7 +88,8 @@ def read_sweep(folder: Path, name: str) -> StudyData:
     missing = [run.path.name for run in runs if not run.path.is_dir()]
     if missing:
         raise ConfigError(f"{len(missing)} run folder(s) of {folder}/results.csv are missing, e.g. {missing[0]}")
-    extra = {"beta": [], "rollout_top_k": [], "proposal": []}  # settings a page needs that results.csv does not carry
+    # settings a page needs that results.csv does not carry
+    extra = {"beta": [], "rollout_top_k": [], "proposal": [], "beta_bl": [], "self_normalize": []}
     rows = []
     for run in runs:
         cfg = run.config()
@@ -97,6 +98,10 @@ def read_sweep(folder: Path, name: str) -> StudyData:
         # where the rollouts come from: soft_transfer's rollout.proposal; "" for methods that do not weigh rollouts
         weighs = str(cfg.decoder.method) == "soft_transfer"
         extra["proposal"].append(str((cfg.decoder.get("rollout") or {}).get("proposal")) if weighs else "")
+        # indirect transfer's importance weights exp((r - r_bl) / beta_bl), and whether its estimator self-normalises
+        indirect = str(cfg.decoder.method) == "tqstar" and str(cfg.decoder.get("transfer")) == "indirect"
+        extra["beta_bl"].append(float(cfg.decoder.beta_bl) if indirect else None)
+        extra["self_normalize"].append(bool(cfg.decoder.get("self_normalize")) if indirect or weighs else None)
         rows += [{"run": run.path.name, **{k: r.get(k) for k in PER_PROMPT_COLUMNS}} for r in per_prompt_rows(run.path)]
     for column, values in extra.items():
         points[column] = values
