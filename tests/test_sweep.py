@@ -276,3 +276,46 @@ def test_every_override_of_every_named_sweep_validates(name, tmp_path, hydra_cle
 @pytest.mark.parametrize("name", group_options("sweep"))
 def test_every_point_of_every_named_sweep_validates(name, tmp_path, hydra_clean):
     _validate_named_sweep(name, tmp_path, every_point=True)
+
+
+def test_the_local_executor_keeps_its_job_slots_full(tmp_path):
+    """At most `jobs` run at once, and a slot is refilled as soon as any job ends (not when its whole wave has):
+    a point that ends at once (already decoded) lets the next start beside a long one. A failing job is reported."""
+    from tqstar.sweep import SweepSpec, _run_jobs
+
+    clock = {"t": 0}
+    started: list[tuple[str, int]] = []
+
+    class Job:
+        def __init__(self, point):
+            self.point, self.ends = point, clock["t"] + {"quick": 0, "long": 5}.get(point[0].split("-")[0], 2)
+
+        def done(self):
+            return clock["t"] >= self.ends
+
+        def result(self):
+            if self.point[0] == "bad-1":
+                raise RuntimeError("decode failed\nValueError: boom")
+            return {"point": self.point}
+
+    class Executor:
+        def submit(self, fn, point, folder):
+            started.append((point[0], clock["t"]))
+            return Job(point)
+
+    def tick(seconds):
+        clock["t"] += 1
+
+    import tqstar.sweep as sweep_module
+
+    points = [["long-1"], ["quick-1"], ["mid-1"], ["bad-1"], ["mid-2"]]
+    original = sweep_module.time.sleep
+    sweep_module.time.sleep = tick
+    try:
+        results = _run_jobs(points, Executor(), tmp_path, SweepSpec(grid=[], executor="local", jobs=2))
+    finally:
+        sweep_module.time.sleep = original
+    # long-1 and quick-1 start at 0; quick-1 ends at once, so mid-1 starts at 0 beside long-1; bad-1 when mid-1 ends
+    assert started == [("long-1", 0), ("quick-1", 0), ("mid-1", 0), ("bad-1", 2), ("mid-2", 4)]
+    assert sorted(r["point"][0] for r in results) == ["bad-1", "long-1", "mid-1", "mid-2", "quick-1"]
+    assert next(r for r in results if r["point"] == ["bad-1"])["error"] == "RuntimeError: ValueError: boom"

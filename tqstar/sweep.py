@@ -154,14 +154,32 @@ def run_points(points: list[list[str]], folder: Path, spec: SweepSpec, console=N
             except Exception as exc:  # noqa: BLE001 - one bad point must not lose the others
                 results.append({"point": point, "error": f"{type(exc).__name__}: {exc}"})
         return results
-    executor = _executor(spec, folder)
+    return _run_jobs(points, _executor(spec, folder), folder, spec, console)
+
+
+def _run_jobs(points: list[list[str]], executor, folder: Path, spec: SweepSpec, console=None, poll_seconds: float = 2.0) -> list[dict]:
+    """Submit every point as a job and collect the results (in the order the jobs end). slurm: all at once (its
+    array parallelism caps them). local: submitit has no cap of its own, so at most `spec.jobs` run at a time and the
+    next point starts as soon as any job ends (a point already finished ends in seconds and frees its slot)."""
+    results: list[dict] = []
     pending = list(points)
-    while pending:  # the local executor has no parallelism cap of its own: submit `jobs` at a time
-        wave, pending = (pending[: spec.jobs], pending[spec.jobs :]) if spec.executor == "local" else (pending, [])
-        jobs = [executor.submit(run_point, point, str(folder)) for point in wave]
-        if console:
-            console.print(f"submitted {len(jobs)} job(s) to the {spec.executor} executor; logs in {folder / 'submitit'}")
-        for point, job in zip(wave, jobs):
+    cap = spec.jobs if spec.executor == "local" else len(points)
+    running: list[tuple[list[str], Any]] = []
+    if console:
+        console.print(
+            f"{len(points)} job(s) for the {spec.executor} executor, {min(cap, len(points))} at a time; logs in {folder / 'submitit'}"
+        )
+    while pending or running:
+        while pending and len(running) < cap:
+            point = pending.pop(0)
+            running.append((point, executor.submit(run_point, point, str(folder))))
+        done = [job.done() for _, job in running]  # asked once per job: one that ends meanwhile waits for the next round
+        ended = [pair for pair, is_done in zip(running, done) if is_done]
+        running = [pair for pair, is_done in zip(running, done) if not is_done]
+        if not ended:
+            time.sleep(poll_seconds)
+            continue
+        for point, job in ended:
             try:
                 results.append(job.result())
             except Exception as exc:  # noqa: BLE001
