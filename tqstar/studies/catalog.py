@@ -877,8 +877,6 @@ STUDY_METHODS = {  # arm (less a leading "sampled_") -> how the page names it, i
     "tqstar": "TQ* direct",
     "indirect": "TQ* indirect",
     "indirect_sn": "TQ* indirect, self-normalised",
-    "soft_sft": "soft value, SFT rollouts",
-    "soft_transfer": "soft transfer (DPO rollouts)",
 }
 STUDY_METRICS = (
     "reward_mean",
@@ -894,7 +892,7 @@ STUDY_METRICS = (
 
 def _study_label(r: dict) -> str:
     """A point of the SmolLM2 study as a reader names it: the method, and what tells its points apart (N, beta_bl,
-    rollouts, alpha where the arm is sampled and guided)."""
+    alpha where the arm is sampled and guided)."""
     sampled = str(r["arm"]).startswith("sampled_")
     base = str(r["arm"]).removeprefix("sampled_")
     name = STUDY_METHODS.get(base, base)
@@ -902,8 +900,6 @@ def _study_label(r: dict) -> str:
         return f"best-of-{int(r['n'])}"
     if base in ("indirect", "indirect_sn"):
         name = f"{name}, beta_bl {float(r['beta_bl']):g}"
-    if base in ("soft_sft", "soft_transfer"):
-        return f"{name}, n = {int(r['rollout_num'])}"
     if sampled and base in ("args", "cd", "tqstar"):
         return f"{name}, alpha {float(r['alpha']):g}"
     return name
@@ -923,13 +919,13 @@ def smollm2_study(data: StudyData, page: Page) -> None:
     points = data.points.copy()
     if "gold_reward_mean" not in points.columns:
         points["gold_reward_mean"] = points["gold_reward_stderr"] = None
-    for column in ("beta_bl", "n", "alpha", "rollout_num"):
+    for column in ("beta_bl", "n", "alpha"):
         if column not in points.columns:
             points[column] = None
     points["display"] = [_study_label(r) for r in _records(points)]
     points["order"] = [_study_order(r) for r in _records(points)]
     points = points.sort_values(["order", "seed"]).drop(columns=["order"])
-    sampled_arm = points["arm"].astype(str).str.startswith(("sampled_", "soft_"))
+    sampled_arm = points["arm"].astype(str).str.startswith("sampled_")
     greedy, sampled = points[~sampled_arm], points[sampled_arm]
     seeds = sorted(int(s) for s in points["seed"].dropna().unique())
     page.text(
@@ -942,9 +938,9 @@ def smollm2_study(data: StudyData, page: Page) -> None:
     _study_paired(page, greedy, data.per_prompt, seeds)
     page.text(
         "## Sampled: reward against KL to the SFT model\n\nT = 1 on the first 64 held-out prompts; ARGS, CD and TQ* at "
-        "alpha 1 and 10, best-of-N at n = 4 and 16 (its KL: the analytic bound log n − (n−1)/n), the soft value at beta "
-        "0.1 (alpha 10) with its rollouts from pi_k or from the DPO baseline weighted back to pi_k. KL: the decoder's "
-        "recorded KL to the SFT model."
+        "alpha 1 and 10, best-of-N at n = 4 and 16 (its KL: the analytic bound log n − (n−1)/n). KL: the decoder's "
+        "recorded KL to the SFT model. The soft value (SFT or DPO rollouts) is on its own page, "
+        "[smollm2_soft_transfer](smollm2_soft_transfer.md) (seed 0 of recipe v2)."
     )
     _study_summary(page, "sampled", sampled, kl=True)
     if not sampled.empty:
