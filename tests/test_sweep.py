@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_reliability import write_prompts
@@ -81,8 +82,14 @@ def test_sweep_runs_resumes_and_aggregates(axes, prompts, tiny, hydra_clean, mon
     for run in table["run"]:
         rows = (tmp_path / run if not run.startswith("/") else __import__("pathlib").Path(run)) / "generations.jsonl"
         assert len(rows.read_text().splitlines()) == prompts
+    # Asked again, a finished run loads no model and keeps the record it was made with (commit, threads, load, time).
+    records = {run: (Path(run) if run.startswith("/") else tmp_path / run).joinpath("run.json").read_text() for run in table["run"]}
+    import tqstar.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "build_decoder", lambda *a, **k: pytest.fail("a finished run loaded its models again"))
     again = run_sweep(grid)
     assert list(again["reward_mean"]) == list(table["reward_mean"])
+    assert {run: (Path(run) if run.startswith("/") else tmp_path / run).joinpath("run.json").read_text() for run in table["run"]} == records
     # every finished invocation's wall time is kept (the interrupted one never finished)
     invocations = json.loads((folder / "sweep.json").read_text())["invocations"]
     assert len(invocations) == 2 and invocations[-1]["points_decoded"] == 0 and invocations[0]["points_decoded"] >= 1

@@ -196,18 +196,29 @@ def run_decode(cfg: DictConfig, progress: Any = None) -> DecodeResult:
         torch.set_num_threads(int(cfg.num_threads))
     run = RunFolder.for_config(cfg)
     started = time.perf_counter()
+
+    def prompts():
+        # Prompts first: a dataset problem should not wait for minutes of model loading.
+        folders = builds(cfg)  # the testbeds' builds the config reads (built on first use)
+        tokenizer = tokenizer_for(cfg.sft, folders) if cfg.dataset.get("max_prompt_tokens") else None
+        return folders, load_prompts(cfg.dataset, tokenizer, folders)
+
     with run:
         rows = run.read_rows(repair=True)
         done = {row["prompt_id"] for row in rows}
         previous = run.status()
+        if previous.get("status") == "completed":
+            # a finished run asked again (a resumed sweep): nothing to decode leaves its record as it was made (git
+            # commit, threads, load, timings) and loads no model
+            folders, prompt_set = prompts()
+            if all(prompt.id in done for prompt in prompt_set.prompts):
+                rows.sort(key=lambda r: r["index"])
+                return DecodeResult(run, rows, 0, time.perf_counter() - started, prompt_set.skipped)
         run.update_status(
             status="running", method=str(cfg.decoder.method), error=None, **provenance(str(cfg.device), int(cfg.decoder.seed))
         )
         try:
-            # Prompts first: a dataset problem should not wait for minutes of model loading.
-            folders = builds(cfg)  # the testbeds' builds the config reads (built on first use)
-            tokenizer = tokenizer_for(cfg.sft, folders) if cfg.dataset.get("max_prompt_tokens") else None
-            prompt_set = load_prompts(cfg.dataset, tokenizer, folders)
+            folders, prompt_set = prompts()
             decoder, sft = build_decoder(cfg, folders)
             run.update_status(device=str(sft.device))
             todo = [(prompt.index, prompt) for prompt in prompt_set.prompts if prompt.id not in done]
