@@ -1,6 +1,6 @@
 """The SmolLM2 experiment as a testbed (`tqstar.testbeds`): its build, names and `tqstar prepare smollm2`.
 
-Its config block `smollm2:` holds `seed`, `cache_dir`, `recipe` (v2 or v1) and `params` (`Smollm2Params` knobs over
+Its config block `smollm2:` holds `seed`, `cache_dir`, `recipe` (v3, v2 or v1) and `params` (`Smollm2Params` knobs over
 that recipe, null keeps its value);
 `smollm2:<model>` names a model folder of the build and `dataset=smollm2` its prompts. It trains no reward model.
 """

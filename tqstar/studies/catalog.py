@@ -552,11 +552,8 @@ def soft_transfer(data: StudyData, page: Page) -> None:
         return
     rows = rows[~rows["subset"]]
     extra = points.set_index("run")
-    baselines = extra["baseline"] if "baseline" in extra.columns else {}
-    rows["proposal"] = [
-        _proposal(extra.loc[run, "proposal"], baselines.get(run) if len(baselines) else None, beta)
-        for run, beta in zip(rows["run"], rows["beta"])
-    ]
+    baselines = extra["baseline"] if "baseline" in extra.columns else {}  # an archive from before the column: none
+    rows["proposal"] = [_proposal(extra.loc[run, "proposal"], baselines.get(run), beta) for run, beta in zip(rows["run"], rows["beta"])]
     for column in ("ess_fraction", "flops_per_response"):
         rows[column] = [extra.loc[run, column] if column in extra.columns else None for run in rows["run"]]
     if "kl_corrected_diff" not in rows.columns:
@@ -968,7 +965,8 @@ def smollm2_study(data: StudyData, page: Page) -> None:
         guided = sampled[~sampled["arm"].isin(["sampled_best_of_n", "sampled_cd", "sampled_sft"]) & sampled["kl"].notna()]
         for reference_arm, name in (("sampled_best_of_n", "best-of-N"), ("sampled_cd", "CD")):
             reference = sampled[(sampled["arm"] == reference_arm) & sampled["kl"].notna()]
-            _study_matched_kl(page, guided.assign(group=guided["display"]), reference, name, seeds)
+            table = f"matched_kl_{reference_arm.removeprefix('sampled_')}"
+            _study_matched_kl(page, table, guided.assign(group=guided["display"]), reference, name, seeds)
     if data.per_prompt is not None:
         judge_from = sampled[sampled["arm"] == "sampled_sft"]
         _judge_agreement(judge_from if not judge_from.empty else greedy[greedy["arm"] == "sft"], data.per_prompt, page)
@@ -1064,7 +1062,7 @@ def _study_paired(page: Page, greedy, per_prompt, seeds: list[int]) -> None:
     page.table("paired", ["comparison", "measure", *[f"seed {s}" for s in seeds], "on every seed", "VADER only"], rows, pd.DataFrame(frame))
 
 
-def _study_matched_kl(page: Page, points, reference, name: str, seeds: list[int]) -> None:
+def _study_matched_kl(page: Page, table: str, points, reference, name: str, seeds: list[int]) -> None:
     """Sampled points against a reference curve (best-of-N over n, CD over alpha) at the same KL, per seed."""
     import pandas as pd
 
@@ -1083,12 +1081,7 @@ def _study_matched_kl(page: Page, points, reference, name: str, seeds: list[int]
         frame += [{"point": r["group"], "seed": s, "diff": d, "se": se} for s, (d, se) in r["by_seed"].items()]
         if r["by_seed"]:
             page.check(f"sampled, {r['group']} − {name} at matched KL: {r['claim']}")
-    page.table(
-        f"matched_kl_{'cd' if name == 'CD' else 'best_of_n'}",
-        ["point", *[f"seed {s}" for s in seeds], "on every seed"],
-        rows,
-        pd.DataFrame(frame),
-    )
+    page.table(table, ["point", *[f"seed {s}" for s in seeds], "on every seed"], rows, pd.DataFrame(frame))
 
 
 PREMISE_FIELDS = (
