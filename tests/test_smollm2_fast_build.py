@@ -226,7 +226,7 @@ def tiny_pairs(tmp_path_factory):
     return folder, prompt_ids, samples, pairs
 
 
-LORA = dict(lora_rank=4, lora_alpha=8.0, max_steps=2, batch_size=2, lr=5e-2, warmup_ratio=0.0, bf16=False, ld_alpha=None)
+LORA = dict(lora_rank=4, lora_alpha=8.0, max_steps=2, batch_size=2, lr=5e-2, warmup_ratio=0.0, bf16=False, ld_alpha=None, rpo_alpha=None)
 
 
 @pytest.mark.slow
