@@ -603,3 +603,78 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     matched = page.tables["matched_kl_best_of_n"]
     assert matched[matched["point"] == "TQ* direct, alpha 1"]["diff"].tolist() == pytest.approx([0.1, 0.1])
     assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)
+
+
+def _smollm2_manifest(seed: int, dpo_ended: float) -> dict:
+    """A SmolLM2 build manifest's premise section (the fields premise_rows reads)."""
+    stat = lambda mean: {"mean": mean, "se": 0.01}  # noqa: E731
+    check = lambda reward, sampled, ended: {  # noqa: E731
+        "reward": reward,
+        "beta": 0.1,
+        "sampled_reward": stat(sampled),
+        "optimum_reward": stat(0.85),
+        "kl": stat(0.9),
+        "optimum_kl": stat(1.0),
+        "implied_reward_slope": {"slope": 0.2, "se": 0.05},
+        "finished_frac": ended,
+        "optimum_finished_frac": stat(0.9),
+    }
+    return {
+        "seed": seed,
+        "seconds": {"total": 1000.0 + seed},
+        "premise": {
+            "sft": {"target_reward": stat(0.45), "baseline_reward": stat(0.39), "finished_frac": 0.93},
+            "dpo": check("target_reward", 0.65 + 0.01 * seed, dpo_ended),
+            "dpo_bl": check("baseline_reward", 0.52, 0.95),
+        },
+    }
+
+
+def test_the_smollm2_study_page_shows_each_builds_baselines_and_ended_shares_across_seeds():
+    """The builds section: one row per baseline over the seeds' manifests, and a check per model listing each seed's
+    ended share, so a seed below 80% is seen by name."""
+    from tqstar.studies.catalog import _study_builds
+    from tqstar.studies.page import Page
+    from tqstar.studies.sources import premise_rows
+
+    premise = pd.DataFrame([row for seed, ended in ((0, 0.84), (1, 0.78)) for row in premise_rows(seed, _smollm2_manifest(seed, ended))])
+    page = Page(study="smollm2_study", title="t", environment={})
+    _study_builds(page, premise)
+    builds = page.tables["builds"].set_index("label")
+    assert builds.loc["dpo", "seeds"] == 2 and builds.loc["dpo", "ended"] == pytest.approx(0.81)
+    assert builds.loc["dpo", "gap"] == pytest.approx(-0.195) and builds.loc["dpo_bl", "sampled_reward"] == pytest.approx(0.52)
+    assert "dpo: sampled answers that end within the cap: seed 0: 84%, seed 1: 78%" in page.checks
+    assert "SFT model: sampled answers that end within the cap: seed 0: 93%, seed 1: 93%" in page.checks
+    assert "build time (the manifest's, on the machine that built it): seed 0: 1,000 s, seed 1: 1,001 s" in page.checks
+    assert "| dpo | r, 0.1 | 2 |" in page.markdown() and "81% [78, 84]" in page.markdown()
+    empty = Page(study="smollm2_study", title="t", environment={})
+    _study_builds(empty, None)
+    assert "builds" not in empty.tables and "no build manifest" in empty.markdown()
+
+
+def test_a_sweeps_page_reads_the_premise_of_every_build_its_runs_decoded_on(tmp_path):
+    """`testbeds.builds_read` finds the complete build a stored config reads (none for a config that reads no testbed
+    or whose build is absent), and `builds_premise` turns its manifest into premise rows."""
+    import json
+
+    from tqstar import testbeds
+    from tqstar.smollm2.cache import build_dir
+    from tqstar.smollm2.params import params_from_config
+    from tqstar.studies.sources import builds_premise
+
+    block = {"seed": 1, "cache_dir": str(tmp_path), "recipe": "v3", "params": {}}
+    config = {"dataset": {"name": "smollm2"}, "smollm2": dict(block), "synthetic": {"seed": 0, "cache_dir": str(tmp_path)}}
+    assert testbeds.builds_read(json.loads(json.dumps(config))) == []  # not built
+    folder = build_dir(1, tmp_path, params_from_config({}, "v3"))
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(_smollm2_manifest(1, 0.84)))
+    assert testbeds.builds_read(json.loads(json.dumps(config))) == [("smollm2", 1, folder)]
+    other = {"dataset": {"name": "hh_sample"}, "smollm2": dict(block), "sft": {"name_or_path": "gpt2"}}
+    assert testbeds.builds_read(other) == []  # the block is there, but nothing reads the testbed
+    v2 = {**config, "smollm2": {**block, "recipe": "v2"}}
+    assert testbeds.builds_read(v2) == []  # another recipe is another build
+    rows = builds_premise({folder: ("smollm2", 1)})
+    assert [(r["testbed"], r["build"], r["seed"], r["baseline"], r["ended"]) for r in rows] == [
+        ("smollm2", folder.name, 1, "dpo", 0.84),
+        ("smollm2", folder.name, 1, "dpo_bl", 0.95),
+    ]

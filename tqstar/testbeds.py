@@ -147,6 +147,19 @@ def stored_blocks(data: dict) -> dict:
     return data
 
 
+def builds_read(data: dict) -> list[tuple[str, int, Path]]:
+    """(testbed, seed, folder) of each complete build a stored (plain) config reads; builds nothing."""
+    data = stored_blocks(data)
+    found = []
+    for name in REGISTRY:
+        if used_by(name, data):
+            block = data.get(name)
+            folder = get(name).find(block)
+            if folder is not None:
+                found.append((name, block_seed(block), folder))
+    return found
+
+
 def identity_keys(data: dict) -> dict:
     """A run's identity data with each testbed's block replaced by its build key where the config reads the
     testbed (dropped where it does not): a recipe change is a new model behind the same names."""

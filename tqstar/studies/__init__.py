@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, did_you_mean
-from .catalog import STUDIES, Study, premise_rows
+from .catalog import STUDIES, Study
 from .page import Page
-from .sources import StudyData, environment_of, is_archive, load, merge, synthetic_curves, write_archive
+from .sources import StudyData, environment_of, is_archive, load, merge, premise_rows, synthetic_curves, write_archive
 
 DEFAULT_OUT = Path("docs/results")
 

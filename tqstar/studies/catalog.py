@@ -925,6 +925,7 @@ def smollm2_study(data: StudyData, page: Page) -> None:
     sampled_arm = points["arm"].astype(str).str.startswith("sampled_")
     greedy, sampled = points[~sampled_arm], points[sampled_arm]
     seeds = sorted(int(s) for s in points["seed"].dropna().unique())
+    _study_builds(page, data.tables.get("premise"))
     page.text(
         "## Greedy, the presets' settings\n\nk = 5 candidates, rollouts of 10 tokens, alpha 1, at most 80 new tokens. Per "
         "method: the mean over build seeds of each run's mean ± the s.e. across seeds [min, max]. VADER is the target "
@@ -981,6 +982,54 @@ def smollm2_study(data: StudyData, page: Page) -> None:
             page.check(f"{name}, greedy: answers that end within the cap: {listed} ({verdict})")
 
 
+def _share(r: dict, metric: str) -> str:
+    """An across-seeds share as a percentage, [min, max] over seeds."""
+    value = r.get(metric)
+    if value is None or value != value:
+        return "-"
+    return f"{100 * value:.0f}%" + (f" [{100 * r[f'{metric}_min']:.0f}, {100 * r[f'{metric}_max']:.0f}]" if r.get("seeds", 1) > 1 else "")
+
+
+def _study_builds(page: Page, premise) -> None:
+    """The builds the study ran on, from their manifests: each DPO baseline against rho*_beta of the reward it was
+    aligned to, and the share of sampled answers that end within the cap (the SFT model's, the baseline's, rho*'s)."""
+    if premise is None or premise.empty:
+        page.missing("the builds' premise table", "no build manifest found for the runs (built on another machine?)")
+        return
+    page.text(
+        "## The builds\n\nEach seed is its own build (prompts, SFT samples, preference pairs, DPO), measured by the build "
+        "on its first 64 held-out prompts, sampled at T = 1: each DPO baseline's reward against E_rho*_beta[r] of the reward "
+        "it was aligned to (self-normalised importance sampling from SFT samples), KL to the SFT model against rho*'s, the "
+        "implied-reward slope (1 at the optimum), and the share of answers that end by themselves within the cap. Mean ± "
+        "s.e. across seeds [min, max]."
+    )
+    fields = (*PREMISE_FIELDS, ("ended", "ended"), ("optimum_ended", "rho*'s ended (IS)"), ("sft_ended", "SFT ended"))
+    table = A.across_seeds(
+        premise.assign(label=premise["baseline"]), [f for f, _ in fields] + ["build_seconds"], keys=("label", "reward", "beta")
+    )
+    rows = []
+    for r in _records(table):
+        cells = [r["label"], f"{'r' if r['reward'] == 'target_reward' else 'r_bl'}, {r['beta']:g}", r["seeds"]]
+        cells += [fmt_across(r, f) for f, _ in PREMISE_FIELDS] + [_share(r, f) for f in ("ended", "optimum_ended", "sft_ended")]
+        rows.append(cells)
+    page.table("builds", ["baseline", "aligned to", "seeds", *[title for _, title in fields]], rows, table)
+    for name, group in premise.groupby("baseline", sort=False):
+        listed = ", ".join(
+            f"seed {int(r['seed'])}: {100 * r['ended']:.0f}%" for r in _records(group.sort_values("seed")) if r["ended"] == r["ended"]
+        )
+        if listed:
+            page.check(f"{name}: sampled answers that end within the cap: {listed}")
+    sft = premise.drop_duplicates("seed").sort_values("seed")
+    listed = ", ".join(f"seed {int(r['seed'])}: {100 * r['sft_ended']:.0f}%" for r in _records(sft) if r["sft_ended"] == r["sft_ended"])
+    if listed:
+        page.check(f"SFT model: sampled answers that end within the cap: {listed}")
+    times = ", ".join(
+        f"seed {int(r['seed'])}: {r['build_seconds']:,.0f} s" for r in _records(sft) if r["build_seconds"] == r["build_seconds"]
+    )
+    if times:
+        page.check(f"build time (the manifest's, on the machine that built it): {times}")
+
+
 def _study_summary(page: Page, name: str, points, kl: bool = False) -> None:
     if points.empty:
         page.missing(f"the {name} table", "no point of these arms has run")
@@ -997,12 +1046,7 @@ def _study_summary(page: Page, name: str, points, kl: bool = False) -> None:
             f"{int(prompts.min())}" if prompts.nunique() == 1 else f"{int(prompts.min())}-{int(prompts.max())}",
         ]
         cells += [fmt_across(r, m) for m in ("reward_mean", "gold_reward_mean", "baseline_reward_mean", "coherence", "diversity")]
-        share = r.get("ended_share")
-        cells.append(
-            "-"
-            if share is None or share != share
-            else f"{100 * share:.0f}% [{100 * r['ended_share_min']:.0f}, {100 * r['ended_share_max']:.0f}]"
-        )
+        cells.append(_share(r, "ended_share"))
         if kl:
             cells.append(fmt_across(r, "kl"))
         rows.append(cells + [f"{r['seconds_per_response']:.2f}" if r.get("seconds_per_response") == r.get("seconds_per_response") else "-"])
@@ -1129,32 +1173,6 @@ def synthetic_premise(data: StudyData, page: Page) -> None:
         else f"gap to the optimum's reward ranges {gaps.min():+.3f} to {gaps.max():+.3f} (not below zero everywhere)"
     )
     page.check(f"KL(rho_bl ‖ sft) / KL(rho* ‖ sft): {ratios.min():.2f} to {ratios.max():.2f} over baselines and seeds")
-
-
-def premise_rows(seed: int, manifest: dict) -> list[dict]:
-    """One row per baseline of a synthetic build's manifest (`premise` section)."""
-    rows = []
-    for name, check in manifest["premise"].items():
-        if name == "sft":
-            continue
-        rows.append(
-            {
-                "seed": seed,
-                "baseline": name,
-                "reward": check["reward"],
-                "beta": check["beta"],
-                "sampled_reward": check["sampled_reward"]["mean"],
-                "sampled_reward_se": check["sampled_reward"]["se"],
-                "optimum_reward": check["optimum_reward"]["mean"],
-                "optimum_reward_se": check["optimum_reward"]["se"],
-                "gap": check["sampled_reward"]["mean"] - check["optimum_reward"]["mean"],
-                "kl": check["kl"]["mean"],
-                "optimum_kl": check["optimum_kl"]["mean"],
-                "implied_slope": check["implied_reward_slope"]["slope"],
-                "sft_reward": manifest["premise"]["sft"][check["reward"]]["mean"],
-            }
-        )
-    return rows
 
 
 @dataclass(frozen=True)

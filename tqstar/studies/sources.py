@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from .. import testbeds
 from ..errors import ConfigError
 from ..runs import RunFolder
 from ..stats import finite
@@ -90,9 +93,11 @@ def read_sweep(folder: Path, name: str) -> StudyData:
         raise ConfigError(f"{len(missing)} run folder(s) of {folder}/results.csv are missing, e.g. {missing[0]}")
     # settings a page needs that results.csv does not carry
     extra = {"beta": [], "rollout_top_k": [], "proposal": [], "beta_bl": [], "self_normalize": []}
-    rows = []
+    rows, builds = [], {}
     for run in runs:
         cfg = run.config()
+        for testbed, seed, build in testbeds.builds_read(OmegaConf.to_container(cfg, resolve=False)):
+            builds[build] = (testbed, seed)
         extra["beta"].append(cfg.decoder.get("beta"))
         extra["rollout_top_k"].append((cfg.decoder.get("rollout") or {}).get("top_k"))
         # where the rollouts come from: soft_transfer's rollout.proposal; "" for methods that do not weigh rollouts
@@ -114,6 +119,9 @@ def read_sweep(folder: Path, name: str) -> StudyData:
         tables["ground_truth"] = pd.DataFrame(
             [{"seed": int(path.stem[4:]), **row} for path in truths for row in json.loads(path.read_text())["rows"]]
         )
+    premise = builds_premise(builds)
+    if premise:  # each baseline of the builds the runs decoded on against its optimum, as the build measured it
+        tables["premise"] = pd.DataFrame(premise)
     sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").is_file() else {}
     environment = environment_of([run.status() for run in runs], [run.path.name for run in runs])
     environment.update(source=f"sweep folder {folder}", executor=sweep.get("executor"))
@@ -130,6 +138,50 @@ def read_sweep(folder: Path, name: str) -> StudyData:
     elif sweep.get("seconds") is not None:  # a sweep folder from before invocations were recorded: its last one only
         environment.update(sweep_seconds=sweep["seconds"], sweep_invocations="last")
     return StudyData(name=name, points=points, environment=environment, source=str(folder), per_prompt=per_prompt, tables=tables)
+
+
+def premise_rows(seed: int, manifest: dict) -> list[dict]:
+    """One row per baseline of a build's manifest (its `premise` section: the synthetic and SmolLM2 testbeds')."""
+    rows = []
+    for name, check in manifest["premise"].items():
+        if name == "sft":
+            continue
+        rows.append(
+            {
+                "seed": seed,
+                "baseline": name,
+                "reward": check["reward"],
+                "beta": check["beta"],
+                "sampled_reward": check["sampled_reward"]["mean"],
+                "sampled_reward_se": check["sampled_reward"]["se"],
+                "optimum_reward": check["optimum_reward"]["mean"],
+                "optimum_reward_se": check["optimum_reward"]["se"],
+                "gap": check["sampled_reward"]["mean"] - check["optimum_reward"]["mean"],
+                "kl": check["kl"]["mean"],
+                "optimum_kl": check["optimum_kl"]["mean"],
+                "implied_slope": check["implied_reward_slope"]["slope"],
+                "sft_reward": manifest["premise"]["sft"][check["reward"]]["mean"],
+                # the share of sampled answers that end by themselves within the cap (builds that record it)
+                "ended": check.get("finished_frac"),
+                "optimum_ended": (check.get("optimum_finished_frac") or {}).get("mean"),
+                "sft_ended": manifest["premise"]["sft"].get("finished_frac"),
+                "build_seconds": (manifest.get("seconds") or {}).get("total"),
+            }
+        )
+    return rows
+
+
+def builds_premise(builds: dict) -> list[dict]:
+    """The premise rows (`catalog.premise_rows`) of each build in `builds` ({folder: (testbed, seed)}) whose manifest
+    has a premise section, with the testbed and the build's folder name."""
+    from ..builds import load_manifest
+
+    rows = []
+    for build, (testbed, seed) in sorted(builds.items(), key=lambda item: (item[1], str(item[0]))):
+        manifest = load_manifest(build)
+        if manifest.get("premise"):
+            rows += [{"testbed": testbed, "build": Path(build).name, **row} for row in premise_rows(seed, manifest)]
+    return rows
 
 
 def per_prompt_rows(run: Path) -> list[dict]:
