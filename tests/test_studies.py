@@ -583,6 +583,8 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
         add("baseline", seed, 0.6, 0.6, ended_share=0.85 if seed == 0 else 0.7)
         add("cd", seed, 0.65, 0.62)
         add("tqstar", seed, 0.8, 0.8 if seed == 0 else 0.6)
+        if seed == 0:
+            add("args", seed, 0.7, 0.7)  # run on one seed of two
         for n, kl, vader in ((4, 0.64, 0.5), (16, 1.84, 0.7)):
             add("sampled_best_of_n", seed, vader, vader, n=n, kl=kl, selection="sample")
         add("sampled_tqstar", seed, 0.7, 0.7, kl=1.24, selection="sample")  # best-of-N at KL 1.24: 0.6
@@ -599,6 +601,9 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     row = next(line for line in markdown.splitlines() if line.startswith("| TQ* direct − DPO baseline | VADER"))
     assert row.rstrip(" |").endswith("| 1")  # VADER only on seed 1
     assert any(c.startswith("greedy, TQ* direct − CD, VADER: higher on every seed") for c in page.checks)
+    assert (
+        "greedy, ARGS − DPO baseline, VADER: higher on every seed (1 of 1); by 2 s.e. or more on 1 of 1; not run on seed 1" in page.checks
+    )
     assert "DPO baseline, greedy: answers that end within the cap: seed 0: 85%, seed 1: 70% (below 80% on seed 1)" in page.checks
     matched = page.tables["matched_kl_best_of_n"]
     assert matched[matched["point"] == "TQ* direct, alpha 1"]["diff"].tolist() == pytest.approx([0.1, 0.1])

@@ -1098,6 +1098,9 @@ def _study_paired(page: Page, greedy, per_prompt, seeds: list[int]) -> None:
                 if not by_seed:
                     continue
                 claim = A.seed_claim(by_seed)
+                absent = [s for s in seeds if s not in by_seed]
+                if absent:  # a partial study: "every seed" means the seeds this pair ran on
+                    claim += f"; not run on seed {', '.join(map(str, absent))}"
                 rows.append(
                     [title, label, *[fmt(*by_seed[s]) if s in by_seed else "–" for s in seeds], claim]
                     + [(", ".join(map(str, only)) or "none") if column == "reward" and judge else ""]
