@@ -554,7 +554,7 @@ def test_smollm2_soft_transfer_page_pairs_transfer_with_sft_rollouts_at_the_same
 def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vader_only_gains():
     """Two seeds. TQ* beats the baseline in VADER by 0.2 on both seeds while the judge moves only on seed 0: seed 1 is
     a 'VADER only' seed. Sampled TQ* at alpha 1 sits 0.1 above best-of-N's line at its KL on both seeds."""
-    from tqstar.studies.catalog import smollm2_study  # registered in STUDIES with its first page (the sweep is running)
+    from tqstar.studies.catalog import smollm2_study
     from tqstar.studies.page import Page
     from tqstar.studies.sources import StudyData
 

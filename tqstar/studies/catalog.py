@@ -1198,6 +1198,7 @@ STUDIES = {
         Study("soft_transfer", "Soft transfer: rollouts needed to reach rho*_(beta,k)", soft_transfer),
         Study("smollm2_methods", "The methods on SmolLM2-135M with a DPO baseline", smollm2_methods),
         Study("smollm2_soft_transfer", "Soft transfer on SmolLM2: DPO rollouts against SFT rollouts", smollm2_soft_transfer),
+        Study("smollm2_study", "The methods on SmolLM2 over build seeds, with an independent judge", smollm2_study),
         Study("synthetic_premise", "The synthetic testbed's baselines against the optimum", synthetic_premise),
     )
 }
