@@ -678,7 +678,10 @@ def test_a_sweeps_page_reads_the_premise_of_every_build_its_runs_decoded_on(tmp_
     assert testbeds.builds_read(other) == []  # the block is there, but nothing reads the testbed
     v2 = {**config, "smollm2": {**block, "recipe": "v2"}}
     assert testbeds.builds_read(v2) == []  # another recipe is another build
-    rows = builds_premise({folder: ("smollm2", 1)})
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "manifest.json").write_text(json.dumps({"premise": {"sft": {}, "dpo": {"reward": "target_reward"}}}))
+    rows = builds_premise({folder: ("smollm2", 1), older: ("smollm2", 0)})  # the older manifest lacks the fields: left out
     assert [(r["testbed"], r["build"], r["seed"], r["baseline"], r["ended"]) for r in rows] == [
         ("smollm2", folder.name, 1, "dpo", 0.84),
         ("smollm2", folder.name, 1, "dpo_bl", 0.95),

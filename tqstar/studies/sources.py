@@ -172,15 +172,20 @@ def premise_rows(seed: int, manifest: dict) -> list[dict]:
 
 
 def builds_premise(builds: dict) -> list[dict]:
-    """The premise rows (`catalog.premise_rows`) of each build in `builds` ({folder: (testbed, seed)}) whose manifest
-    has a premise section, with the testbed and the build's folder name."""
+    """The premise rows (`premise_rows`) of each build in `builds` ({folder: (testbed, seed)}) whose manifest has a
+    premise section, with the testbed and the build's folder name. A manifest from an older build version that lacks
+    a field is left out: this table is context beside a page's own runs, never what its claims rest on."""
     from ..builds import load_manifest
 
     rows = []
     for build, (testbed, seed) in sorted(builds.items(), key=lambda item: (item[1], str(item[0]))):
         manifest = load_manifest(build)
-        if manifest.get("premise"):
+        if not manifest.get("premise"):
+            continue
+        try:
             rows += [{"testbed": testbed, "build": Path(build).name, **row} for row in premise_rows(seed, manifest)]
+        except (KeyError, TypeError):
+            continue
     return rows
 
 
