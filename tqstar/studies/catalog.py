@@ -972,14 +972,29 @@ def smollm2_study(data: StudyData, page: Page) -> None:
         judge_from = sampled[sampled["arm"] == "sampled_sft"]
         _judge_agreement(judge_from if not judge_from.empty else greedy[greedy["arm"] == "sft"], data.per_prompt, page)
     for arm, name in (("sft", "SFT"), ("baseline", "DPO baseline")):
-        shares = {
-            int(r["seed"]): r["ended_share"] for r in _records(greedy[greedy["arm"] == arm]) if r.get("ended_share") == r.get("ended_share")
-        }
+        shares = _by_seed(greedy[greedy["arm"] == arm], "ended_share")
         if shares:
             below = sorted(s for s, v in shares.items() if v < 0.8)
             verdict = "at least 80% on every seed" if not below else f"below 80% on seed {', '.join(map(str, below))}"
-            listed = ", ".join(f"seed {s}: {100 * v:.0f}%" for s, v in sorted(shares.items()))
-            page.check(f"{name}, greedy: answers that end within the cap: {listed} ({verdict})")
+            page.check(f"{name}, greedy: answers that end within the cap: {_per_seed(shares, _percent)} ({verdict})")
+
+
+def _by_seed(frame, column: str) -> dict[int, float]:
+    """{seed: value} of a column over a frame's rows, the rows without a value left out."""
+    return {
+        int(r["seed"]): r[column]
+        for r in _records(frame.sort_values("seed"))
+        if r.get(column) == r.get(column) and r.get(column) is not None
+    }
+
+
+def _per_seed(values: dict[int, float], form: Callable[[float], str]) -> str:
+    """'seed 0: <value>, seed 1: <value>' in seed order."""
+    return ", ".join(f"seed {s}: {form(v)}" for s, v in sorted(values.items()))
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.0f}%"
 
 
 def _share(r: dict, metric: str) -> str:
@@ -1013,21 +1028,12 @@ def _study_builds(page: Page, premise) -> None:
         cells += [fmt_across(r, f) for f, _ in PREMISE_FIELDS] + [_share(r, f) for f in ("ended", "optimum_ended", "sft_ended")]
         rows.append(cells)
     page.table("builds", ["baseline", "aligned to", "seeds", *[title for _, title in fields]], rows, table)
-    for name, group in premise.groupby("baseline", sort=False):
-        listed = ", ".join(
-            f"seed {int(r['seed'])}: {100 * r['ended']:.0f}%" for r in _records(group.sort_values("seed")) if r["ended"] == r["ended"]
-        )
-        if listed:
-            page.check(f"{name}: sampled answers that end within the cap: {listed}")
-    sft = premise.drop_duplicates("seed").sort_values("seed")
-    listed = ", ".join(f"seed {int(r['seed'])}: {100 * r['sft_ended']:.0f}%" for r in _records(sft) if r["sft_ended"] == r["sft_ended"])
-    if listed:
-        page.check(f"SFT model: sampled answers that end within the cap: {listed}")
-    times = ", ".join(
-        f"seed {int(r['seed'])}: {r['build_seconds']:,.0f} s" for r in _records(sft) if r["build_seconds"] == r["build_seconds"]
-    )
-    if times:
-        page.check(f"build time (the manifest's, on the machine that built it): {times}")
+    builds = premise.drop_duplicates("seed")
+    for name, frame, column in [*((n, g, "ended") for n, g in premise.groupby("baseline", sort=False)), ("SFT model", builds, "sft_ended")]:
+        if ended := _by_seed(frame, column):
+            page.check(f"{name}: sampled answers that end within the cap: {_per_seed(ended, _percent)}")
+    if times := _by_seed(builds, "build_seconds"):
+        page.check(f"build time (the manifest's, on the machine that built it): {_per_seed(times, lambda v: f'{v:,.0f} s')}")
 
 
 def _study_summary(page: Page, name: str, points, kl: bool = False) -> None:
