@@ -608,6 +608,16 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     matched = page.tables["matched_kl_best_of_n"]
     assert matched[matched["point"] == "TQ* direct, alpha 1"]["diff"].tolist() == pytest.approx([0.1, 0.1])
     assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)
+    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 8 sampled (320 s)
+    assert (
+        "the study's decoding time (each run's response seconds summed, model loading left out; threads per run: see "
+        "Environment): greedy 0.1 h, sampled 0.1 h, all 0.2 h" in page.checks
+    )
+    from tqstar.studies.catalog import _decoding_hours
+
+    points = pd.DataFrame(runs).assign(seconds_per_response=[1.0] * (len(runs) - 1) + [None])  # one run without a time
+    hours = _decoding_hours(points, {"greedy": points[points["selection"] == "greedy"], "none": points.iloc[:0]})
+    assert hours == pytest.approx({"greedy": 360 / 3600})  # one part: no separate total
 
 
 def _smollm2_manifest(seed: int, dpo_ended: float) -> dict:

@@ -971,12 +971,32 @@ def smollm2_study(data: StudyData, page: Page) -> None:
     if data.per_prompt is not None:
         judge_from = sampled[sampled["arm"] == "sampled_sft"]
         _judge_agreement(judge_from if not judge_from.empty else greedy[greedy["arm"] == "sft"], data.per_prompt, page)
+    if hours := _decoding_hours(points, {"greedy": greedy, "sampled": sampled}):
+        page.check(
+            f"the study's decoding time (each run's response seconds summed, model loading left out; threads per run: see "
+            f"Environment): {', '.join(f'{name} {h:.1f} h' for name, h in hours.items())}"
+        )
     for arm, name in (("sft", "SFT"), ("baseline", "DPO baseline")):
         shares = _by_seed(greedy[greedy["arm"] == arm], "ended_share")
         if shares:
             below = sorted(s for s, v in shares.items() if v < 0.8)
             verdict = "at least 80% on every seed" if not below else f"below 80% on seed {', '.join(map(str, below))}"
             page.check(f"{name}, greedy: answers that end within the cap: {_per_seed(shares, _percent)} ({verdict})")
+
+
+def _decoding_hours(points, parts: dict) -> dict[str, float]:
+    """Hours of decoding per part of a study (and in all, where there are several): each run's mean seconds a response times its prompts, summed
+    (what the runs' machine time was, whichever invocations ran them); {} where no run recorded its time."""
+    timed = points[points["seconds_per_response"].notna()] if "seconds_per_response" in points.columns else points.iloc[:0]
+    if timed.empty:
+        return {}
+
+    def hours(frame) -> float:
+        frame = frame[frame["seconds_per_response"].notna()]
+        return float((frame["seconds_per_response"] * frame["num_prompts"]).sum()) / 3600
+
+    per_part = {name: hours(frame) for name, frame in parts.items() if len(frame)}
+    return per_part | {"all": hours(timed)} if len(per_part) > 1 else per_part or {"all": hours(timed)}
 
 
 def _by_seed(frame, column: str) -> dict[int, float]:
