@@ -985,8 +985,9 @@ def smollm2_study(data: StudyData, page: Page) -> None:
 
 
 def _decoding_hours(points, parts: dict) -> dict[str, float]:
-    """Hours of decoding per part of a study (and in all, where there are several): each run's mean seconds a response times its prompts, summed
-    (what the runs' machine time was, whichever invocations ran them); {} where no run recorded its time."""
+    """Hours of decoding per part of a study (and in all, where there are several): each run's mean seconds a
+    response times its prompts, summed (the runs' machine time, whichever invocations ran them); {} where no run
+    recorded its time."""
     timed = points[points["seconds_per_response"].notna()] if "seconds_per_response" in points.columns else points.iloc[:0]
     if timed.empty:
         return {}
