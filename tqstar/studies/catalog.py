@@ -986,18 +986,16 @@ def smollm2_study(data: StudyData, page: Page) -> None:
 
 def _decoding_hours(points, parts: dict) -> dict[str, float]:
     """Hours of decoding per part of a study (and in all, where there are several): each run's mean seconds a
-    response times its prompts, summed (the runs' machine time, whichever invocations ran them); {} where no run
-    recorded its time."""
-    timed = points[points["seconds_per_response"].notna()] if "seconds_per_response" in points.columns else points.iloc[:0]
-    if timed.empty:
+    response times its prompts, summed (the runs' machine time, whichever invocations ran them; a run without a time
+    adds nothing); {} where no run recorded its time."""
+    if "seconds_per_response" not in points.columns or points["seconds_per_response"].isna().all():
         return {}
 
     def hours(frame) -> float:
-        frame = frame[frame["seconds_per_response"].notna()]
-        return float((frame["seconds_per_response"] * frame["num_prompts"]).sum()) / 3600
+        return float((frame["seconds_per_response"] * frame["num_prompts"]).sum()) / 3600  # NaN skipped
 
     per_part = {name: hours(frame) for name, frame in parts.items() if len(frame)}
-    return per_part | {"all": hours(timed)} if len(per_part) > 1 else per_part or {"all": hours(timed)}
+    return per_part | {"all": hours(points)} if len(per_part) > 1 else per_part or {"all": hours(points)}
 
 
 def _by_seed(frame, column: str) -> dict[int, float]:
