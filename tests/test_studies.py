@@ -588,6 +588,8 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
         for n, kl, vader in ((4, 0.64, 0.5), (16, 1.84, 0.7)):
             add("sampled_best_of_n", seed, vader, vader, n=n, kl=kl, selection="sample")
         add("sampled_tqstar", seed, 0.7, 0.7, kl=1.24, selection="sample")  # best-of-N at KL 1.24: 0.6
+        if seed == 0:  # best-of-N at KL 1.0: 0.56
+            add("sampled_args", seed, 0.65, 0.6, kl=1.0, selection="sample")
         add("sampled_sft", seed, 0.4, 0.45, kl=0.0, selection="sample")
     data = StudyData(name="smollm2_study", points=pd.DataFrame(runs), environment={}, source="test", per_prompt=pd.DataFrame(per_prompt))
     page = Page(study="smollm2_study", title="t", environment={})
@@ -607,6 +609,9 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     assert "DPO baseline, greedy: answers that end within the cap: seed 0: 85%, seed 1: 70% (below 80% on seed 1)" in page.checks
     matched = page.tables["matched_kl_best_of_n"]
     assert matched[matched["point"] == "TQ* direct, alpha 1"]["diff"].tolist() == pytest.approx([0.1, 0.1])
+    args = [c for c in page.checks if c.startswith("sampled, ARGS, alpha 1 − best-of-N at matched KL")]
+    assert len(args) == 1 and args[0].endswith("on 1 of 1; not run on seed 1")  # a point on one seed of two says so
+    assert not any("TQ* direct, alpha 1" in c and "not run" in c for c in page.checks)
     assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)
     # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 8 sampled (320 s)
     assert (

@@ -107,6 +107,34 @@ def test_only_named_arms_run(tiny, hydra_clean, monkeypatch):
         run_sweep([], name="two_arms", only_arms=["arg"])
 
 
+def test_a_fresh_clone_continues_a_study_from_its_archive(tiny, hydra_clean, monkeypatch):
+    """--skip-archived: the points a report archive holds (by run identity) are left out, so a clone without the
+    run folders decodes only the rest; a path that is no archive is a config error."""
+    import shutil
+
+    from tqstar import sweep as sweep_module
+    from tqstar.studies.sources import load, write_archive
+
+    tmp_path, base = tiny
+    named = {"grid": base + ["dataset.limit=2"], "arms": {"sft": ["decoder=sft"], "args": ["decoder=args", "decoder.alpha=1,2"]}}
+    monkeypatch.setattr(sweep_module, "load_named_sweep", lambda name: named)
+    first = run_sweep([], name="study", only_arms=["sft"])
+    folder, points = sweep_folder(named["grid"], "study", named["arms"])
+    archive = tmp_path / "results" / "study"
+    write_archive(load(folder, "study"), archive)
+    assert sweep_module.archived(points, folder, archive) == [p for p in points if "decoder=sft" in p]
+    shutil.rmtree(folder)  # a fresh clone: the page's archive, no run folders
+    ran = []
+    original = sweep_module.run_point
+    monkeypatch.setattr(sweep_module, "run_point", lambda p, w: ran.append(p) or original(p, w))
+    table = run_sweep([], name="study", skip_archived=archive)
+    assert set(table["arm"]) == {"args"} and len(table) == 2 and all("decoder=sft" not in p for p in ran)
+    assert run_sweep([], name="study", only_arms=["sft"], skip_archived=archive) is None  # nothing left to run
+    assert len(first) == 1
+    with pytest.raises(ConfigError, match="not a report archive"):
+        run_sweep([], name="study", skip_archived=tmp_path)
+
+
 @pytest.mark.slow  # submitit worker processes
 def test_local_executor_runs_points_in_worker_processes(tiny, hydra_clean):
     tmp_path, base = tiny

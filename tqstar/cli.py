@@ -396,6 +396,12 @@ def sweep(
     arm: Optional[List[str]] = typer.Option(
         None, "--arm", "-a", help="Only this arm of the named sweep (repeat for several): e.g. arms added since its page was written"
     ),
+    skip_archived: Optional[str] = typer.Option(
+        None,
+        "--skip-archived",
+        help="Leave out the points this report archive (docs/results/<study>) holds, by run identity: a fresh clone "
+        "continues a study; then `tqstar report docs/results/<study> <sweep folder>`",
+    ),
 ) -> None:
     """Run a grid of decodes (methods x alpha x k ...), resumable, aggregated and plotted."""
 
@@ -412,6 +418,7 @@ def sweep(
             console=_console(),
             gold_reward=gold_reward,
             only_arms=arm,
+            skip_archived=skip_archived,
         )
 
     _guarded(body)

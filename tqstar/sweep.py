@@ -112,6 +112,22 @@ def point_config(point: Sequence[str], folder: Path):
     return cfg
 
 
+def archived(points: list[list[str]], folder: Path, archive: str | Path) -> list[list[str]]:
+    """The points a report archive (`docs/results/<study>`, as `tqstar report` leaves it) already holds: a run of the
+    same identity, whose folder name ends in the point's config hash. So a fresh clone continues a study whose run
+    folders it does not have, and a point whose config has changed since (a new key, a new build recipe) runs again."""
+    import pandas as pd
+
+    from .identity import config_hash
+    from .studies.sources import POINTS
+
+    path = Path(archive) / POINTS
+    if not path.is_file():
+        raise ConfigError(f"{str(archive)!r} is not a report archive with points (no {POINTS}); give docs/results/<study>")
+    hashes = {str(run).rsplit("-", 1)[-1] for run in pd.read_csv(path, usecols=["run"])["run"]}
+    return [point for point in points if config_hash(point_config(point, folder)) in hashes]
+
+
 def run_point(point: list[str], folder: str) -> dict:
     """Decode one grid point (also the function submitit runs in a worker process)."""
     from .decode import run_decode
@@ -456,10 +472,12 @@ def run_sweep(
     console=None,
     gold_reward: str | None = None,
     only_arms: Sequence[str] | None = None,
+    skip_archived: str | Path | None = None,
 ):
     """Expand, run (skipping finished points), aggregate. Returns the results table. `only_arms` runs those arms
     of a named sweep and no others (e.g. arms added to a study since its page was written; `tqstar report` merges
-    the new sweep folder with the page's archive)."""
+    the new sweep folder with the page's archive). `skip_archived` (a report archive) leaves out the points it holds
+    (`archived`), so a study continues on a fresh clone."""
     spec = SweepSpec(grid=list(overrides))
     if name:
         named = load_named_sweep(name)
@@ -499,6 +517,17 @@ def run_sweep(
     folder, points = sweep_folder(spec.grid, spec.name, spec.arms)
     for point in points:  # every point is checked before anything runs
         point_config(point, folder)
+    if skip_archived:
+        done = archived(points, folder, skip_archived)
+        points = [point for point in points if point not in done]
+        if console:
+            console.print(
+                f"{len(done)} point(s) already in {skip_archived}: skipped (a page of both: `tqstar report {skip_archived} {folder}`)"
+            )
+        if not points:
+            if console:
+                console.print("nothing left to run")
+            return None
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # every invocation's wall time, so a sweep resumed over several sessions reports its whole cost

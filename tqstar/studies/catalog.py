@@ -1147,12 +1147,17 @@ def _study_matched_kl(page: Page, table: str, points, reference, name: str, seed
         "sqrt(s.e.² + interpolated s.e.²) (unpaired runs)."
     )
     rows, frame = [], []
+    ran = {(str(g), int(s)) for g, s in zip(points["group"], points["seed"])} | {("reference", int(s)) for s in reference["seed"]}
     for r in A.against_curve_at_kl(points, reference, keys=("group",)):
         cells = [fmt(*r["by_seed"][s]) if s in r["by_seed"] else "–" for s in seeds]
-        rows.append([r["group"], *cells, r["claim"]])
+        claim = r["claim"]
+        absent = [s for s in seeds if (str(r["group"]), s) not in ran or ("reference", s) not in ran]
+        if absent:  # a partial study: "every seed" means the seeds both ran on
+            claim += f"; not run on seed {', '.join(map(str, absent))}"
+        rows.append([r["group"], *cells, claim])
         frame += [{"point": r["group"], "seed": s, "diff": d, "se": se} for s, (d, se) in r["by_seed"].items()]
         if r["by_seed"]:
-            page.check(f"sampled, {r['group']} − {name} at matched KL: {r['claim']}")
+            page.check(f"sampled, {r['group']} − {name} at matched KL: {claim}")
     page.table(table, ["point", *[f"seed {s}" for s in seeds], "on every seed"], rows, pd.DataFrame(frame))
 
 

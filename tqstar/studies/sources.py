@@ -69,7 +69,7 @@ def normalise_points(points):
     a `label` that tells apart the points of one arm that differ only by their baseline model."""
     points = points.rename(columns={"selection_x": "selection"}).copy()
     points["run"] = [Path(str(run)).name for run in points["run"]]
-    points["baseline"] = points["baseline"].fillna("") if "baseline" in points else ""
+    points["baseline"] = points["baseline"].astype(object).fillna("") if "baseline" in points else ""
     if "n" not in points.columns and "point" in points.columns:  # aggregated before the n column existed
         points["n"] = points["point"].str.extract(r"decoder\.n=(\d+)")[0].astype(float)
     if "arm" not in points.columns or points["arm"].isna().all():
@@ -242,7 +242,7 @@ def read_archive(folder: Path, name: str) -> StudyData:
     environment = json.loads((folder / ENVIRONMENT).read_text())
     points = pd.read_csv(folder / POINTS) if (folder / POINTS).is_file() else pd.DataFrame()
     if len(points):
-        points["baseline"] = points["baseline"].fillna("") if "baseline" in points else ""
+        points["baseline"] = points["baseline"].astype(object).fillna("") if "baseline" in points else ""
     per_prompt = pd.read_csv(folder / PER_PROMPT, dtype={"prompt_id": str}) if (folder / PER_PROMPT).is_file() else None
     curves = json.loads((folder / CURVES).read_text()) if (folder / CURVES).is_file() else None
     tables = {}
