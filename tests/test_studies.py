@@ -491,6 +491,19 @@ def test_compute_frontier_page_compares_sampled_arms_at_equal_kl(tmp_path):
     assert "soft_transfer (n = 4) − best-of-N at equal KL: higher on every seed (2 of 2); by 2 s.e. or more on 2 of 2" in checks
 
 
+def test_merge_keeps_points_of_one_arm_that_differ_only_in_a_setting_read_from_the_run_config():
+    """An arm's grid over beta_bl gives points alike in every other column: a merge keeps both, and a setting decoded
+    again in a later source still replaces the earlier."""
+    from tqstar.studies.sources import StudyData, merge
+
+    def part(runs, betas, source):
+        points = pd.DataFrame({"run": runs, "seed": 0, "arm": "indirect", "method": "tqstar", "beta_bl": betas})
+        return StudyData(name="s", points=points, environment={"source": source}, source=source)
+
+    merged = merge([part(["a1", "a2"], [0.1, 2.0], "archive"), part(["b1"], [2.0], "sweep")])
+    assert sorted(zip(merged.points["run"], merged.points["beta_bl"])) == [("a1", 0.1), ("b1", 2.0)]
+
+
 def test_merge_keeps_the_first_sources_curve_of_a_seed_and_adds_new_seeds():
     from tqstar.studies.sources import StudyData, merge
 
@@ -588,6 +601,7 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
         for n, kl, vader in ((4, 0.64, 0.5), (16, 1.84, 0.7)):
             add("sampled_best_of_n", seed, vader, vader, n=n, kl=kl, selection="sample")
         add("sampled_tqstar", seed, 0.7, 0.7, kl=1.24, selection="sample")  # best-of-N at KL 1.24: 0.6
+        add("sampled_baseline", seed, 0.5, 0.5, kl=0.32, selection="sample")  # best-of-N from best-of-1 (SFT): 0.45
         if seed == 0:  # best-of-N at KL 1.0: 0.56
             add("sampled_args", seed, 0.65, 0.6, kl=1.0, selection="sample")
         add("sampled_sft", seed, 0.4, 0.45, kl=0.0, selection="sample")
@@ -609,11 +623,12 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     assert "DPO baseline, greedy: answers that end within the cap: seed 0: 85%, seed 1: 70% (below 80% on seed 1)" in page.checks
     matched = page.tables["matched_kl_best_of_n"]
     assert matched[matched["point"] == "TQ* direct, alpha 1"]["diff"].tolist() == pytest.approx([0.1, 0.1])
+    assert matched[matched["point"] == "DPO baseline"]["diff"].tolist() == pytest.approx([0.05, 0.05])  # line from n = 1
     args = [c for c in page.checks if c.startswith("sampled, ARGS, alpha 1 − best-of-N at matched KL")]
     assert len(args) == 1 and args[0].endswith("on 1 of 1; not run on seed 1")  # a point on one seed of two says so
     assert not any("TQ* direct, alpha 1" in c and "not run" in c for c in page.checks)
     assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)
-    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 8 sampled (320 s)
+    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 11 sampled (440 s)
     assert (
         "the study's decoding time (each run's response seconds summed, model loading left out; threads per run: see "
         "Environment): greedy 0.1 h, sampled 0.1 h, all 0.2 h" in page.checks

@@ -869,6 +869,7 @@ STUDY_METHODS = {  # arm (less a leading "sampled_") -> how the page names it, i
     "sft": "SFT",
     "baseline": "DPO baseline",
     "best_of_n": "best-of-N",
+    "top_k": "SFT top-k (alpha 0)",
     "args": "ARGS",
     "cd": "CD",
     "tqstar": "TQ* direct",
@@ -936,8 +937,10 @@ def smollm2_study(data: StudyData, page: Page) -> None:
     _study_paired(page, greedy, data.per_prompt, seeds)
     page.text(
         "## Sampled: reward against KL to the SFT model\n\nT = 1 on the first 64 held-out prompts; ARGS, CD and TQ* at "
-        "alpha 1 and 10, best-of-N at n = 4 and 16 (its KL: the analytic bound log n − (n−1)/n). KL: the decoder's "
-        "recorded KL to the SFT model. The soft value (SFT or DPO rollouts) is on its own page, "
+        "alpha 1 and 10, best-of-N at n = 4 and 16 (its KL: the analytic bound log n − (n−1)/n), and the SFT model "
+        "sampled among its top k = 5 tokens (alpha 0, what ARGS, CD and TQ* become without guidance: the KL the top-k "
+        "restriction alone spends). KL: the decoder's recorded KL to the SFT model. Best-of-N's line starts at the SFT "
+        "model (best-of-1, KL 0), CD's at alpha 0. The soft value (SFT or DPO rollouts) is on its own page, "
         "[smollm2_soft_transfer](smollm2_soft_transfer.md) (seed 0 of recipe v2)."
     )
     _study_summary(page, "sampled", sampled, kl=True)
@@ -963,11 +966,14 @@ def smollm2_study(data: StudyData, page: Page) -> None:
             )
 
         page.figure("reward_vs_kl", "VADER against KL to the SFT model, sampled arms", draw)
-        guided = sampled[~sampled["arm"].isin(["sampled_best_of_n", "sampled_cd", "sampled_sft"]) & sampled["kl"].notna()]
-        for reference_arm, name in (("sampled_best_of_n", "best-of-N"), ("sampled_cd", "CD")):
-            reference = sampled[(sampled["arm"] == reference_arm) & sampled["kl"].notna()]
-            table = f"matched_kl_{reference_arm.removeprefix('sampled_')}"
-            _study_matched_kl(page, table, guided.assign(group=guided["display"]), reference, name, seeds)
+        # each reference's line starts where its knob is 0: best-of-1 is the SFT model sampled, CD at alpha 0 is the
+        # SFT model sampled among its top k tokens (sampled_top_k, which ARGS and TQ* also become at alpha 0)
+        guided = sampled[~sampled["arm"].isin(["sampled_best_of_n", "sampled_sft"]) & sampled["kl"].notna()]
+        for arms, name in ((("sampled_best_of_n", "sampled_sft"), "best-of-N"), (("sampled_cd", "sampled_top_k"), "CD")):
+            reference = sampled[sampled["arm"].isin(arms) & sampled["kl"].notna()]
+            compared = guided[~guided["arm"].isin(arms)]
+            table = f"matched_kl_{arms[0].removeprefix('sampled_')}"
+            _study_matched_kl(page, table, compared.assign(group=compared["display"]), reference, name, seeds)
     if data.per_prompt is not None:
         judge_from = sampled[sampled["arm"] == "sampled_sft"]
         _judge_agreement(judge_from if not judge_from.empty else greedy[greedy["arm"] == "sft"], data.per_prompt, page)

@@ -29,9 +29,11 @@ ENVIRONMENT = "environment.json"
 PER_PROMPT_COLUMNS = ("index", "prompt_id", "reward", "baseline_reward", "gold_reward", "coherence", "kl", "num_tokens", "seconds", "flops")
 PER_PROMPT_COLUMNS += ("ess_fraction", "log_weight_var", "kl_corrected")  # weighed rollouts / the sampled soft value only
 # what makes two points the same setting (with the seed): the pages' settings but the label (which depends on the
-# other points), and the response length. Only columns every source's points.csv has (older archives lack the ones
-# read from run configs, such as beta; the arm's name tells those apart within a sweep)
+# other points), the response length and the settings read from run configs (`read_sweep`: two points of one arm
+# may differ only in beta_bl). Only columns every source's points.csv has count (older archives lack those read
+# from run configs)
 SAME_SETTING = tuple(c for c in SETTING_COLUMNS if c != "label") + ("max_new_tokens",)
+SAME_SETTING += ("beta", "rollout_top_k", "proposal", "beta_bl", "self_normalize")
 
 
 @dataclass
