@@ -352,7 +352,7 @@ def merge_environments(environments: list[dict]) -> dict:
         "load_at_start": span("load_at_start"),
         "load_at_end": span("load_at_end"),
         "notes": notes,
-        "source": "; ".join(str(env.get("source", "unknown")) for env in environments),
+        "source": "; ".join(dict.fromkeys(str(env.get("source", "unknown")) for env in environments)),
     }
     seconds = [env["sweep_seconds"] for env in environments if env.get("sweep_seconds")]
     if seconds:
