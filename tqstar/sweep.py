@@ -26,6 +26,7 @@ from .testbeds import names as testbed_names
 from .testbeds import prefix_of
 
 EXECUTORS = ("inline", "local", "slurm")
+ARCHIVE_POINTS = "points.csv"  # a report archive's table of points (tqstar.studies.sources writes it)
 
 
 @dataclass
@@ -119,11 +120,10 @@ def archived(points: list[list[str]], folder: Path, archive: str | Path) -> list
     import pandas as pd
 
     from .identity import config_hash
-    from .studies.sources import POINTS
 
-    path = Path(archive) / POINTS
+    path = Path(archive) / ARCHIVE_POINTS
     if not path.is_file():
-        raise ConfigError(f"{str(archive)!r} is not a report archive with points (no {POINTS}); give docs/results/<study>")
+        raise ConfigError(f"{str(archive)!r} is not a report archive with points (no {ARCHIVE_POINTS}); give docs/results/<study>")
     hashes = {str(run).rsplit("-", 1)[-1] for run in pd.read_csv(path, usecols=["run"])["run"]}
     return [point for point in points if config_hash(point_config(point, folder)) in hashes]
 

@@ -19,9 +19,10 @@ from .. import testbeds
 from ..errors import ConfigError
 from ..runs import RunFolder
 from ..stats import finite
+from ..sweep import ARCHIVE_POINTS
 from .analysis import SETTING_COLUMNS
 
-POINTS = "points.csv"
+POINTS = ARCHIVE_POINTS
 PER_PROMPT = "per_prompt.csv.gz"
 CURVES = "curves.json"
 ENVIRONMENT = "environment.json"
