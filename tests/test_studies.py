@@ -283,6 +283,42 @@ def test_a_resumed_sweep_reports_every_invocation():
     assert merged["sweep_seconds"] == 7 and merged["sweep_invocations"] == 3 and merged["dates"] == ["a", "d"]
 
 
+def test_an_archive_merged_again_with_its_own_sweep_folder_counts_each_invocation_once():
+    """A sweep folder that outlives a session: its archive already counts the folder's invocations, and the folder,
+    resumed once more, lists them again beside the new one."""
+    from tqstar.studies.sources import merge_environments
+
+    first, second, third = ({"seconds": s, "points": 2, "points_decoded": 2, "started": f"t{s}"} for s in (30.0, 20.0, 10.0))
+    older = {"sweep_seconds": 100.0, "sweep_invocations": 4, "source": "archive a", "executor": "inline"}  # unlisted
+    archive = merge_environments(
+        [
+            older,
+            {
+                "sweep_seconds": 50.0,
+                "sweep_invocations": 2,
+                "sweep_invocation_list": [first, second],
+                "source": "sweep folder f",
+                "executor": "local",
+            },
+        ]
+    )
+    assert archive["sweep_seconds"] == 150 and archive["sweep_invocations"] == 6
+    again = merge_environments(
+        [
+            archive,
+            {
+                "sweep_seconds": 60.0,
+                "sweep_invocations": 3,
+                "sweep_invocation_list": [first, second, third],
+                "source": "sweep folder f",
+                "executor": "local",
+            },
+        ]
+    )
+    assert again["sweep_seconds"] == 160 and again["sweep_invocations"] == 7
+    assert again["source"] == "archive a; sweep folder f" and again["executor"] == "inline, local"
+
+
 def test_environment_header_of_a_quiet_run():
     lines = environment_lines({"source": "x", "load_at_start": [0.0, 0.2], "load_at_end": [1.0, 1.1], "cpu_count": [2]})
     assert any("quiet at every run's start" in line for line in lines)
@@ -605,6 +641,7 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
         if seed == 0:  # best-of-N at KL 1.0: 0.56
             add("sampled_args", seed, 0.65, 0.6, kl=1.0, selection="sample")
         add("sampled_sft", seed, 0.4, 0.45, kl=0.0, selection="sample")
+        add("sampled_cd", seed, 0.75, 0.7, kl=1.5 if seed == 0 else 5.0, selection="sample")  # seed 1: past n = 16
     data = StudyData(name="smollm2_study", points=pd.DataFrame(runs), environment={}, source="test", per_prompt=pd.DataFrame(per_prompt))
     page = Page(study="smollm2_study", title="t", environment={})
     smollm2_study(data, page)
@@ -627,8 +664,10 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     args = [c for c in page.checks if c.startswith("sampled, ARGS, alpha 1 − best-of-N at matched KL")]
     assert len(args) == 1 and args[0].endswith("on 1 of 1; not run on seed 1")  # a point on one seed of two says so
     assert not any("TQ* direct, alpha 1" in c and "not run" in c for c in page.checks)
+    cd = [c for c in page.checks if c.startswith("sampled, CD, alpha 1 − best-of-N at matched KL")]
+    assert len(cd) == 1 and cd[0].endswith("on 1 of 1; its KL outside best-of-N's points on seed 1")  # ran, unmatched
     assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)
-    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 11 sampled (440 s)
+    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 13 sampled (520 s)
     assert (
         "the study's decoding time (each run's response seconds summed, model loading left out; threads per run: see "
         "Environment): greedy 0.1 h, sampled 0.1 h, all 0.2 h" in page.checks

@@ -14,6 +14,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -529,7 +530,7 @@ def run_sweep(
                 console.print("nothing left to run")
             return None
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, began = time.perf_counter(), datetime.now().isoformat(timespec="seconds")
     # every invocation's wall time, so a sweep resumed over several sessions reports its whole cost
     earlier = json.loads((folder / "sweep.json").read_text()).get("invocations", []) if (folder / "sweep.json").is_file() else []
     (folder / "sweep.json").write_text(
@@ -561,7 +562,9 @@ def run_sweep(
         "failed": len(failed),
     }
     ran = sum(1 for r in results if r.get("new_rows"))
-    summary["invocations"] = earlier + [{"seconds": summary["seconds"], "points": len(points), "points_decoded": ran}]
+    # `started` tells this invocation apart from its twin when a page merges an archive with the same folder again
+    invocation = {"seconds": summary["seconds"], "points": len(points), "points_decoded": ran, "started": began}
+    summary["invocations"] = earlier + [invocation]
     (folder / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = aggregate(folder, points, console, spec.arms, spec.grid, spec.gold_reward)
     if console:

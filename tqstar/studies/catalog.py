@@ -1160,6 +1160,8 @@ def _study_matched_kl(page: Page, table: str, points, reference, name: str, seed
         absent = [s for s in seeds if (str(r["group"]), s) not in ran or ("reference", s) not in ran]
         if absent:  # a partial study: "every seed" means the seeds both ran on
             claim += f"; not run on seed {', '.join(map(str, absent))}"
+        if outside := [s for s in seeds if s not in absent and s not in r["by_seed"]]:  # ran, but past the line's ends
+            claim += f"; its KL outside {name}'s points on seed {', '.join(map(str, outside))}"
         rows.append([r["group"], *cells, claim])
         frame += [{"point": r["group"], "seed": s, "diff": d, "se": se} for s, (d, se) in r["by_seed"].items()]
         if r["by_seed"]:

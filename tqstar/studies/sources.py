@@ -10,6 +10,7 @@ can be regenerated from the repository alone: `tqstar report docs/results/<study
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +131,11 @@ def read_sweep(folder: Path, name: str) -> StudyData:
     environment.update(source=f"sweep folder {folder}", executor=sweep.get("executor"))
     invocations = sweep.get("invocations") or []
     if invocations:  # every invocation of a resumed sweep
-        environment.update(sweep_seconds=round(sum(i["seconds"] for i in invocations), 2), sweep_invocations=len(invocations))
+        environment.update(
+            sweep_seconds=round(sum(i["seconds"] for i in invocations), 2),
+            sweep_invocations=len(invocations),
+            sweep_invocation_list=invocations,  # what a later merge with this folder's archive counts once
+        )
         # points decoded by invocations from before they were recorded: their time is not in the sum
         unrecorded = len(points) - sum(int(i.get("points_decoded") or 0) for i in invocations)
         if unrecorded > 0:
@@ -353,15 +358,30 @@ def merge_environments(environments: list[dict]) -> dict:
         "load_at_start": span("load_at_start"),
         "load_at_end": span("load_at_end"),
         "notes": notes,
-        "source": "; ".join(dict.fromkeys(str(env.get("source", "unknown")) for env in environments)),
+        "source": "; ".join(_each_once(env.get("source", "unknown") for env in environments)),
     }
-    seconds = [env["sweep_seconds"] for env in environments if env.get("sweep_seconds")]
-    if seconds:
-        out["sweep_seconds"] = round(sum(seconds), 2)
-        counted = [env.get("sweep_invocations") for env in environments if env.get("sweep_seconds")]
-        out["sweep_invocations"] = sum(c for c in counted if isinstance(c, int)) if all(isinstance(c, int) for c in counted) else "some"
-        out["executor"] = ", ".join(dict.fromkeys(str(env.get("executor")) for env in environments if env.get("sweep_seconds")))
+    timed = [env for env in environments if env.get("sweep_seconds")]
+    if timed:
+        # an invocation is counted once however many sources list it (an archive merged again with the sweep folder
+        # it came from lists that folder's invocations twice); a source's time that no list itemises (archives from
+        # before invocations were listed) is added as it is
+        listed = list({json.dumps(i, sort_keys=True): i for env in timed for i in env.get("sweep_invocation_list") or []}.values())
+        unlisted = [env["sweep_seconds"] - sum(i["seconds"] for i in env.get("sweep_invocation_list") or []) for env in timed]
+        counts = [env.get("sweep_invocations") for env in timed]
+        out["sweep_seconds"] = round(sum(unlisted) + sum(i["seconds"] for i in listed), 2)
+        if all(isinstance(c, int) for c in counts):
+            out["sweep_invocations"] = len(listed) + sum(c - len(env.get("sweep_invocation_list") or []) for c, env in zip(counts, timed))
+        else:
+            out["sweep_invocations"] = "some"
+        if listed:
+            out["sweep_invocation_list"] = listed
+        out["executor"] = ", ".join(_each_once(env.get("executor") for env in timed))
     return out
+
+
+def _each_once(values) -> list[str]:
+    """Each name once, where a value may already be a merged list ("a; b" or "a, b")."""
+    return list(dict.fromkeys(part for value in values for part in re.split(r"; |, ", str(value))))
 
 
 def write_archive(data: StudyData, folder: Path) -> list[Path]:
