@@ -642,6 +642,8 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
             add("sampled_args", seed, 0.65, 0.6, kl=1.0, selection="sample")
         add("sampled_sft", seed, 0.4, 0.45, kl=0.0, selection="sample")
         add("sampled_cd", seed, 0.75, 0.7, kl=1.5 if seed == 0 else 5.0, selection="sample")  # seed 1: past n = 16
+        add("sampled_soft_sft", seed, 0.8, 0.7, kl=20.0, selection="sample")
+        add("sampled_soft_transfer", seed, 0.85, 0.7, kl=22.0, selection="sample")  # +0.05 VADER on both seeds
     data = StudyData(name="smollm2_study", points=pd.DataFrame(runs), environment={}, source="test", per_prompt=pd.DataFrame(per_prompt))
     page = Page(study="smollm2_study", title="t", environment={})
     smollm2_study(data, page)
@@ -667,10 +669,16 @@ def test_smollm2_study_pairs_every_method_with_the_baseline_and_cd_and_names_vad
     cd = [c for c in page.checks if c.startswith("sampled, CD, alpha 1 − best-of-N at matched KL")]
     assert len(cd) == 1 and cd[0].endswith("on 1 of 1; its KL outside best-of-N's points on seed 1")  # ran, unmatched
     assert any(c.startswith("seed 0: the judge against VADER on the SFT model's samples") for c in page.checks)
-    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 13 sampled (520 s)
+    soft = page.tables["paired_sampled"]
+    assert set(soft["comparison"]) == {"soft transfer (DPO rollouts), n = 1 - soft decoder (SFT rollouts), n = 1"}
+    assert soft[soft["column"] == "reward"]["diff"].tolist() == pytest.approx([0.05, 0.05])
+    assert any(
+        c.startswith("sampled, soft transfer (DPO rollouts), n = 1 − soft decoder (SFT rollouts), n = 1, VADER") for c in page.checks
+    )
+    # 1 s a response: 9 greedy runs of 40 prompts (360 s) and 17 sampled (680 s)
     assert (
         "the study's decoding time (each run's response seconds summed, model loading left out; threads per run: see "
-        "Environment): greedy 0.1 h, sampled 0.1 h, all 0.2 h" in page.checks
+        "Environment): greedy 0.1 h, sampled 0.2 h, all 0.3 h" in page.checks
     )
     from tqstar.studies.catalog import _decoding_hours
 

@@ -875,6 +875,8 @@ STUDY_METHODS = {  # arm (less a leading "sampled_") -> how the page names it, i
     "tqstar": "TQ* direct",
     "indirect": "TQ* indirect",
     "indirect_sn": "TQ* indirect, self-normalised",
+    "soft_sft": "soft decoder (SFT rollouts)",  # the soft value, alpha = 1/beta, rollouts from pi_k
+    "soft_transfer": "soft transfer (DPO rollouts)",  # the same, rollouts from the DPO baseline weighted back to pi_k
 }
 STUDY_METRICS = (
     "reward_mean",
@@ -898,6 +900,8 @@ def _study_label(r: dict) -> str:
         return f"best-of-{int(r['n'])}"
     if base in ("indirect", "indirect_sn"):
         name = f"{name}, beta_bl {float(r['beta_bl']):g}"
+    if base in ("soft_sft", "soft_transfer"):
+        return f"{name}, n = {int(r['rollout_num'])}"
     if sampled and base in ("args", "cd", "tqstar"):
         return f"{name}, alpha {float(r['alpha']):g}"
     return name
@@ -906,7 +910,8 @@ def _study_label(r: dict) -> str:
 def _study_order(r: dict) -> tuple:
     base = str(r["arm"]).removeprefix("sampled_")
     order = list(STUDY_METHODS)
-    knob = r.get("n") if base == "best_of_n" else r.get("beta_bl") if base.startswith("indirect") else r.get("alpha")
+    knob = {"best_of_n": r.get("n"), "soft_sft": r.get("rollout_num"), "soft_transfer": r.get("rollout_num")}.get(base, r.get("alpha"))
+    knob = r.get("beta_bl") if base.startswith("indirect") else knob
     return (order.index(base) if base in order else len(order), float(knob) if knob == knob and knob is not None else 0.0)
 
 
@@ -934,14 +939,21 @@ def smollm2_study(data: StudyData, page: Page) -> None:
         "question and answer); ended: the share of answers that end (EOS or a stop string) within the cap."
     )
     _study_summary(page, "greedy", greedy)
-    _study_paired(page, greedy, data.per_prompt, seeds)
+    _study_paired(page, greedy, data.per_prompt, seeds, ("DPO baseline", "CD"))
     page.text(
         "## Sampled: reward against KL to the SFT model\n\nT = 1 on the first 64 held-out prompts; ARGS, CD and TQ* at "
         "alpha 1 and 10, best-of-N at n = 4 and 16 (its KL: the analytic bound log n − (n−1)/n), and the SFT model "
         "sampled among its top k = 5 tokens (alpha 0, what ARGS, CD and TQ* become without guidance: the KL the top-k "
         "restriction alone spends). KL: the decoder's recorded KL to the SFT model. Best-of-N's line starts at the SFT "
-        "model (best-of-1, KL 0), CD's at alpha 0. The soft value (SFT or DPO rollouts) is on its own page, "
-        "[smollm2_soft_transfer](smollm2_soft_transfer.md) (seed 0 of recipe v2)."
+        "model (best-of-1, KL 0), CD's at alpha 0. "
+        + (
+            "The soft decoder (soft value, alpha = 1/beta = 10, one rollout a candidate) with its rollout from pi_k itself "
+            "(SFT rollouts) or from the DPO baseline weighted back to pi_k (soft transfer); n = 4 and recipe v2 (seed 0): "
+            "[smollm2_soft_transfer](smollm2_soft_transfer.md)."
+            if sampled["arm"].isin(["sampled_soft_sft", "sampled_soft_transfer"]).any()
+            else "The soft value (SFT or DPO rollouts) is on its own page, [smollm2_soft_transfer](smollm2_soft_transfer.md) "
+            "(seed 0 of recipe v2)."
+        )
     )
     _study_summary(page, "sampled", sampled, kl=True)
     if not sampled.empty:
@@ -966,6 +978,10 @@ def smollm2_study(data: StudyData, page: Page) -> None:
             )
 
         page.figure("reward_vs_kl", "VADER against KL to the SFT model, sampled arms", draw)
+        soft = sampled[sampled["arm"].isin(["sampled_soft_sft", "sampled_soft_transfer"])]
+        if soft["arm"].nunique() == 2:  # soft transfer against the same decoder rolling out pi_k, prompt by prompt
+            reference = next(d for d in soft["display"] if d.startswith(STUDY_METHODS["soft_sft"]))
+            _study_paired(page, soft, data.per_prompt, seeds, (reference,), "sampled")
         # each reference's line starts where its knob is 0: best-of-1 is the SFT model sampled, CD at alpha 0 is the
         # SFT model sampled among its top k tokens (sampled_top_k, which ARGS and TQ* also become at alpha 0)
         guided = sampled[~sampled["arm"].isin(["sampled_best_of_n", "sampled_sft"]) & sampled["kl"].notna()]
@@ -1084,22 +1100,23 @@ def _study_summary(page: Page, name: str, points, kl: bool = False) -> None:
     page.table(name, header + ["s / response"], rows, table)
 
 
-def _study_paired(page: Page, greedy, per_prompt, seeds: list[int]) -> None:
-    """Every greedy method against the DPO baseline and against CD, paired by prompt per seed, in VADER and the judge;
-    a seed where VADER rises by 2 s.e. or more while the judge does not is named (a sign of gaming VADER)."""
+def _study_paired(page: Page, greedy, per_prompt, seeds: list[int], references: tuple, part: str = "greedy") -> None:
+    """Every method of one part (greedy, sampled) against each reference, paired by prompt per seed, in VADER and the
+    judge; a seed where VADER rises by 2 s.e. or more while the judge does not is named (a sign of gaming VADER)."""
     import pandas as pd
 
     if per_prompt is None:
-        page.missing("the paired comparisons", NO_PER_PROMPT)
+        page.missing(f"the paired comparisons, {part}", NO_PER_PROMPT)
         return
     page.text(
-        "### Paired by prompt, greedy\n\nEach method minus the DPO baseline alone and minus CD, per seed, on the prompts "
+        f"### Paired by prompt, {part}\n\nEach method minus "
+        f"{' and minus '.join('the DPO baseline alone' if r == 'DPO baseline' else r for r in references)}, per seed, on the prompts "
         "both decoded: mean ± s.e. 'VADER only': seeds where VADER rises by 2 s.e. or more but the judge does not."
     )
     runs = {(r["display"], int(r["seed"])): r["run"] for r in _records(greedy)}
     methods = list(dict.fromkeys(greedy["display"]))
     rows, frame = [], []
-    for reference in ("DPO baseline", "CD"):
+    for reference in references:
         for method in methods:
             if method == reference:
                 continue
@@ -1136,8 +1153,13 @@ def _study_paired(page: Page, greedy, per_prompt, seeds: list[int]) -> None:
                     [title, label, *[fmt(*by_seed[s]) if s in by_seed else "–" for s in seeds], claim]
                     + [(", ".join(map(str, only)) or "none") if column == "reward" and judge else ""]
                 )
-                page.check(f"greedy, {title}, {label}: {claim}")
-    page.table("paired", ["comparison", "measure", *[f"seed {s}" for s in seeds], "on every seed", "VADER only"], rows, pd.DataFrame(frame))
+                page.check(f"{part}, {title}, {label}: {claim}")
+    page.table(
+        "paired" if part == "greedy" else f"paired_{part}",
+        ["comparison", "measure", *[f"seed {s}" for s in seeds], "on every seed", "VADER only"],
+        rows,
+        pd.DataFrame(frame),
+    )
 
 
 def _study_matched_kl(page: Page, table: str, points, reference, name: str, seeds: list[int]) -> None:
