@@ -875,9 +875,11 @@ STUDY_METHODS = {  # arm (less a leading "sampled_") -> how the page names it, i
     "tqstar": "TQ* direct",
     "indirect": "TQ* indirect",
     "indirect_sn": "TQ* indirect, self-normalised",
-    "soft_sft": "soft decoder (SFT rollouts)",  # the soft value, alpha = 1/beta, rollouts from pi_k
-    "soft_transfer": "soft transfer (DPO rollouts)",  # the same, rollouts from the DPO baseline weighted back to pi_k
+    "soft_sft": SOFT_ARMS["soft_sft"],  # the soft value, alpha = 1/beta, rollouts from pi_k
+    "soft_transfer": SOFT_ARMS["soft_transfer"],  # the same, rollouts from the DPO baseline weighted back to pi_k
 }
+STUDY_KNOB = {"best_of_n": "n", "indirect": "beta_bl", "indirect_sn": "beta_bl", "soft_sft": "rollout_num", "soft_transfer": "rollout_num"}
+STUDY_SOFT_ARMS = ["sampled_soft_sft", "sampled_soft_transfer"]
 STUDY_METRICS = (
     "reward_mean",
     "gold_reward_mean",
@@ -910,8 +912,7 @@ def _study_label(r: dict) -> str:
 def _study_order(r: dict) -> tuple:
     base = str(r["arm"]).removeprefix("sampled_")
     order = list(STUDY_METHODS)
-    knob = {"best_of_n": r.get("n"), "soft_sft": r.get("rollout_num"), "soft_transfer": r.get("rollout_num")}.get(base, r.get("alpha"))
-    knob = r.get("beta_bl") if base.startswith("indirect") else knob
+    knob = r.get(STUDY_KNOB.get(base, "alpha"))  # what tells an arm's points apart, in its order
     return (order.index(base) if base in order else len(order), float(knob) if knob == knob and knob is not None else 0.0)
 
 
@@ -950,7 +951,7 @@ def smollm2_study(data: StudyData, page: Page) -> None:
             "The soft decoder (soft value, alpha = 1/beta = 10, one rollout a candidate) with its rollout from pi_k itself "
             "(SFT rollouts) or from the DPO baseline weighted back to pi_k (soft transfer); n = 4 and recipe v2 (seed 0): "
             "[smollm2_soft_transfer](smollm2_soft_transfer.md)."
-            if sampled["arm"].isin(["sampled_soft_sft", "sampled_soft_transfer"]).any()
+            if sampled["arm"].isin(STUDY_SOFT_ARMS).any()
             else "The soft value (SFT or DPO rollouts) is on its own page, [smollm2_soft_transfer](smollm2_soft_transfer.md) "
             "(seed 0 of recipe v2)."
         )
@@ -978,7 +979,7 @@ def smollm2_study(data: StudyData, page: Page) -> None:
             )
 
         page.figure("reward_vs_kl", "VADER against KL to the SFT model, sampled arms", draw)
-        soft = sampled[sampled["arm"].isin(["sampled_soft_sft", "sampled_soft_transfer"])]
+        soft = sampled[sampled["arm"].isin(STUDY_SOFT_ARMS)]
         if soft["arm"].nunique() == 2:  # soft transfer against the same decoder rolling out pi_k, prompt by prompt
             reference = next(d for d in soft["display"] if d.startswith(STUDY_METHODS["soft_sft"]))
             _study_paired(page, soft, data.per_prompt, seeds, (reference,), "sampled")

@@ -10,7 +10,6 @@ can be regenerated from the repository alone: `tqstar report docs/results/<study
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,30 +357,32 @@ def merge_environments(environments: list[dict]) -> dict:
         "load_at_start": span("load_at_start"),
         "load_at_end": span("load_at_end"),
         "notes": notes,
-        "source": "; ".join(_each_once(env.get("source", "unknown") for env in environments)),
+        "source": _each_once((env.get("source", "unknown") for env in environments), "; "),
     }
     timed = [env for env in environments if env.get("sweep_seconds")]
     if timed:
         # an invocation is counted once however many sources list it (an archive merged again with the sweep folder
         # it came from lists that folder's invocations twice); a source's time that no list itemises (archives from
         # before invocations were listed) is added as it is
-        listed = list({json.dumps(i, sort_keys=True): i for env in timed for i in env.get("sweep_invocation_list") or []}.values())
-        unlisted = [env["sweep_seconds"] - sum(i["seconds"] for i in env.get("sweep_invocation_list") or []) for env in timed]
-        counts = [env.get("sweep_invocations") for env in timed]
-        out["sweep_seconds"] = round(sum(unlisted) + sum(i["seconds"] for i in listed), 2)
-        if all(isinstance(c, int) for c in counts):
-            out["sweep_invocations"] = len(listed) + sum(c - len(env.get("sweep_invocation_list") or []) for c, env in zip(counts, timed))
-        else:
-            out["sweep_invocations"] = "some"
+        listed: dict[str, dict] = {}
+        unlisted_seconds, unlisted_count = 0.0, 0
+        for env in timed:
+            own = env.get("sweep_invocation_list") or []
+            listed.update({json.dumps(i, sort_keys=True): i for i in own})
+            unlisted_seconds += env["sweep_seconds"] - sum(i["seconds"] for i in own)
+            count = env.get("sweep_invocations")
+            unlisted_count = unlisted_count + count - len(own) if isinstance(count, int) and isinstance(unlisted_count, int) else "some"
+        out["sweep_seconds"] = round(unlisted_seconds + sum(i["seconds"] for i in listed.values()), 2)
+        out["sweep_invocations"] = unlisted_count + len(listed) if isinstance(unlisted_count, int) else "some"
         if listed:
-            out["sweep_invocation_list"] = listed
-        out["executor"] = ", ".join(_each_once(env.get("executor") for env in timed))
+            out["sweep_invocation_list"] = list(listed.values())
+        out["executor"] = _each_once((env.get("executor") for env in timed), ", ")
     return out
 
 
-def _each_once(values) -> list[str]:
-    """Each name once, where a value may already be a merged list ("a; b" or "a, b")."""
-    return list(dict.fromkeys(part for value in values for part in re.split(r"; |, ", str(value))))
+def _each_once(values, sep: str) -> str:
+    """The values joined by `sep`, each name once, where a value may already be such a joined list."""
+    return sep.join(dict.fromkeys(part for value in values for part in str(value).split(sep)))
 
 
 def write_archive(data: StudyData, folder: Path) -> list[Path]:
